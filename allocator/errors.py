@@ -1,0 +1,48 @@
+"""Typed errors a user can act on.
+
+Every front end maps these once: the CLI to a one-line message and a non-zero exit, the service to
+an HTTP 4xx. Raise them from `allocator/` instead of ValueError so the message reaches the user
+unchanged and nothing further up has to guess what went wrong.
+"""
+
+from __future__ import annotations
+
+
+class BitplanError(Exception):
+    """Base class: the message says what to change."""
+
+
+class UnknownModel(BitplanError):
+    """A model reference no registered source understands."""
+
+
+class WeightsMismatch(BitplanError):
+    """Weights whose keys or shapes do not fit the architecture."""
+
+
+class UnsafeWeights(BitplanError):
+    """A weights file that would need code to unpickle."""
+
+
+class BadDataset(BitplanError):
+    """A dataset file that is corrupt, empty or wrongly shaped."""
+
+
+class BadBudget(BitplanError):
+    """A budget string that cannot be parsed."""
+
+
+class InfeasibleBudget(BitplanError):
+    """A budget below the smallest size any allocation reaches."""
+
+    def __init__(self, message: str, smallest_feasible_bits: float) -> None:
+        super().__init__(message)
+        self.smallest_feasible_bits = smallest_feasible_bits
+
+
+class UnknownMethod(BitplanError):
+    """A sensitivity method or quantizer name that is not registered."""
+
+
+class JobCancelled(BitplanError):
+    """Raised between phases or layers when the job's cancel flag is set."""

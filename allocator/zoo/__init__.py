@@ -1,0 +1,1 @@
+"""Model sources (filled in by the zoo work)."""

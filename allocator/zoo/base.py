@@ -1,0 +1,63 @@
+"""What every model source hands back: the module plus how to feed it and judge it.
+
+A source knows its model family; the rest of bitplan only sees `LoadedModel`, so sensitivity,
+quantization and evaluation never branch on where a model came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+Inputs = torch.Tensor | dict[str, torch.Tensor]
+"""A model-ready batch: an image tensor (N, C, H, W) or a dict of token tensors."""
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with the knowledge needed to run and score it.
+
+    `task` picks the evaluator and the explained quantity for relevance: "classification" models
+    return logits, "embedding" models return one vector per input.
+    """
+
+    ref: str
+    module: nn.Module
+    task: Literal["classification", "embedding"]
+    input_kind: Literal["image", "text"]
+    image_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    tokenizer: Callable[[Sequence[str]], dict[str, torch.Tensor]] | None = None
+    output_fn: Callable[[nn.Module, Inputs], torch.Tensor] | None = None
+    num_classes: int | None = None
+    pinned_layers: tuple[str, ...] = field(default=())
+
+    def __call__(self, inputs: Inputs) -> torch.Tensor:
+        if self.output_fn is not None:
+            return self.output_fn(self.module, inputs)
+        return self.module(inputs)
+
+    def prepare_images(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 NHWC RGB -> normalised float NCHW at the model's resolution."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = nn.functional.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+            )
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def prepare_text(self, sentences: Sequence[str]) -> dict[str, torch.Tensor]:
+        if self.tokenizer is None:
+            raise TypeError(f"{self.ref} takes images, not text")
+        return self.tokenizer(list(sentences))
