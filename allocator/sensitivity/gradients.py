@@ -1,0 +1,200 @@
+"""One forward, up to two backward passes: per-sample Fisher and LRP relevance per layer.
+
+Both methods need the same forward values but different backward graphs (true gradients of a
+loss for Fisher, LRP-modified gradients of the explained output for relevance). The forward runs
+once under `relevance_rules`; each backward asks `torch.autograd.grad` for the gradients at the
+weight layers' *outputs* only, so no weight gradient is ever formed by autograd. Per-sample weight
+gradients for Fisher are then rebuilt from (layer input, output gradient) pairs, as BackPACK does:
+for a linear layer the gradient of sample s is `g_s^T x_s`, for a convolution the same on the
+unfolded input. That costs about one extra forward, instead of a backward per sample.
+
+What is explained and what the loss is:
+- classifiers: the logit of the FP32 top-1 class (LRP), cross-entropy against it (Fisher);
+- embedding models: `e . e_fp32.detach()` (LRP), and `e . r` with r ~ N(0, I) for Fisher: the
+  Monte-Carlo Fisher of a Gaussian likelihood on the embedding, since the gradient of any
+  distance to the FP32 embedding is zero at the FP32 point.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from allocator.layers import LayerTable
+from allocator.sensitivity.rules import relevance_rules
+from allocator.zoo.base import Inputs, LoadedModel
+
+PER_SAMPLE_CHUNK = 32 * 1024 * 1024
+"""Elements of per-sample gradients materialised at once (128 MiB of float32)."""
+
+
+@dataclass
+class GradientStats:
+    """Per-layer results of the shared pass, averaged over calibration samples."""
+
+    fisher_diag: dict[str, torch.Tensor] = field(default_factory=dict)
+    relevance: dict[str, float] = field(default_factory=dict)
+    explained: float = 0.0
+    samples: int = 0
+    seconds: float = 0.0
+
+
+def _batch_size(inputs: Inputs) -> int:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.shape[0]
+    return next(iter(inputs.values())).shape[0]
+
+
+def _per_sample_sq_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Sum over samples of the squared per-sample weight gradient, chunked to bound memory."""
+    batch = x.shape[0]
+    numel = layer.weight.numel()
+    chunk = max(1, PER_SAMPLE_CHUNK // max(numel, 1))
+    total = torch.zeros_like(layer.weight)
+    for start in range(0, batch, chunk):
+        xs, gs = x[start : start + chunk], g[start : start + chunk]
+        if isinstance(layer, nn.Conv2d):
+            grads = _conv_per_sample(layer, xs, gs)
+        else:
+            xs = xs.reshape(xs.shape[0], -1, xs.shape[-1])
+            gs = gs.reshape(gs.shape[0], -1, gs.shape[-1])
+            if xs.shape[1] == 1:
+                total += (gs[:, 0] ** 2).T @ (xs[:, 0] ** 2)
+                continue
+            grads = torch.einsum("bto,bti->boi", gs, xs)
+        total += (grads**2).sum(0).view_as(total)
+    return total
+
+
+def _conv_per_sample(layer: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer.padding, str):
+        raise NotImplementedError("per-sample gradients need numeric conv padding")
+    cols = F.unfold(
+        x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride
+    )
+    groups = layer.groups
+    b = x.shape[0]
+    cols = cols.view(b, groups, -1, cols.shape[-1])
+    gs = g.reshape(b, groups, -1, cols.shape[-1])
+    return torch.einsum("bgol,bgil->bgoi", gs, cols).reshape(b, layer.weight.shape[0], -1)
+
+
+class _Capture:
+    """Forward hooks that keep each weight layer's input and (graph-attached) output."""
+
+    def __init__(self, module: nn.Module, names: Sequence[str]) -> None:
+        self.layers = dict(module.named_modules())
+        self.inputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        self.outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        self.handles = [self.layers[n].register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name: str) -> Callable:
+        def hook(_m: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            self.inputs[name].append(args[0].detach())
+            self.outputs[name].append(out)
+
+        return hook
+
+    def clear(self) -> None:
+        for name in self.inputs:
+            self.inputs[name].clear()
+            self.outputs[name].clear()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _objectives(
+    model: LoadedModel, out: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Fisher loss summed over samples, explained quantity per sample)."""
+    if model.task == "classification":
+        target = out.detach().argmax(dim=-1)
+        loss = F.cross_entropy(out, target, reduction="sum")
+        explained = out.gather(-1, target[:, None]).squeeze(-1)
+        return loss, explained
+    noise = torch.randn(out.shape, generator=generator)
+    return (out * noise).sum(), (out * out.detach()).sum(-1)
+
+
+def gradient_stats(
+    model: LoadedModel,
+    batches: Sequence[Inputs],
+    table: LayerTable,
+    fisher: bool = True,
+    lrp: bool = True,
+    seed: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+) -> GradientStats:
+    """Run the shared pass over `batches`; each backward is skipped when its method is off."""
+    names = table.names
+    stats = GradientStats()
+    generator = torch.Generator().manual_seed(seed)
+    capture = _Capture(model.module, names)
+    started = time.perf_counter()
+    try:
+        with relevance_rules(model.module, build_lrp=lrp) as state:
+            for index, inputs in enumerate(batches):
+                capture.clear()
+                out = model(inputs)
+                loss, explained = _objectives(model, out, generator)
+                stats.samples += _batch_size(inputs)
+                stats.explained += float(explained.detach().sum())
+                outs = [y for n in names for y in capture.outputs[n]]
+                if fisher:
+                    state.backward = "true"
+                    grads = torch.autograd.grad(loss, outs, retain_graph=lrp, allow_unused=True)
+                    _add_fisher(stats, capture, names, grads)
+                if lrp:
+                    state.backward = "lrp"
+                    grads = torch.autograd.grad(explained.sum(), outs, allow_unused=True)
+                    _add_relevance(stats, capture, names, grads)
+                if on_batch is not None:
+                    on_batch(index)
+    finally:
+        capture.remove()
+    for name in stats.fisher_diag:
+        stats.fisher_diag[name] /= stats.samples
+    for name in stats.relevance:
+        stats.relevance[name] /= stats.samples
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def _per_output(
+    capture: _Capture, names: Sequence[str], grads: Sequence[torch.Tensor | None]
+) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Pair every captured call of every layer with its gradient: (name, x, y, g)."""
+    pairs = []
+    flat = iter(grads)
+    for name in names:
+        for x, y in zip(capture.inputs[name], capture.outputs[name], strict=True):
+            g = next(flat)
+            if g is not None:
+                pairs.append((name, x, y, g))
+    return pairs
+
+
+def _add_fisher(stats: GradientStats, capture: _Capture, names, grads) -> None:
+    for name, x, _y, g in _per_output(capture, names, grads):
+        layer = capture.layers[name]
+        sq = _per_sample_sq_grad(layer, x, g.detach())
+        stats.fisher_diag[name] = stats.fisher_diag.get(name, 0) + sq
+
+
+def _add_relevance(stats: GradientStats, capture: _Capture, names, grads) -> None:
+    """Relevance carried by a layer's weights: |(y - bias) * g| summed over its outputs."""
+    for name, _x, y, g in _per_output(capture, names, grads):
+        layer = capture.layers[name]
+        y = y.detach()
+        if layer.bias is not None:
+            shape = [1] * y.dim()
+            shape[1 if isinstance(layer, nn.Conv2d) else -1] = -1
+            y = y - layer.bias.detach().view(shape)
+        stats.relevance[name] = stats.relevance.get(name, 0.0) + float((y * g).abs().sum())

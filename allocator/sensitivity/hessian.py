@@ -1,0 +1,83 @@
+"""Hutchinson estimate of each layer's Hessian trace (HAWQ-V2), stopped on a tolerance.
+
+`E[v^T H v] = Tr(H)` for Rademacher v; each probe costs a Hessian-vector product (a double
+backward). The estimate is noisy on small or random-weight models (traces can come out negative
+after 20 probes), so probes continue until the running mean of the total trace moves by less than
+`tol` (relative) between probes, and negative traces are clamped to zero. The graph is kept from
+one forward and reused for every probe. Attention goes through the math formulation installed by
+`relevance_rules` (fused CPU attention has no double backward).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from allocator.layers import LayerTable
+from allocator.sensitivity.rules import relevance_rules
+from allocator.zoo.base import Inputs, LoadedModel
+
+
+@dataclass(frozen=True)
+class HessianTraces:
+    trace: dict[str, float]
+    """Mean Hessian diagonal per layer: Tr(H_l) / n_l, clamped at zero."""
+    probes: int
+    converged: bool
+    seconds: float
+
+
+def _loss(model: LoadedModel, inputs: Inputs) -> torch.Tensor:
+    out = model(inputs)
+    if model.task == "classification":
+        return F.cross_entropy(out, out.detach().argmax(-1))
+    # Zero-residual squared distance to the FP32 embedding: its Hessian is the Gauss-Newton 2 J^T J.
+    return ((out - out.detach()) ** 2).sum(-1).mean()
+
+
+def hessian_traces(
+    model: LoadedModel,
+    batches: Sequence[Inputs],
+    table: LayerTable,
+    tol: float = 1e-2,
+    min_probes: int = 8,
+    max_probes: int = 100,
+    seed: int = 0,
+    on_probe: Callable[[int], None] | None = None,
+) -> HessianTraces:
+    """Hutchinson traces on the first calibration batch (HAWQ uses one batch as well)."""
+    started = time.perf_counter()
+    modules = dict(model.module.named_modules())
+    weights = [modules[name].weight for name in table.names]
+    generator = torch.Generator().manual_seed(seed)
+    sums = torch.zeros(len(weights), dtype=torch.float64)
+    previous = None
+    converged = False
+    probes = 0
+    with relevance_rules(model.module, build_lrp=False):
+        loss = _loss(model, batches[0])
+        grads = torch.autograd.grad(loss, weights, create_graph=True)
+        for probes in range(1, max_probes + 1):
+            vs = [
+                torch.randint(0, 2, w.shape, generator=generator).float() * 2 - 1 for w in weights
+            ]
+            hvs = torch.autograd.grad(grads, weights, grad_outputs=vs, retain_graph=True)
+            for i, (v, hv) in enumerate(zip(vs, hvs, strict=True)):
+                sums[i] += float((v * hv).sum())
+            if on_probe is not None:
+                on_probe(probes)
+            total = float(sums.sum()) / probes
+            settled = previous is not None and abs(total - previous) <= tol * max(abs(total), 1e-12)
+            if settled and probes >= min_probes:
+                converged = True
+                break
+            previous = total
+    means = sums / probes
+    trace = {
+        name: max(float(means[i]), 0.0) / weights[i].numel() for i, name in enumerate(table.names)
+    }
+    return HessianTraces(trace, probes, converged, time.perf_counter() - started)

@@ -1,0 +1,89 @@
+"""Relevance conservation: the check that keeps our LRP rules honest on every model family.
+
+With the rules of `rules.py`, the explained output is a sum of contributions of everything that
+enters the network additively: the input (pixels, or the token/position/type embeddings of a
+text model), biases, position embeddings and class tokens, and the effective bias of each
+eval-mode BatchNorm (beta - gamma * mean / std). If a rule is wrong for some block, relevance is
+created or destroyed there and the sum stops matching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from allocator.sensitivity.gradients import _objectives
+from allocator.sensitivity.rules import relevance_rules
+from allocator.zoo.base import Inputs, LoadedModel
+
+ADDITIVE_PARAMETERS = ("bias", "pos_embed", "cls_token", "reg_token", "absolute_pos_embed")
+
+
+@dataclass(frozen=True)
+class Conservation:
+    explained: float
+    input_relevance: float
+    absorbed: float
+
+    @property
+    def total(self) -> float:
+        return self.input_relevance + self.absorbed
+
+    @property
+    def relative_error(self) -> float:
+        return abs(self.total - self.explained) / max(abs(self.explained), 1e-12)
+
+
+def conservation(model: LoadedModel, inputs: Inputs, seed: int = 0) -> Conservation:
+    """Relevance reaching the input plus what additive terms absorbed, against the explained sum."""
+    module = model.module
+    sources: list[torch.Tensor] = []
+    bn_terms: list[tuple[torch.Tensor, torch.Tensor]] = []
+    handles = []
+    if isinstance(inputs, torch.Tensor):
+        inputs = inputs.clone().requires_grad_(True)
+        sources.append(inputs)
+    for child in module.modules():
+        if isinstance(child, nn.Embedding):
+            handles.append(child.register_forward_hook(lambda _m, _a, out: sources.append(out)))
+        elif isinstance(child, nn.BatchNorm2d):
+            handles.append(child.register_forward_hook(_bn_hook(bn_terms)))
+    params = [
+        p
+        for name, p in module.named_parameters()
+        if name.split(".")[-1] in ADDITIVE_PARAMETERS and p.requires_grad
+    ]
+    try:
+        with relevance_rules(module, build_lrp=True) as state:
+            out = model(inputs)
+            _loss, explained = _objectives(model, out, torch.Generator().manual_seed(seed))
+            state.backward = "lrp"
+            targets = sources + params + [y for y, _ in bn_terms]
+            grads = torch.autograd.grad(explained.sum(), targets, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    n_src, n_par = len(sources), len(params)
+    input_rel = sum(_dot(t, g) for t, g in zip(sources, grads[:n_src], strict=True))
+    absorbed = sum(_dot(p, g) for p, g in zip(params, grads[n_src : n_src + n_par], strict=True))
+    for (_y, bias), g in zip(bn_terms, grads[n_src + n_par :], strict=True):
+        if g is not None:
+            absorbed += float((g * bias.view(1, -1, 1, 1)).sum())
+    return Conservation(float(explained.detach().sum()), float(input_rel), float(absorbed))
+
+
+def _dot(t: torch.Tensor, g: torch.Tensor | None) -> float:
+    return 0.0 if g is None else float((t.detach() * g).sum())
+
+
+def _bn_hook(terms: list):
+    def hook(m: nn.BatchNorm2d, _args: tuple, out: torch.Tensor) -> None:
+        std = torch.sqrt(m.running_var + m.eps)
+        bias = (m.bias if m.bias is not None else 0) - (
+            m.weight if m.weight is not None else 1
+        ) * m.running_mean / std
+        terms.append((out, bias.detach()))
+
+    return hook

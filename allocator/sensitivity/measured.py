@@ -1,0 +1,82 @@
+"""Measured sensitivity: quantize one layer at a time and measure how far the outputs move.
+
+This is CalibTIP's per-layer cost and the slowest method (one calibration pass per layer and
+width). Accuracy drops on a few hundred samples are too coarse and noisy to add up (many come out
+negative), so the divergence from the FP32 outputs is measured instead: KL of the class
+distributions for classifiers, 1 - cosine similarity for embedding models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from allocator.costs import QuantChoice
+from allocator.layers import LayerTable
+from allocator.zoo.base import Inputs, LoadedModel
+
+
+def divergence(task: str, reference: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """Per-sample divergence of `output` from the FP32 `reference`."""
+    if task == "classification":
+        log_p = F.log_softmax(reference, dim=-1)
+        log_q = F.log_softmax(output, dim=-1)
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    return 1.0 - F.cosine_similarity(reference, output, dim=-1)
+
+
+@contextmanager
+def quantized_layer(layer: nn.Module, choice: QuantChoice) -> Iterator[None]:
+    """Temporarily give `layer` its quantized weight (and bias correction)."""
+    original = layer.weight.data
+    layer.weight.data = original + choice.weight_error
+    handle = None
+    if choice.bias_correction is not None:
+        correction = choice.bias_correction
+
+        def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+            shape = [1] * out.dim()
+            shape[1 if isinstance(layer, nn.Conv2d) else -1] = -1
+            return out + correction.view(shape)
+
+        handle = layer.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        layer.weight.data = original
+        if handle is not None:
+            handle.remove()
+
+
+def measured_costs(
+    model: LoadedModel,
+    batches: Sequence[Inputs],
+    table: LayerTable,
+    bits: Sequence[int],
+    choices: dict[tuple[str, int], QuantChoice],
+    on_step: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """cost[l, b] = mean divergence from FP32 with only layer l at b bits (pinned rows stay 0)."""
+    modules = dict(model.module.named_modules())
+    with torch.inference_mode():
+        reference = [model(inputs) for inputs in batches]
+        cost = np.zeros((len(table), len(bits)))
+        steps = len(table) * len(bits)
+        for i, layer in enumerate(table):
+            for j, b in enumerate(bits):
+                if layer.pinned_bits is not None:
+                    continue
+                with quantized_layer(modules[layer.name], choices[(layer.name, b)]):
+                    total = sum(
+                        float(divergence(model.task, ref, model(inputs)).sum())
+                        for inputs, ref in zip(batches, reference, strict=True)
+                    )
+                cost[i, j] = total / sum(ref.shape[0] for ref in reference)
+                if on_step is not None:
+                    on_step(i * len(bits) + j + 1, steps)
+    return cost

@@ -1,0 +1,211 @@
+"""LRP rules as a switchable backward pass, so relevance and true gradients share one forward.
+
+captum's LRP cannot run timm ViTs (no rule for Identity/LayerNorm/GELU, functional attention is
+invisible, relevance explodes to NaN once patched: see shared/design/LRP.md). What works is LRP
+as a *modified gradient* followed by gradient x input (CP-LRP / AttnLRP):
+
+- LayerNorm: the identity rule, i.e. the standard deviation is a constant in the backward pass;
+- element-wise non-linearities (GELU, SiLU, ...): the identity rule, `x * (f(x) / x).detach()`;
+- embedding normalisation (`x / ||x||`): the norm is a constant;
+- softmax attention: the attention probabilities are constants (CP-LRP), so all relevance of
+  `attn @ v` flows to `v`; this is exactly conservative;
+- linear, convolution, ReLU, BatchNorm (eval), residual adds: plain gradient x input.
+
+Each hooked site computes *both* outputs in the forward pass (they are equal in value) and joins
+them with `_Switch`, whose backward routes the incoming gradient to the true graph or to the LRP
+graph depending on `RuleState.backward`. One forward therefore serves a true-gradient backward
+(Fisher, Hutchinson) and a relevance backward (LRP). Attention is reached by replacing
+`torch.nn.functional.scaled_dot_product_attention` while the context is active (timm and
+Hugging Face both call it by attribute); the replacement is the math formulation, which also
+supports the double backward Hutchinson needs.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Backward = Literal["true", "lrp"]
+
+ELEMENTWISE_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Tanh, nn.Sigmoid)
+
+
+@dataclass
+class RuleState:
+    """Which graph the next backward pass follows, and whether the LRP graph is built at all."""
+
+    backward: Backward = "true"
+    build_lrp: bool = True
+
+
+_local = threading.local()
+_ORIGINAL_SDPA = F.scaled_dot_product_attention
+
+
+def _state() -> RuleState | None:
+    return getattr(_local, "state", None)
+
+
+class _Switch(torch.autograd.Function):
+    """Identity in value; the gradient goes to the true or the LRP operand."""
+
+    @staticmethod
+    def forward(ctx, true_out: torch.Tensor, lrp_out: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.state = _state()
+        return true_out.view_as(true_out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # type: ignore[override]
+        state = ctx.state
+        if state is not None and state.backward == "lrp":
+            return None, grad
+        return grad, None
+
+
+def _switch(true_out: torch.Tensor, make_lrp) -> torch.Tensor:
+    state = _state()
+    if state is None or not state.build_lrp or not torch.is_grad_enabled():
+        return true_out
+    return _Switch.apply(true_out, make_lrp())
+
+
+def _layer_norm_hook(module: nn.LayerNorm, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    x = args[0]
+    dims = tuple(range(-len(module.normalized_shape), 0))
+
+    def lrp() -> torch.Tensor:
+        mean = x.mean(dim=dims, keepdim=True)
+        std = torch.sqrt(x.var(dim=dims, unbiased=False, keepdim=True) + module.eps).detach()
+        y = (x - mean) / std
+        if module.weight is not None:
+            y = y * module.weight
+        if module.bias is not None:
+            y = y + module.bias
+        return y
+
+    return _switch(out, lrp)
+
+
+def _identity_rule_hook(_module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    x = args[0]
+
+    def lrp() -> torch.Tensor:
+        safe = torch.where(x.abs() > 1e-6, x, torch.ones_like(x))
+        ratio = torch.where(x.abs() > 1e-6, out / safe, torch.full_like(x, 0.5))
+        return x * ratio.detach()
+
+    return _switch(out, lrp)
+
+
+def _normalize_hooks(module: nn.Module) -> list:
+    """sentence-transformers' Normalize rewrites its features dict in place: keep its input."""
+    key_in = getattr(module, "module_input_name", "sentence_embedding")
+    key_out = getattr(module, "module_output_name", "sentence_embedding")
+    seen: dict[str, torch.Tensor] = {}
+
+    def pre(_module: nn.Module, args: tuple) -> None:
+        if isinstance(args[0], dict) and key_in in args[0]:
+            seen["x"] = args[0][key_in]
+
+    def post(_module: nn.Module, _args: tuple, out: object) -> object:
+        raw = seen.pop("x", None)
+        if raw is None or not isinstance(out, dict) or key_out not in out:
+            return out
+        out[key_out] = _switch(
+            out[key_out], lambda: raw / raw.norm(dim=-1, keepdim=True).clamp_min(1e-12).detach()
+        )
+        return out
+
+    return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """The math form of scaled dot-product attention with the CP-LRP rule attached."""
+    if _state() is None:
+        return _ORIGINAL_SDPA(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+        )
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        repeat = q.shape[-3] // k.shape[-3]
+        k = k.repeat_interleave(repeat, dim=-3)
+        v = v.repeat_interleave(repeat, dim=-3)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if is_causal:
+        n, m = scores.shape[-2:]
+        causal = torch.ones(n, m, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    probs = scores.softmax(dim=-1)
+    return _switch(probs @ v, lambda: probs.detach() @ v)
+
+
+def _is_normalize(module: nn.Module) -> bool:
+    return type(module).__name__ == "Normalize"
+
+
+def _is_activation(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return isinstance(module, ELEMENTWISE_ACTIVATIONS) or (
+        "GELU" in name or name in {"SiLUActivation", "NewGELUActivation", "FastGELUActivation"}
+    )
+
+
+@contextmanager
+def relevance_rules(module: nn.Module, build_lrp: bool = True) -> Iterator[RuleState]:
+    """Install the rule switches on `module` (and attention globally, for this thread only).
+
+    timm attention is forced onto its fused branch so that it calls the replaced function.
+    """
+    state = RuleState(build_lrp=build_lrp)
+    handles = []
+    fused: list[tuple[nn.Module, bool]] = []
+    for child in module.modules():
+        if isinstance(child, nn.LayerNorm) and "2d" not in type(child).__name__.lower():
+            handles.append(child.register_forward_hook(_layer_norm_hook))
+        elif _is_activation(child):
+            handles.append(child.register_forward_hook(_identity_rule_hook))
+        elif _is_normalize(child):
+            handles.extend(_normalize_hooks(child))
+        if hasattr(child, "fused_attn"):
+            fused.append((child, child.fused_attn))
+            child.fused_attn = True
+    previous = _state()
+    _local.state = state
+    F.scaled_dot_product_attention = attention
+    try:
+        yield state
+    finally:
+        _local.state = previous
+        for handle in handles:
+            handle.remove()
+        for child, value in fused:
+            child.fused_attn = value

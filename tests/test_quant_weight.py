@@ -1,0 +1,135 @@
+"""Properties of the per-channel weight quantizer that the cost table and packing rely on."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import pytest
+import torch
+
+from allocator.errors import UnknownMethod
+from allocator.quant.weight import (
+    CLIP_RULES,
+    SUPPORTED_BITS,
+    fake_quantize,
+    quantize_weight,
+)
+
+INT_BITS = [b for b in SUPPORTED_BITS if b < 16]
+
+
+def _weight(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _channel_mse(w: torch.Tensor, bits: int, clip: str) -> torch.Tensor:
+    err = fake_quantize(w, bits, clip) - w
+    return err.square().reshape(w.shape[0], -1).mean(dim=1)
+
+
+@pytest.mark.parametrize("clip", sorted(CLIP_RULES))
+@pytest.mark.parametrize("bits", INT_BITS)
+def test_codes_in_range_and_scale_is_float16_per_channel(bits: int, clip: str) -> None:
+    w = _weight(8, 3, 3, 3)
+    q = quantize_weight(w, bits, clip)
+    assert q.codes.dtype == torch.int8
+    assert q.codes.shape == w.shape
+    assert int(q.codes.min()) >= -(2 ** (bits - 1))
+    assert int(q.codes.max()) <= 2 ** (bits - 1) - 1
+    assert q.scale is not None
+    assert q.scale.dtype == torch.float16
+    assert q.scale.shape == (8,)
+
+
+@pytest.mark.parametrize("clip", sorted(CLIP_RULES))
+def test_dequantize_uses_only_codes_and_float16_scale(clip: str) -> None:
+    w = _weight(16, 32)
+    q = quantize_weight(w, 4, clip)
+    rebuilt = q.codes.float() * q.scale.float()[:, None]
+    deq = q.dequantize()
+    assert deq.dtype == torch.float32
+    assert torch.equal(deq, rebuilt)
+    assert torch.equal(fake_quantize(w, 4, clip), deq)
+
+
+@pytest.mark.parametrize("clip", sorted(CLIP_RULES))
+def test_error_decreases_with_bits(clip: str) -> None:
+    w = _weight(32, 64)
+    errors = [float(_channel_mse(w, bits, clip).mean()) for bits in INT_BITS]
+    assert all(a > b for a, b in pairwise(errors))
+
+
+def test_max_clip_rounds_to_nearest() -> None:
+    w = _weight(32, 64)
+    q = quantize_weight(w, 3, "max")
+    half_step = q.scale.float()[:, None] / 2
+    assert bool(((q.dequantize() - w).abs() <= half_step * (1 + 1e-5)).all())
+
+
+@pytest.mark.parametrize("bits", INT_BITS)
+def test_mse_clip_never_worse_than_max_per_channel(bits: int) -> None:
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((64, 128))
+    assert bool((_channel_mse(w, bits, "mse") <= _channel_mse(w, bits, "max") * (1 + 1e-6)).all())
+
+
+def test_mse_clip_helps_heavy_tailed_weights() -> None:
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(2.0).sample((64, 256))
+    assert float(_channel_mse(w, 3, "mse").mean()) < 0.9 * float(_channel_mse(w, 3, "max").mean())
+
+
+@pytest.mark.parametrize("clip", sorted(CLIP_RULES))
+def test_channels_are_quantized_independently(clip: str) -> None:
+    w = _weight(6, 40)
+    changed = w.clone()
+    changed[2] *= 50.0
+    a, b = quantize_weight(w, 4, clip), quantize_weight(changed, 4, clip)
+    keep = [0, 1, 3, 4, 5]
+    assert torch.equal(a.codes[keep], b.codes[keep])
+    assert torch.equal(a.scale[keep], b.scale[keep])
+    assert not torch.equal(a.scale[2], b.scale[2])
+
+
+@pytest.mark.parametrize("clip", sorted(CLIP_RULES))
+@pytest.mark.parametrize("bits", INT_BITS)
+def test_zero_and_tiny_channels_stay_finite(bits: int, clip: str) -> None:
+    w = _weight(4, 10)
+    w[1] = 0.0
+    w[3] = 1e-12
+    q = quantize_weight(w, bits, clip)
+    deq = q.dequantize()
+    assert bool(torch.isfinite(deq).all())
+    assert bool(torch.isfinite(q.scale.float()).all())
+    assert float(q.scale[1]) == 0.0
+    assert bool((deq[1] == 0).all())
+    assert float(q.scale[3]) > 0.0
+
+
+def test_sixteen_bits_keeps_float16_weight() -> None:
+    w = _weight(5, 7, 3, 3)
+    q = quantize_weight(w, 16)
+    assert q.scale is None
+    assert q.codes.dtype == torch.float16
+    assert torch.equal(q.dequantize(), w.half().float())
+    assert torch.equal(fake_quantize(w, 16, "mse"), w.half().float())
+
+
+def test_unknown_clip_lists_known_rules() -> None:
+    with pytest.raises(UnknownMethod, match=r"\['max', 'mse'\]"):
+        quantize_weight(_weight(2, 2), 4, "percentile")
+
+
+@pytest.mark.parametrize("bits", [1, 7, 32])
+def test_unsupported_bits_rejected(bits: int) -> None:
+    with pytest.raises(ValueError, match="weight bits"):
+        quantize_weight(_weight(2, 2), bits)
+
+
+def test_mse_search_in_blocks_matches_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = _weight(37, 50)
+    whole = quantize_weight(w, 3, "mse")
+    monkeypatch.setattr("allocator.quant.weight.MSE_BLOCK_ELEMENTS", 200)
+    blocked = quantize_weight(w, 3, "mse")
+    assert torch.equal(whole.codes, blocked.codes)
+    assert torch.equal(whole.scale, blocked.scale)

