@@ -1,0 +1,22 @@
+"""Datasets for calibration and evaluation: read a file, cut model-ready batches, score outputs.
+
+`load_dataset` reads a file into an `ImageSet` or `SentencePairs`; `calibration_batches` draws a
+seeded sample the model has prepared; `EvalSet` + `evaluate` score any function of the inputs
+(the FP32 model or a quantized variant). Never imports a model source beyond `zoo.base`.
+"""
+
+from allocator.data.batches import calibration_batches, check_compatible
+from allocator.data.evaluate import HIGHER_IS_BETTER, EvalSet, evaluate
+from allocator.data.readers import Dataset, ImageSet, SentencePairs, load_dataset
+
+__all__ = [
+    "HIGHER_IS_BETTER",
+    "Dataset",
+    "EvalSet",
+    "ImageSet",
+    "SentencePairs",
+    "calibration_batches",
+    "check_compatible",
+    "evaluate",
+    "load_dataset",
+]

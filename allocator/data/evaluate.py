@@ -1,0 +1,156 @@
+"""Scoring a model, or any quantized variant of it, on an evaluation set.
+
+A job scores the FP32 model, the mixed-precision model and a uniform baseline, and some costs
+score one variant per layer, so inputs are prepared once (`EvalSet`) and each variant costs one
+batched forward pass. Which metric is "the" quality follows from the data and the task:
+classification top-1 when labels exist, STS Spearman for sentence pairs and an embedding model,
+and otherwise closeness to the FP32 outputs (top-1 agreement and KL for classifiers, MSE for
+embeddings), which needs those outputs as `reference` (get them with `evalset.outputs(model)`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+from torch.nn import functional as F
+
+from allocator.data.batches import check_compatible, pool, prepare_batches, take
+from allocator.data.readers import Dataset, SentencePairs
+from allocator.errors import BadDataset
+from allocator.zoo.base import Inputs, LoadedModel
+
+HIGHER_IS_BETTER = {"top1": True, "spearman": True, "agreement": True, "kl": False, "mse": False}
+"""Every metric `evaluate` reports, and which way is better."""
+
+REFERENCE_METRICS = frozenset({"agreement", "kl", "mse"})
+"""Metrics that compare with the FP32 outputs and so need `reference`."""
+
+DEFAULT_BATCH_SIZE = 128
+
+
+class EvalSet:
+    """The model-ready batches of an evaluation dataset, prepared once and scored many times.
+
+    Sentences are batched sorted by length, so padding stays short; `outputs` returns rows in
+    dataset order (for sentence pairs: all first sentences, then all second sentences).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        model: LoadedModel,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        limit: int | None = None,
+    ) -> None:
+        check_compatible(dataset, model)
+        if limit is not None:
+            if limit < 1:
+                raise ValueError(f"limit must be positive, got {limit}")
+            dataset = dataset.head(limit)
+        self.size = len(dataset)
+        self.task = model.task
+        self.labels: torch.Tensor | None = None
+        self.scores: np.ndarray | None = None
+        samples = pool(dataset)
+        order = np.arange(len(samples))
+        if isinstance(dataset, SentencePairs):
+            order = np.argsort([len(sentence) for sentence in samples], kind="stable")
+            if model.task == "embedding":
+                self.scores = dataset.scores
+        elif dataset.labels is not None and model.task == "classification":
+            self.labels = _checked_labels(dataset.labels, model)
+        self._restore = torch.from_numpy(np.argsort(order))
+        self.batches = prepare_batches(model, take(samples, order), batch_size)
+        self.primary_metric = _primary_metric(self)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def outputs(self, fn: Callable[[Inputs], torch.Tensor]) -> torch.Tensor:
+        """`fn` on every batch, float32, in dataset order; with the FP32 model: the reference."""
+        with torch.inference_mode():
+            out = torch.cat([fn(batch) for batch in self.batches])
+        return out.float()[self._restore]
+
+
+def evaluate(
+    fn: Callable[[Inputs], torch.Tensor],
+    evalset: EvalSet,
+    reference: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Every metric that applies, keyed as in `HIGHER_IS_BETTER`; always includes the primary."""
+    if reference is None and evalset.primary_metric in REFERENCE_METRICS:
+        raise ValueError(
+            f"{evalset.primary_metric} compares with the FP32 model: "
+            "pass reference=evalset.outputs(fp32_model)"
+        )
+    outputs = evalset.outputs(fn)
+    metrics: dict[str, float] = {}
+    if evalset.labels is not None:
+        metrics["top1"] = top1(outputs, evalset.labels)
+    if evalset.scores is not None:
+        metrics["spearman"] = sts_spearman(outputs, evalset.scores)
+    if reference is not None:
+        if reference.shape != outputs.shape:
+            raise ValueError(
+                f"reference has shape {tuple(reference.shape)} but the outputs have "
+                f"{tuple(outputs.shape)}; compute it with evalset.outputs on this evalset"
+            )
+        if evalset.task == "classification":
+            metrics["agreement"] = agreement(outputs, reference)
+            metrics["kl"] = kl_divergence(reference, outputs)
+        else:
+            metrics["mse"] = mse(outputs, reference)
+    return metrics
+
+
+def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Percentage of samples whose highest logit is the label."""
+    return (logits.argmax(dim=-1) == labels).double().mean().item() * 100
+
+
+def agreement(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    """Percentage of samples whose top class matches the reference's top class."""
+    return top1(logits, reference.argmax(dim=-1))
+
+
+def kl_divergence(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean KL(softmax(reference) || softmax(logits)) in nats, in float64 for small values."""
+    log_p = F.log_softmax(reference.double(), dim=-1)
+    log_q = F.log_softmax(logits.double(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean().item()
+
+
+def sts_spearman(embeddings: torch.Tensor, scores: np.ndarray) -> float:
+    """Spearman x100 between the pairs' cosine similarities and the gold scores.
+
+    `embeddings` holds all first sentences, then all second sentences, as `EvalSet` returns them.
+    """
+    pairs = len(scores)
+    cosine = F.cosine_similarity(embeddings[:pairs], embeddings[pairs:], dim=-1)
+    return float(spearmanr(cosine.numpy(), scores).statistic) * 100
+
+
+def mse(outputs: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((outputs.double() - reference.double()) ** 2).mean().item()
+
+
+def _checked_labels(labels: np.ndarray, model: LoadedModel) -> torch.Tensor:
+    largest = int(labels.max())
+    if model.num_classes is not None and largest >= model.num_classes:
+        raise BadDataset(
+            f"labels go up to {largest} but {model.ref} has {model.num_classes} classes; "
+            "use labels 0..C-1 that match the model's head"
+        )
+    return torch.from_numpy(labels.astype(np.int64))
+
+
+def _primary_metric(evalset: EvalSet) -> str:
+    if evalset.labels is not None:
+        return "top1"
+    if evalset.scores is not None:
+        return "spearman"
+    return "agreement" if evalset.task == "classification" else "mse"
