@@ -62,9 +62,13 @@ class LayerTable:
         return sum(layer.storage_bits(bits[layer.name]) for layer in self.layers)
 
     def uniform_storage_bits(self, bits: float) -> float:
-        """Storage of every layer at `bits` (fractional allowed): the meaning of `avg-bits=`."""
+        """Storage with every free layer at `bits` (fractional allowed) and pinned layers at their
+        pin: the meaning of `avg-bits=`, so that the uniform plan of the same width, which keeps
+        the same pins, fits it exactly."""
         return sum(
-            layer.params * bits + (layer.out_channels * SCALE_BITS if bits < 16 else 0)
+            layer.storage_bits(layer.pinned_bits)
+            if layer.pinned_bits is not None
+            else layer.params * bits + (layer.out_channels * SCALE_BITS if bits < 16 else 0)
             for layer in self.layers
         )
 
@@ -103,7 +107,7 @@ def _attention_macs_hook(counter: list[int]):
 
 def _is_attention(module: nn.Module) -> bool:
     """timm Attention / WindowAttention and Hugging Face BERT self-attention."""
-    return hasattr(module, "num_heads") and hasattr(module, "qkv") or (
+    return (hasattr(module, "num_heads") and hasattr(module, "qkv")) or (
         hasattr(module, "num_attention_heads") and hasattr(module, "query")
     )
 
@@ -174,7 +178,9 @@ def build_layer_table(
 def _macs_hook(name: str, macs: dict[str, int]):
     def hook(module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
         if isinstance(module, nn.Conv2d):
-            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            per_output = (
+                module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            )
             macs[name] = macs.get(name, 0) + out.numel() * per_output
         else:
             macs[name] = macs.get(name, 0) + out.numel() * module.in_features

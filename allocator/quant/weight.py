@@ -25,7 +25,7 @@ _FP16 = torch.finfo(torch.float16)
 _SMALLEST_FP16 = 2.0**-24
 """The smallest positive float16: a tiny but non-zero channel must not get a zero scale."""
 
-MSE_RATIOS = torch.linspace(0.2, 1.0, 100)
+MSE_RATIOS = torch.linspace(0.2, 1.0, 41)
 """Clip ratios (of the channel's absmax) the `mse` rule tries; the last one is exactly 1.0."""
 MSE_BLOCK_ELEMENTS = 1 << 20
 """Weight elements the `mse` rule searches at once (4 MiB of float32)."""

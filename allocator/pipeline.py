@@ -1,0 +1,341 @@
+"""`run(spec, progress)`: the one function every front end (CLI, inline worker, Celery) calls.
+
+It loads the model and data, measures the layers, computes the cost table with the asked
+sensitivity methods, solves the integer program for the budget, quantizes, evaluates FP32, the
+mixed plan and the uniform plan of the same size, and writes the artifacts into `workdir`.
+Storing rows and artifacts is the caller's business: this module never imports the web, database
+or queue layers.
+
+`progress(phase, fraction, message)` is called between phases and inside long loops; a caller
+that wants to cancel raises `JobCancelled` from it, which stops the run at the next call.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from allocator import costs
+from allocator.apply import apply, pack
+from allocator.budget import parse_budget
+from allocator.data import EvalSet, calibration_batches, evaluate, load_dataset
+from allocator.errors import BadDataset
+from allocator.layers import LayerTable, build_layer_table
+from allocator.plan import BitPlan, LayerPlan
+from allocator.sensitivity import (
+    Sensitivity,
+    SensitivityContext,
+    parse_method,
+    sensitivity_costs,
+)
+from allocator.solve import Solution, solve, uniform_bits_for
+from allocator.zoo import load_model
+from allocator.zoo.base import Inputs, LoadedModel
+
+Progress = Callable[[str, float, str], None]
+DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
+PHASES = (
+    "load",
+    "layers",
+    "statistics",
+    "sensitivity",
+    "solve",
+    "quantize",
+    "evaluate",
+    "pack",
+)
+
+
+def _silent(_phase: str, _fraction: float, _message: str) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything that defines a job; JSON-serialisable as is (`asdict`)."""
+
+    model: str
+    calib: str
+    weights: str | None = None
+    eval: str | None = None
+    budget: str = "avg-bits=4"
+    method: str = "lrp+fisher"
+    bits: tuple[int, ...] = DEFAULT_BITS
+    calib_samples: int = 256
+    batch_size: int = 32
+    eval_samples: int | None = None
+    pin_first_last: bool = True
+    pins: Mapping[str, int] = field(default_factory=dict)
+    bias_correction: bool = True
+    time_limit: float = 10.0
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["bits"] = list(self.bits)
+        data["pins"] = dict(self.pins)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:
+        values = dict(data)
+        if "bits" in values:
+            values["bits"] = tuple(int(b) for b in values["bits"])
+        return cls(**values)
+
+    def validate(self) -> None:
+        """Cheap checks before any model is loaded, so bad input fails in milliseconds."""
+        parse_budget(self.budget)
+        parse_method(self.method)
+        if self.calib_samples < 1 or self.batch_size < 1:
+            raise BadDataset("calib_samples and batch_size must be at least 1")
+
+
+@dataclass
+class Result:
+    """What a job produced; `to_json()` is the object `bitplan run --json` prints."""
+
+    spec: JobSpec
+    allocation: list[dict[str, Any]]
+    avg_weight_bits: float
+    weight_bytes: float
+    solver: dict[str, Any]
+    metrics: dict[str, Any]
+    timings: dict[str, float]
+    plan: BitPlan
+    profile: dict[str, Any]
+    artifacts: dict[str, str] = field(default_factory=dict)
+    job_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "model": self.spec.model,
+            "budget": self.spec.budget,
+            "method": self.spec.method,
+            "allocation": self.allocation,
+            "avg_weight_bits": self.avg_weight_bits,
+            "weight_bytes": self.weight_bytes,
+            "solver": self.solver,
+            "metrics": self.metrics,
+            "timings": self.timings,
+            "artifacts": self.artifacts,
+        }
+
+
+class _Clock:
+    def __init__(self, progress: Progress) -> None:
+        self.timings: dict[str, float] = {}
+        self.progress = progress
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[Callable[[float, str], None]]:
+        self.progress(name, 0.0, "started")
+        started = time.perf_counter()
+        yield lambda fraction, message: self.progress(name, fraction, message)
+        self.timings[name] = round(time.perf_counter() - started, 3)
+        self.progress(name, 1.0, "done")
+
+
+def make_plan(
+    table: LayerTable,
+    bits: Mapping[str, int],
+    choices: Mapping[tuple[str, int], costs.QuantChoice],
+    meta: Mapping[str, Any],
+) -> BitPlan:
+    """A plan that carries each (layer, width)'s chosen clipping rule and bias correction."""
+    layers = {}
+    for layer in table:
+        b = bits[layer.name]
+        choice = choices[(layer.name, b)]
+        correction = choice.bias_correction
+        layers[layer.name] = LayerPlan(
+            weight_bits=b,
+            clip=choice.clip,
+            bias_correction=None if correction is None else correction.tolist(),
+        )
+    return BitPlan(layers=layers, meta=dict(meta))
+
+
+def profile_dict(
+    table: LayerTable, bits: tuple[int, ...], cost: np.ndarray, method: str
+) -> dict[str, Any]:
+    """The cached cost table: enough to re-solve any budget without touching the model."""
+    return {
+        "method": method,
+        "bits": list(bits),
+        "layers": [asdict(layer) for layer in table],
+        "attention_macs": table.attention_macs,
+        "cost": cost.tolist(),
+    }
+
+
+@dataclass
+class Workbench:
+    """A loaded model with its calibration statistics: everything a budget needs but the solve.
+
+    Benchmarks build one per model and try many methods and budgets on it; `run` builds one per
+    job. Nothing here depends on the budget or the sensitivity method.
+    """
+
+    spec: JobSpec
+    model: LoadedModel
+    batches: list[Inputs]
+    evalset: EvalSet
+    table: LayerTable
+    choices: dict[tuple[str, int], costs.QuantChoice]
+    _reference: torch.Tensor | None = None
+
+    @property
+    def reference(self) -> torch.Tensor:
+        """FP32 outputs on the evaluation set, computed once."""
+        if self._reference is None:
+            self._reference = self.evalset.outputs(self.model)
+        return self._reference
+
+    def cost_table(
+        self, method: str, tick: Callable[[float, str], None] = lambda _f, _m: None
+    ) -> tuple[np.ndarray, list[Sensitivity], dict[str, float]]:
+        context = SensitivityContext(
+            self.model,
+            self.batches,
+            self.table,
+            self.spec.bits,
+            self.choices,
+            parse_method(method),
+            progress=tick,
+        )
+        cost, sensitivities = sensitivity_costs(context)
+        return cost, sensitivities, context.timings
+
+    def plan(self, bits: Mapping[str, int], meta: Mapping[str, Any]) -> BitPlan:
+        return make_plan(self.table, bits, self.choices, meta)
+
+    def uniform_plan(self, bits: int, meta: Mapping[str, Any] | None = None) -> BitPlan:
+        """Every free layer at `bits` with the same quantizer choices as the mixed plans."""
+        widths = {layer.name: layer.pinned_bits or bits for layer in self.table}
+        return self.plan(widths, {**(meta or {}), "uniform_bits": bits})
+
+    def evaluate(self, module: torch.nn.Module | None = None) -> dict[str, float]:
+        """Metrics of `module` (FP32 when None) on the evaluation set."""
+        target = self.model if module is None else replace(self.model, module=module)
+        return evaluate(target, self.evalset, self.reference)
+
+
+def prepare(spec: JobSpec, clock: _Clock | None = None) -> Workbench:
+    """Load, measure the layers and gather the calibration statistics (the budget-free part)."""
+    clock = clock or _Clock(_silent)
+    with clock.phase("load"):
+        model = load_model(spec.model, spec.weights)
+        calib = load_dataset(spec.calib)
+        batches = calibration_batches(calib, model, spec.calib_samples, spec.batch_size, spec.seed)
+        evalset = EvalSet(
+            load_dataset(spec.eval) if spec.eval else calib, model, limit=spec.eval_samples
+        )
+    with clock.phase("layers"):
+        table = build_layer_table(
+            model, _first(batches[0]), pin_first_last=spec.pin_first_last, pins=spec.pins
+        )
+    with clock.phase("statistics") as tick:
+        stats = costs.input_stats(
+            model, batches, table, on_batch=lambda i: tick((i + 1) / len(batches), "inputs")
+        )
+        choices = costs.quant_choices(
+            model, table, stats, spec.bits, bias_correction=spec.bias_correction
+        )
+    return Workbench(spec, model, batches, evalset, table, choices)
+
+
+def run(spec: JobSpec, progress: Progress = _silent, workdir: str | Path | None = None) -> Result:
+    """Run one job end to end; artifacts go to `workdir` when given."""
+    spec.validate()
+    budget = parse_budget(spec.budget)
+    torch.manual_seed(spec.seed)
+    clock = _Clock(progress)
+    bench = prepare(spec, clock)
+    table = bench.table
+    resolved = budget.resolve(table)
+    with clock.phase("sensitivity") as tick:
+        cost, sensitivities, sensitivity_timings = bench.cost_table(spec.method, tick)
+    with clock.phase("solve"):
+        solution = solve(table, spec.bits, cost, resolved, time_limit=spec.time_limit)
+    meta = {"model": spec.model, "budget": spec.budget, "method": spec.method}
+    with clock.phase("quantize"):
+        plan = bench.plan(solution.bits, meta)
+        mixed = apply(bench.model.module, plan)
+        uniform_bits = uniform_bits_for(table, spec.bits, resolved)
+    with clock.phase("evaluate") as tick:
+        metrics: dict[str, Any] = {"fp32": bench.evaluate()}
+        tick(0.4, "fp32")
+        metrics["quantized"] = bench.evaluate(mixed)
+        tick(0.7, "mixed")
+        metrics["uniform"] = None
+        if uniform_bits is not None:
+            uniform = apply(bench.model.module, bench.uniform_plan(uniform_bits, meta))
+            metrics["uniform"] = {"bits": uniform_bits, **bench.evaluate(uniform)}
+        metrics["primary"] = bench.evalset.primary_metric
+        metrics["predicted_cost"] = solution.objective
+    result = Result(
+        spec=spec,
+        allocation=_allocation(table, solution, plan, sensitivities),
+        avg_weight_bits=round(
+            sum(layer.params * solution.bits[layer.name] for layer in table) / table.total_params,
+            4,
+        ),
+        weight_bytes=solution.storage_bits / 8,
+        solver=solution.to_dict(),
+        metrics=metrics,
+        timings={
+            **clock.timings,
+            **{f"sensitivity.{k}": round(v, 3) for k, v in sensitivity_timings.items()},
+        },
+        plan=plan,
+        profile=profile_dict(table, spec.bits, cost, spec.method),
+    )
+    if workdir is not None:
+        with clock.phase("pack"):
+            result.artifacts = write_artifacts(Path(workdir), mixed, plan, result)
+        result.timings["pack"] = clock.timings["pack"]
+    return result
+
+
+def _allocation(
+    table: LayerTable, solution: Solution, plan: BitPlan, sensitivities: list[Sensitivity]
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "layer": layer.name,
+            "weight_bits": solution.bits[layer.name],
+            "params": layer.params,
+            "clip": plan.layers[layer.name].clip,
+            "pinned": layer.pinned_bits is not None,
+            "sensitivity": {s.method: s.scores.get(layer.name) for s in sensitivities},
+        }
+        for layer in table
+    ]
+
+
+def write_artifacts(workdir: Path, mixed: torch.nn.Module, plan: BitPlan, result: Result) -> dict:
+    workdir.mkdir(parents=True, exist_ok=True)
+    packed = workdir / "model.safetensors"
+    pack(mixed, plan, packed)
+    plan_path = workdir / "bitplan.json"
+    plan_path.write_text(json.dumps(plan.to_dict(), indent=1))
+    profile_path = workdir / "profile.json"
+    profile_path.write_text(json.dumps(result.profile))
+    return {"model": str(packed), "bitplan": str(plan_path), "profile": str(profile_path)}
+
+
+def _first(inputs: Inputs) -> Inputs:
+    """One sample of a batch: MACs are counted per sample."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[:1]
+    return {k: v[:1] for k, v in inputs.items()}

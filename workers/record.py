@@ -1,0 +1,143 @@
+"""Turn a stored job into pipeline inputs, and a finished `allocator.pipeline.Result` into rows.
+
+The only place that knows both the allocator's result and the database: the CLI's `run`, the
+inline executor and the Celery task all start a job through `runnable_spec` and finish it through
+`record_success`, so a job's stored form never depends on which front end ran it. A job spec names
+uploaded files as `upload:<id>` (what the tenant wrote, valid on every machine that shares the
+artifact store); only a worker turns that into a local path, just before running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from allocator.errors import BitplanError
+from allocator.pipeline import JobSpec, Result
+from db import repositories
+from db.models import Job, Profile, UploadKind
+from db.repositories import ArtifactRecord, ProfileKey, canonical_sha256
+from db.store import CHUNK_SIZE, ArtifactStore
+
+UPLOAD_REF_PREFIX = "upload:"
+INPUT_KINDS = {"weights": UploadKind.MODEL, "calib": UploadKind.DATASET, "eval": UploadKind.DATASET}
+"""The spec fields that name files, and the kind of upload each may name."""
+
+PROFILE_OPTIONS = (
+    "bits",
+    "calib_samples",
+    "batch_size",
+    "pin_first_last",
+    "pins",
+    "bias_correction",
+    "seed",
+)
+"""The spec fields besides model, weights, calibration data and method that shape a cost table."""
+
+ARTIFACT_KINDS = {
+    "model": "packed-safetensors",
+    "bitplan": "bitplan-json",
+    "profile": "profile-json",
+    "report": "report-html",
+    "pareto": "pareto-png",
+}
+
+
+def store_artifacts(store: ArtifactStore, files: dict[str, str]) -> list[ArtifactRecord]:
+    records = []
+    for name, path in files.items():
+        stored = store.put_file(Path(path))
+        records.append(
+            ArtifactRecord(
+                name=name,
+                kind=ARTIFACT_KINDS.get(name, "file"),
+                sha256=stored.sha256,
+                size=stored.size,
+                uri=stored.uri,
+            )
+        )
+    return records
+
+
+def record_success(
+    session: Session, store: ArtifactStore, job_id: str, result: Result
+) -> dict[str, Any]:
+    """Store artifacts and the result row; returns the result JSON with stored artifact paths."""
+    records = store_artifacts(store, result.artifacts)
+    result.job_id = job_id
+    result.artifacts = {r.name: str(store.path(r.uri)) for r in records}
+    tenant = session.get(Job, job_id, populate_existing=True).tenant
+    profile = record_profile(session, tenant, result.spec, result.profile)
+    payload = {**result.to_json(), "profile_id": profile.id}
+    repositories.finish_job(
+        session,
+        job_id=job_id,
+        bit_plan=result.plan.to_dict(),
+        metrics=result.metrics,
+        solver=result.solver,
+        result={**payload, "profile": result.profile},
+        artifacts=records,
+        timings=result.timings,
+    )
+    return payload
+
+
+def runnable_spec(session: Session, store: ArtifactStore, job: Job, folder: Path) -> JobSpec:
+    """The job's spec with every `upload:<id>` replaced by a link in `folder` to the stored file.
+
+    The link keeps the uploaded file's suffix, because readers choose the format by it.
+    """
+    values = dict(job.spec)
+    for field in INPUT_KINDS:
+        ref = values.get(field)
+        if isinstance(ref, str) and ref.startswith(UPLOAD_REF_PREFIX):
+            values[field] = str(_link_upload(session, store, job.tenant, ref, folder))
+    return JobSpec.from_dict(values)
+
+
+def profile_key(spec: JobSpec, weights_sha256: str | None, calib_sha256: str) -> ProfileKey:
+    """What identifies the cost table `spec` produces, given the sha256 of its weights and data
+    files; the service computes the same key at submit time to check a budget early."""
+    options = spec.to_dict()
+    return ProfileKey.of(
+        model_sha256=canonical_sha256({"model": spec.model, "weights": weights_sha256}),
+        data_sha256=calib_sha256,
+        method=spec.method,
+        options={name: options[name] for name in PROFILE_OPTIONS},
+    )
+
+
+def record_profile(
+    session: Session, tenant: str, spec: JobSpec, cost_table: dict[str, Any]
+) -> Profile:
+    """Cache the cost table of a finished run, so a new budget re-solves without a model pass.
+
+    `spec` must name local files (a `runnable_spec`): their bytes are part of the key.
+    """
+    weights = file_sha256(Path(spec.weights)) if spec.weights else None
+    key = profile_key(spec, weights, file_sha256(Path(spec.calib)))
+    return repositories.put_profile(session, tenant=tenant, key=key, cost_table=cost_table)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as source:
+        while chunk := source.read(CHUNK_SIZE):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _link_upload(
+    session: Session, store: ArtifactStore, tenant: str, ref: str, folder: Path
+) -> Path:
+    upload_id = ref.removeprefix(UPLOAD_REF_PREFIX)
+    upload = repositories.get_upload(session, tenant=tenant, upload_id=upload_id)
+    if upload is None:
+        raise BitplanError(f"{ref} is not an upload of this tenant; upload the file again")
+    link = folder / f"{upload.id}{Path(upload.filename or '').suffix}"
+    link.unlink(missing_ok=True)
+    link.symlink_to(store.path(upload.uri))
+    return link
