@@ -20,7 +20,7 @@ import copy
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,12 +55,19 @@ class _Applied:
     scales: dict[str, Tensor | None]
 
 
-def apply(module: nn.Module, plan: BitPlan, inplace: bool = False) -> nn.Module:
+def apply(
+    module: nn.Module,
+    plan: BitPlan,
+    inplace: bool = False,
+    quantized: Mapping[str, QuantizedWeight] | None = None,
+) -> nn.Module:
     """Return the model quantized as `plan` says (a deep copy unless `inplace`).
 
     Planned weights become their dequantized float values (16 bits: float16-rounded); a layer with
     `bias_correction` gets it added to its bias, which is created if the layer has none. The plan
-    stays readable on the result through `applied_plan`. Applying to an already quantized model
+    stays readable on the result through `applied_plan`. `quantized` supplies codes chosen
+    elsewhere (error-feedback rounding needs calibration data this module never sees) for some
+    layers; they must match the plan's width and clip rule. Applying to an already quantized model
     is refused: it would quantize twice and add the bias corrections twice.
     """
     if applied_plan(module) is not None:
@@ -69,10 +76,17 @@ def apply(module: nn.Module, plan: BitPlan, inplace: bool = False) -> nn.Module:
         )
     target = module if inplace else copy.deepcopy(module)
     layers = _planned_layers(target, plan)
+    given = dict(quantized or {})
     quantized = {
-        name: quantize_weight(layers[name].weight, entry.weight_bits, entry.clip)
+        name: given.get(name) or quantize_weight(layers[name].weight, entry.weight_bits, entry.clip)
         for name, entry in plan.layers.items()
     }
+    for name, entry in plan.layers.items():
+        if quantized[name].bits != entry.weight_bits:
+            raise ValueError(
+                f"codes given for {name} are {quantized[name].bits}-bit, plan says "
+                f"{entry.weight_bits}"
+            )
     with torch.no_grad():
         for name, entry in plan.layers.items():
             layers[name].weight.copy_(quantized[name].dequantize())

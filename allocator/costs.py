@@ -3,9 +3,13 @@
 The integer program adds costs across layers, so each method's cost must be an additive estimate
 of the same thing (loss of quality) on a common scale within a method:
 
-- `fisher`:  0.5 * sum_i F_ii * dW_i^2. Second-order Taylor expansion of the loss with the
-  per-sample empirical Fisher standing in for the Hessian (its diagonal): the expected loss
-  increase per sample. dW is the weight error of the clipping rule chosen for (l, b).
+- `fisher`:  0.5 * sum_o G_o * E[(dW x)_o^2]. Second-order Taylor expansion of the loss in the
+  layer's *output*, with the per-sample empirical Fisher of the outputs (G_o = sum over samples
+  and positions of the squared per-sample gradient at output channel o) standing in for the
+  Hessian: the expected loss increase per sample. Measured in the output rather than on the
+  weight diagonal because GPTQ rounding moves weights further from FP32 precisely where the
+  next columns compensate: a weight-space diagonal sees the move, not the compensation (on
+  CIFAR ResNet20 the weight-diagonal Fisher lost to uniform once GPTQ was in).
 - `hessian`: 0.5 * (Tr(H_l) / n_l) * ||dW_l||^2, the HAWQ-V2 objective (Hutchinson trace).
 - `lrp`:     c_l * e_l(b), where c_l is layer l's share of relevance (LRP-QViT's contribution
   score, summing to 1 over layers) and e_l(b) = ||dW X||^2 / ||W X||^2 the relative error the
@@ -35,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from allocator.layers import LayerTable
-from allocator.quant.weight import CLIP_RULES, fake_quantize
+from allocator.quant.gptq import gptq_quantize
+from allocator.quant.weight import CLIP_RULES, QuantizedWeight, quantize_weight
 from allocator.zoo.base import Inputs, LoadedModel
 
 REFERENCE_BITS = 4
@@ -118,19 +123,37 @@ def input_stats(
 
 @dataclass(frozen=True)
 class QuantChoice:
-    """The best clipping rule for one (layer, bits) and what it does at the layer's output."""
+    """The best clipping and rounding rule for one (layer, bits), and what it does at the
+    layer's output."""
 
     clip: str
+    rounding: str
+    quantized: QuantizedWeight
     output_error: float
     """||dW X||^2 / ||W X||^2 after bias correction (0 for float16)."""
+    channel_error: torch.Tensor
+    """E[(dW x)_o^2] per output channel o, per input row (absolute, after bias correction)."""
     weight_error: torch.Tensor
     """dW, the weight error of the chosen rule."""
     bias_correction: torch.Tensor | None
 
 
-def _output_error(delta: torch.Tensor, moment: torch.Tensor) -> float:
+def _channel_error(delta: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
     flat = delta.reshape(delta.shape[0], -1)
-    return float(((flat @ moment) * flat).sum())
+    return ((flat @ moment) * flat).sum(1)
+
+
+def _output_error(delta: torch.Tensor, moment: torch.Tensor) -> float:
+    return float(_channel_error(delta, moment).sum())
+
+
+ROUNDINGS = ("nearest", "gptq")
+
+
+def _round(weight: torch.Tensor, bits: int, clip: str, rounding: str, moment: torch.Tensor):
+    if rounding == "gptq":
+        return gptq_quantize(weight, moment, bits, clip)
+    return quantize_weight(weight, bits, clip)
 
 
 def quant_choices(
@@ -139,12 +162,18 @@ def quant_choices(
     stats: InputStats,
     bits: Sequence[int],
     clips: Sequence[str] = tuple(CLIP_RULES),
+    roundings: Sequence[str] = ROUNDINGS,
     bias_correction: bool = True,
+    on_layer: Callable[[int], None] | None = None,
 ) -> dict[tuple[str, int], QuantChoice]:
-    """For every layer and width, the clipping rule with the least output error."""
+    """For every layer and width, the (clip, rounding) pair with the least output error.
+
+    With bias correction the error that counts is the centred one (the mean shift is removed by
+    the correction), so GPTQ is given the input covariance rather than the second moment.
+    """
     modules = dict(model.module.named_modules())
     choices: dict[tuple[str, int], QuantChoice] = {}
-    for layer in table:
+    for index, layer in enumerate(table):
         weight = modules[layer.name].weight.detach()
         moment = stats.second_moment[layer.name]
         mean = stats.mean[layer.name]
@@ -152,19 +181,28 @@ def quant_choices(
         signal = max(_output_error(weight, moment), 1e-30)
         widths = set(bits) | ({layer.pinned_bits} if layer.pinned_bits else set())
         for b in sorted(widths):
+            candidates = (
+                [(c, r) for c in clips for r in roundings] if b < 16 else [(clips[0], "nearest")]
+            )
             best: QuantChoice | None = None
-            for clip in clips if b < 16 else clips[:1]:
-                delta = fake_quantize(weight, b, clip) - weight
-                error = _output_error(delta, covariance) / signal
+            for clip, rounding in candidates:
+                quantized = _round(weight, b, clip, rounding, covariance)
+                delta = quantized.dequantize() - weight
+                per_channel = _channel_error(delta, covariance)
+                error = float(per_channel.sum()) / signal
                 if best is None or error < best.output_error:
                     correction = (
                         -(delta.reshape(delta.shape[0], -1) @ mean)
                         if bias_correction and b < 16
                         else None
                     )
-                    best = QuantChoice(clip, error, delta, correction)
+                    best = QuantChoice(
+                        clip, rounding, quantized, error, per_channel, delta, correction
+                    )
             assert best is not None
             choices[(layer.name, b)] = best
+        if on_layer is not None:
+            on_layer(index)
     return choices
 
 
@@ -174,11 +212,11 @@ def _table(
     return np.array([[value(layer.name, b) for b in bits] for layer in table], dtype=np.float64)
 
 
-def fisher_costs(table, bits, choices, fisher_diag: Mapping[str, torch.Tensor]) -> np.ndarray:
+def fisher_costs(table, bits, choices, fisher_out: Mapping[str, torch.Tensor]) -> np.ndarray:
     return _table(
         table,
         bits,
-        lambda n, b: 0.5 * float((fisher_diag[n] * choices[(n, b)].weight_error ** 2).sum()),
+        lambda n, b: 0.5 * float((fisher_out[n] * choices[(n, b)].channel_error).sum()),
     )
 
 

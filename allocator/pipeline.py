@@ -161,6 +161,7 @@ def make_plan(
             weight_bits=b,
             clip=choice.clip,
             bias_correction=None if correction is None else correction.tolist(),
+            rounding=choice.rounding,
         )
     return BitPlan(layers=layers, meta=dict(meta))
 
@@ -219,6 +220,14 @@ class Workbench:
     def plan(self, bits: Mapping[str, int], meta: Mapping[str, Any]) -> BitPlan:
         return make_plan(self.table, bits, self.choices, meta)
 
+    def quantize(self, plan: BitPlan) -> torch.nn.Module:
+        """The quantized model for a plan made by `plan`, with the codes chosen per layer."""
+        quantized = {
+            name: self.choices[(name, entry.weight_bits)].quantized
+            for name, entry in plan.layers.items()
+        }
+        return apply(self.model.module, plan, quantized=quantized)
+
     def uniform_plan(self, bits: int, meta: Mapping[str, Any] | None = None) -> BitPlan:
         """Every free layer at `bits` with the same quantizer choices as the mixed plans."""
         widths = {layer.name: layer.pinned_bits or bits for layer in self.table}
@@ -270,7 +279,7 @@ def run(spec: JobSpec, progress: Progress = _silent, workdir: str | Path | None 
     meta = {"model": spec.model, "budget": spec.budget, "method": spec.method}
     with clock.phase("quantize"):
         plan = bench.plan(solution.bits, meta)
-        mixed = apply(bench.model.module, plan)
+        mixed = bench.quantize(plan)
         uniform_bits = uniform_bits_for(table, spec.bits, resolved)
     with clock.phase("evaluate") as tick:
         metrics: dict[str, Any] = {"fp32": bench.evaluate()}
@@ -279,7 +288,7 @@ def run(spec: JobSpec, progress: Progress = _silent, workdir: str | Path | None 
         tick(0.7, "mixed")
         metrics["uniform"] = None
         if uniform_bits is not None:
-            uniform = apply(bench.model.module, bench.uniform_plan(uniform_bits, meta))
+            uniform = bench.quantize(bench.uniform_plan(uniform_bits, meta))
             metrics["uniform"] = {"bits": uniform_bits, **bench.evaluate(uniform)}
         metrics["primary"] = bench.evalset.primary_metric
         metrics["predicted_cost"] = solution.objective

@@ -28,6 +28,9 @@ class LayerPlan:
     weight_bits: int
     clip: str = "max"
     bias_correction: list[float] | None = None
+    rounding: str = "nearest"
+    """How codes were picked on the grid: "nearest", or "gptq" (error feedback on calibration
+    data); informational, the codes themselves are what the artifact stores."""
 
     def __post_init__(self) -> None:
         check_config(self.weight_bits, self.clip)

@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,8 +71,10 @@ class Row:
     predicted: float | None = None
 
 
-def metric_of(bench: Workbench, plan: BitPlan) -> float:
-    return bench.evaluate(apply(bench.model.module, plan))[bench.evalset.primary_metric]
+def metric_of(bench: Workbench, plan: BitPlan, plain: bool = False) -> float:
+    """`plain`: round-to-nearest straight from the plan, ignoring the workbench's choices."""
+    module = apply(bench.model.module, plan) if plain else bench.quantize(plan)
+    return bench.evaluate(module)[bench.evalset.primary_metric]
 
 
 def avg_bits(bench: Workbench, bits: dict[str, int]) -> float:
@@ -86,7 +87,13 @@ def uniform_rows(bench: Workbench) -> list[Row]:
     for b in UNIFORM_BITS:
         widths = {layer.name: layer.pinned_bits or b for layer in bench.table}
         plain = BitPlan.from_bits(widths, clip="max")
-        rows.append(Row(f"uniform W{b} max-clip", avg_bits(bench, widths), metric_of(bench, plain)))
+        rows.append(
+            Row(
+                f"uniform W{b} max-clip",
+                avg_bits(bench, widths),
+                metric_of(bench, plain, plain=True),
+            )
+        )
         ours = bench.uniform_plan(b)
         rows.append(
             Row(f"uniform W{b} bitplan quantizer", avg_bits(bench, widths), metric_of(bench, ours))
@@ -122,11 +129,17 @@ def mixed_rows(
 
 
 def clip_table(bench: Workbench) -> str:
-    """How often each clipping rule won, by width (chosen by output error on calibration data)."""
-    lines = ["| bits | max | mse |", "|---|---|---|"]
+    """How often each clipping and rounding rule won, by width (least output error on calibration
+    data)."""
+    lines = ["| bits | max | mse | nearest | gptq |", "|---|---|---|---|---|"]
     for b in bench.spec.bits:
-        won = [bench.choices[(layer.name, b)].clip for layer in bench.table]
-        lines.append(f"| {b} | {won.count('max')} | {won.count('mse')} |")
+        won = [bench.choices[(layer.name, b)] for layer in bench.table]
+        clips = [c.clip for c in won]
+        rounding = [c.rounding for c in won]
+        lines.append(
+            f"| {b} | {clips.count('max')} | {clips.count('mse')} | "
+            f"{rounding.count('nearest')} | {rounding.count('gptq')} |"
+        )
     return "\n".join(lines)
 
 

@@ -74,13 +74,21 @@ def test_minilm_relevance_is_conserved() -> None:
 
 
 def _per_sample_fisher_reference(model: LoadedModel, x: torch.Tensor, name: str) -> torch.Tensor:
+    """One backward per sample: the squared gradient at the layer's output, per channel."""
     layer = dict(model.module.named_modules())[name]
-    total = torch.zeros_like(layer.weight)
-    for i in range(x.shape[0]):
-        out = model(x[i : i + 1])
-        loss = nn.functional.cross_entropy(out, out.detach().argmax(-1), reduction="sum")
-        (g,) = torch.autograd.grad(loss, [layer.weight])
-        total += g**2
+    outputs: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _a, out: outputs.append(out))
+    total = 0
+    try:
+        for i in range(x.shape[0]):
+            outputs.clear()
+            out = model(x[i : i + 1])
+            loss = nn.functional.cross_entropy(out, out.detach().argmax(-1), reduction="sum")
+            (g,) = torch.autograd.grad(loss, [outputs[0]])
+            dims = (0, 2, 3) if g.dim() == 4 else tuple(range(g.dim() - 1))
+            total = total + (g**2).sum(dim=dims)
+    finally:
+        handle.remove()
     return total / x.shape[0]
 
 
@@ -91,7 +99,7 @@ def test_fisher_matches_per_sample_gradients(family: str) -> None:
     stats = gradient_stats(model, [x], table, fisher=True, lrp=False)
     for name in (table.names[0], table.names[len(table) // 2]):
         reference = _per_sample_fisher_reference(model, x, name)
-        torch.testing.assert_close(stats.fisher_diag[name], reference, rtol=1e-3, atol=1e-9)
+        torch.testing.assert_close(stats.fisher_out[name], reference, rtol=1e-3, atol=1e-9)
     assert not stats.relevance
 
 
@@ -99,7 +107,7 @@ def test_shared_pass_gives_both_methods() -> None:
     model, x = _tiny("vit")
     table = build_layer_table(model, x[:1])
     stats = gradient_stats(model, [x, x], table, fisher=True, lrp=True)
-    assert set(stats.fisher_diag) == set(table.names) == set(stats.relevance)
+    assert set(stats.fisher_out) == set(table.names) == set(stats.relevance)
     assert all(v > 0 for v in stats.relevance.values())
     assert stats.samples == 6
 

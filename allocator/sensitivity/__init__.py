@@ -72,11 +72,11 @@ def _lrp(ctx: SensitivityContext) -> Sensitivity:
 
 
 def _fisher(ctx: SensitivityContext) -> Sensitivity:
-    diag = ctx.shared_gradients().fisher_diag
+    fisher = ctx.shared_gradients().fisher_out
     return Sensitivity(
         "fisher",
-        costs.fisher_costs(ctx.table, ctx.bits, ctx.choices, diag),
-        {name: float(value.sum()) for name, value in diag.items()},
+        costs.fisher_costs(ctx.table, ctx.bits, ctx.choices, fisher),
+        {name: float(value.sum()) for name, value in fisher.items()},
     )
 
 

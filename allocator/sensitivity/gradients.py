@@ -3,10 +3,10 @@
 Both methods need the same forward values but different backward graphs (true gradients of a
 loss for Fisher, LRP-modified gradients of the explained output for relevance). The forward runs
 once under `relevance_rules`; each backward asks `torch.autograd.grad` for the gradients at the
-weight layers' *outputs* only, so no weight gradient is ever formed by autograd. Per-sample weight
-gradients for Fisher are then rebuilt from (layer input, output gradient) pairs, as BackPACK does:
-for a linear layer the gradient of sample s is `g_s^T x_s`, for a convolution the same on the
-unfolded input. That costs about one extra forward, instead of a backward per sample.
+weight layers' *outputs* only, so no weight gradient is ever formed. Samples in a batch are
+independent and the loss is summed, so the gradient at sample s's outputs is that sample's own
+gradient: squaring and summing it per output channel gives the per-sample empirical Fisher of
+the layer's outputs with no per-sample backward.
 
 What is explained and what the loss is:
 - classifiers: the logit of the FP32 top-1 class (LRP), cross-entropy against it (Fisher);
@@ -29,15 +29,13 @@ from allocator.layers import LayerTable
 from allocator.sensitivity.rules import relevance_rules
 from allocator.zoo.base import Inputs, LoadedModel
 
-PER_SAMPLE_CHUNK = 32 * 1024 * 1024
-"""Elements of per-sample gradients materialised at once (128 MiB of float32)."""
-
 
 @dataclass
 class GradientStats:
     """Per-layer results of the shared pass, averaged over calibration samples."""
 
-    fisher_diag: dict[str, torch.Tensor] = field(default_factory=dict)
+    fisher_out: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per output channel: sum over positions of the squared per-sample output gradient."""
     relevance: dict[str, float] = field(default_factory=dict)
     explained: float = 0.0
     samples: int = 0
@@ -48,40 +46,6 @@ def _batch_size(inputs: Inputs) -> int:
     if isinstance(inputs, torch.Tensor):
         return inputs.shape[0]
     return next(iter(inputs.values())).shape[0]
-
-
-def _per_sample_sq_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Sum over samples of the squared per-sample weight gradient, chunked to bound memory."""
-    batch = x.shape[0]
-    numel = layer.weight.numel()
-    chunk = max(1, PER_SAMPLE_CHUNK // max(numel, 1))
-    total = torch.zeros_like(layer.weight)
-    for start in range(0, batch, chunk):
-        xs, gs = x[start : start + chunk], g[start : start + chunk]
-        if isinstance(layer, nn.Conv2d):
-            grads = _conv_per_sample(layer, xs, gs)
-        else:
-            xs = xs.reshape(xs.shape[0], -1, xs.shape[-1])
-            gs = gs.reshape(gs.shape[0], -1, gs.shape[-1])
-            if xs.shape[1] == 1:
-                total += (gs[:, 0] ** 2).T @ (xs[:, 0] ** 2)
-                continue
-            grads = torch.einsum("bto,bti->boi", gs, xs)
-        total += (grads**2).sum(0).view_as(total)
-    return total
-
-
-def _conv_per_sample(layer: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    if isinstance(layer.padding, str):
-        raise NotImplementedError("per-sample gradients need numeric conv padding")
-    cols = F.unfold(
-        x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride
-    )
-    groups = layer.groups
-    b = x.shape[0]
-    cols = cols.view(b, groups, -1, cols.shape[-1])
-    gs = g.reshape(b, groups, -1, cols.shape[-1])
-    return torch.einsum("bgol,bgil->bgoi", gs, cols).reshape(b, layer.weight.shape[0], -1)
 
 
 class _Capture:
@@ -159,8 +123,8 @@ def gradient_stats(
                     on_batch(index)
     finally:
         capture.remove()
-    for name in stats.fisher_diag:
-        stats.fisher_diag[name] /= stats.samples
+    for name in stats.fisher_out:
+        stats.fisher_out[name] /= stats.samples
     for name in stats.relevance:
         stats.relevance[name] /= stats.samples
     stats.seconds = time.perf_counter() - started
@@ -182,10 +146,13 @@ def _per_output(
 
 
 def _add_fisher(stats: GradientStats, capture: _Capture, names, grads) -> None:
-    for name, x, _y, g in _per_output(capture, names, grads):
-        layer = capture.layers[name]
-        sq = _per_sample_sq_grad(layer, x, g.detach())
-        stats.fisher_diag[name] = stats.fisher_diag.get(name, 0) + sq
+    for name, _x, _y, g in _per_output(capture, names, grads):
+        squared = g.detach() ** 2
+        if isinstance(capture.layers[name], nn.Conv2d):
+            per_channel = squared.sum(dim=(0, 2, 3))
+        else:
+            per_channel = squared.reshape(-1, squared.shape[-1]).sum(0)
+        stats.fisher_out[name] = stats.fisher_out.get(name, 0) + per_channel
 
 
 def _add_relevance(stats: GradientStats, capture: _Capture, names, grads) -> None:

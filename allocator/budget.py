@@ -1,0 +1,141 @@
+"""Budgets: the text a user writes for "how small" and the numbers the integer program needs.
+
+A budget has at most one size term and at most one BOPs term, joined by commas:
+
+- `avg-bits=B`: the weight storage a model would need with every layer at B bits (codes plus
+  per-channel float16 scales, `LayerTable.uniform_storage_bits`), so `avg-bits=4` fits a plan
+  exactly as large as uniform 4-bit;
+- `size-mb=M`: M * 1e6 bytes of weight storage, codes and scales;
+- `compression=C`: FP32 weight storage (32 bits per parameter) divided by C;
+- `bops=N`: at most N bit operations per input sample, a plain float such as `1.2e9`
+  (BOPs of a layer = MACs per sample x weight bits x activation bits).
+
+Parsing needs no model; `Budget.resolve` turns the terms into bits and BOPs for one layer table.
+Imports only the typed errors at run time (the layer table for type hints), so front ends can
+validate a budget without loading torch; never solvers or services.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from allocator.errors import BadBudget
+
+if TYPE_CHECKING:
+    from allocator.layers import LayerTable
+
+BITS_PER_MB = 8e6
+"""One MB is 1e6 bytes of weight storage, as file sizes are counted."""
+FP32_BITS = 32
+
+
+def _avg_bits(table: LayerTable, value: float) -> float:
+    return table.uniform_storage_bits(value)
+
+
+def _size_mb(_table: LayerTable, value: float) -> float:
+    return value * BITS_PER_MB
+
+
+def _compression(table: LayerTable, value: float) -> float:
+    return FP32_BITS * table.total_params / value
+
+
+SIZE_FORMS: dict[str, Callable[[LayerTable, float], float]] = {
+    "avg-bits": _avg_bits,
+    "size-mb": _size_mb,
+    "compression": _compression,
+}
+"""Each size term and how it becomes weight-storage bits for a layer table."""
+BOPS_FORM = "bops"
+ACCEPTED = (
+    "avg-bits=4, size-mb=1.5, compression=8, bops=1.2e9, "
+    "or one size term and bops joined by ',' (avg-bits=4,bops=2e9)"
+)
+
+
+@dataclass(frozen=True)
+class ResolvedBudget:
+    """What the integer program enforces: total weight-storage bits and BOPs per sample.
+
+    `None` leaves that resource unconstrained.
+    """
+
+    size_bits: float | None = None
+    bops: float | None = None
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A parsed budget; `size_form` is a key of `SIZE_FORMS`, `str()` gives the text back."""
+
+    size_form: str | None = None
+    size_value: float | None = None
+    bops: float | None = None
+
+    def resolve(self, table: LayerTable, act_bits: int = 32) -> ResolvedBudget:
+        """Bits and BOPs for this table.
+
+        `act_bits` is the activation width the plan will run at. Today every term is absolute
+        (a BOPs budget is a count, not a width), so none of them reads it; it is part of the
+        signature so callers already pass it when activation widths become choices.
+        """
+        size_bits = (
+            None
+            if self.size_form is None or self.size_value is None
+            else SIZE_FORMS[self.size_form](table, self.size_value)
+        )
+        return ResolvedBudget(size_bits=size_bits, bops=self.bops)
+
+    def __str__(self) -> str:
+        terms = []
+        if self.size_form is not None and self.size_value is not None:
+            terms.append(f"{self.size_form}={_number_text(self.size_value)}")
+        if self.bops is not None:
+            terms.append(f"{BOPS_FORM}={_number_text(self.bops)}")
+        return ",".join(terms)
+
+
+def parse_budget(text: str) -> Budget:
+    """Parse `avg-bits=4`, `size-mb=1.5`, `compression=8`, `bops=1.2e9` or `<size>,bops=<n>`."""
+    terms: dict[str, float] = {}
+    for item in text.split(","):
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or key not in (*SIZE_FORMS, BOPS_FORM):
+            raise BadBudget(f"cannot read budget term {item.strip()!r} in {text!r}; use {ACCEPTED}")
+        if key in terms:
+            raise BadBudget(f"budget {text!r} gives {key} twice; use {ACCEPTED}")
+        terms[key] = _positive_number(key, raw, text)
+    sizes = [key for key in terms if key in SIZE_FORMS]
+    if len(sizes) > 1:
+        raise BadBudget(
+            f"budget {text!r} gives {' and '.join(sizes)}; give at most one size term, use {ACCEPTED}"
+        )
+    size_form = sizes[0] if sizes else None
+    return Budget(
+        size_form=size_form,
+        size_value=terms[size_form] if size_form else None,
+        bops=terms.get(BOPS_FORM),
+    )
+
+
+def _positive_number(key: str, raw: str, text: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise BadBudget(
+            f"{key}={raw.strip()!r} in {text!r} is not a number; use {ACCEPTED}"
+        ) from None
+    if not math.isfinite(value) or value <= 0:
+        raise BadBudget(f"{key} must be a positive finite number, got {raw.strip()!r} in {text!r}")
+    return value
+
+
+def _number_text(value: float) -> str:
+    """The shortest text that parses back to exactly `value` (`4`, not `4.0`)."""
+    short = format(value, "g")
+    return short if float(short) == value else repr(value)

@@ -1,0 +1,71 @@
+"""`/v1/profiles/{id}`: new budgets answered from a cached cost table in milliseconds.
+
+A profile is stored when a job succeeds (its id is the result's `profile_id`); re-solving needs
+only the integer program, so these routes answer synchronously, in a worker thread.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, status
+from sqlalchemy.orm import Session
+
+from db import repositories
+from db.models import Profile
+from service.api.deps import UNAUTHORIZED, ProfileId, SessionDep, SettingsDep, TenantDep
+from service.profiles import solve_budgets
+from service.schemas import ErrorOut, ParetoOut, ParetoRequest, ProfileOut, SolveOut, SolveRequest
+from service.settings import Settings
+
+router = APIRouter(prefix="/v1/profiles", tags=["profiles"], responses=UNAUTHORIZED)
+
+RESPONSES = {
+    status.HTTP_404_NOT_FOUND: {"model": ErrorOut, "description": "No such profile."},
+    status.HTTP_422_UNPROCESSABLE_CONTENT: {
+        "model": ErrorOut,
+        "description": "A bad budget, or one below the smallest feasible size (named).",
+    },
+}
+
+
+@router.get("/{profile_id}", responses=RESPONSES, summary="What a cached cost table covers")
+def get_profile(profile_id: ProfileId, session: SessionDep, tenant: TenantDep) -> ProfileOut:
+    return ProfileOut.of(_owned(session, tenant, profile_id))
+
+
+@router.post("/{profile_id}/solve", responses=RESPONSES, summary="Solve one new budget")
+def solve(
+    profile_id: ProfileId,
+    request: SolveRequest,
+    session: SessionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+) -> SolveOut:
+    profile = _owned(session, tenant, profile_id)
+    time_limit = _time_limit(request.time_limit, settings)
+    return solve_budgets(profile.cost_table, [request.budget], time_limit)[0]
+
+
+@router.post("/{profile_id}/pareto", responses=RESPONSES, summary="Solve a sweep of budgets")
+def pareto(
+    profile_id: ProfileId,
+    request: ParetoRequest,
+    session: SessionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+) -> ParetoOut:
+    """One plan per budget, in the order given; the solver model is built once for all."""
+    profile = _owned(session, tenant, profile_id)
+    time_limit = _time_limit(request.time_limit, settings)
+    points = solve_budgets(profile.cost_table, request.budgets, time_limit)
+    return ParetoOut(profile_id=profile.id, points=points)
+
+
+def _owned(session: Session, tenant: str, profile_id: str) -> Profile:
+    profile = repositories.get_profile_by_id(session, tenant=tenant, profile_id=profile_id)
+    if profile is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no profile {profile_id}")
+    return profile
+
+
+def _time_limit(asked: float | None, settings: Settings) -> float:
+    return min(asked or settings.solve_time_limit, settings.solve_time_limit)

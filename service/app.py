@@ -1,0 +1,88 @@
+"""`create_app(settings)`: the FastAPI application, with everything it owns made once.
+
+The database is migrated and the artifact store, executor, webhook notifier and metrics
+registry are built here and hung on `app.state`; routes reach them through `service.api.deps`.
+The executor's threads (inline) start and stop with the app's lifespan, so `bitplan serve` is
+one process that serves and works, and a test's `TestClient` block is a whole deployment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from importlib.metadata import version
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
+
+from db.session import default_url, init_db, make_session_factory
+from db.store import ArtifactStore
+from service.api.routes import ROUTERS
+from service.errors import STATUS_BY_ERROR, error_body, status_for
+from service.middleware import BodyLimit, Metrics
+from service.settings import Settings
+from service.webhooks import JobNotifier
+from workers.executor import make_executor
+
+UPLOAD_PATHS = frozenset({"/v1/models", "/v1/datasets"})
+DESCRIPTION = """\
+Mixed-precision bit allocation as a service. Upload weights and data, submit a job with a size
+budget, and collect the bit plan, the quantized model and its metrics; re-solve new budgets from
+the cached cost table (a *profile*) in milliseconds.
+
+Authenticate with `Authorization: Bearer <key>` (`bitplan keys create --tenant T`).
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    engine = init_db(settings.database_url or default_url(settings.home))
+    sessions = make_session_factory(engine)
+    store = ArtifactStore(settings.artifact_root)
+    executor = make_executor(settings.workers, sessions, store)
+    notifier = JobNotifier.from_settings(settings, sessions)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        executor.start()
+        try:
+            yield
+        finally:
+            executor.stop()
+            notifier.close()
+            engine.dispose()
+
+    app = FastAPI(
+        title="bitplan",
+        version=version("bitplan"),
+        summary="Mixed-precision bit-allocation search for PyTorch models",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = sessions
+    app.state.store = store
+    app.state.executor = executor
+    app.state.notifier = notifier
+    app.state.registry = CollectorRegistry()
+
+    for error_class in STATUS_BY_ERROR:
+        app.add_exception_handler(error_class, _error_response)
+    app.add_middleware(BodyLimit, limit_for=_body_limit(settings))
+    app.add_middleware(Metrics, registry=app.state.registry)
+    for router in ROUTERS:
+        app.include_router(router)
+    return app
+
+
+async def _error_response(_request: Request, error: Exception) -> JSONResponse:
+    return JSONResponse(error_body(error), status_code=status_for(error))
+
+
+def _body_limit(settings: Settings) -> Callable[[str], int]:
+    def limit_for(path: str) -> int:
+        return settings.max_upload_bytes if path in UPLOAD_PATHS else settings.max_request_bytes
+
+    return limit_for

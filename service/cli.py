@@ -1,0 +1,473 @@
+"""The `bitplan` command line: one job on the embedded default, with progress bars, and the
+service (serve it, work for it, talk to it).
+
+`bitplan run` runs the pipeline in this process, then records the job, its result and its
+artifacts under `$BITPLAN_HOME` (default `./bitplan-data`). The job is recorded only once it has
+succeeded, so a run that fails on bad input leaves everything already stored untouched.
+Errors a user can fix print one line and exit 2.
+
+`bitplan serve` is the API with inline workers in one process; `bitplan worker` a Celery worker;
+`bitplan keys create` prints an API key. `bitplan submit` takes `run`'s options (declared once,
+below) and queues the job on a server instead, uploading local files first; `status`, `wait` and
+`fetch` follow it there. A refusal by the server exits 2, a job that failed or was cancelled 1,
+an unreachable server 3. The service modules are imported by the commands that use them, so
+`bitplan run` never loads the web stack.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from allocator.errors import BitplanError
+from allocator.pipeline import PHASES, JobSpec, run
+
+if TYPE_CHECKING:
+    from service.client import BitplanClient
+
+app = typer.Typer(add_completion=False, help="Mixed-precision bit allocation for PyTorch models.")
+err = Console(stderr=True)
+LOCAL_TENANT = "local"
+
+
+def _parse_pins(pins: list[str]) -> dict[str, int]:
+    parsed = {}
+    for pin in pins:
+        name, _, bits = pin.partition("=")
+        if not name or not bits.isdigit():
+            raise BitplanError(f"--pin takes LAYER=BITS (e.g. head=8), got {pin!r}")
+        parsed[name] = int(bits)
+    return parsed
+
+
+def _parse_bits(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(sorted({int(b) for b in text.split(",")}))
+    except ValueError:
+        raise BitplanError(
+            f"--bits takes a comma-separated list such as 2,3,4,8, got {text!r}"
+        ) from None
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    try:
+        yield
+    except BitplanError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@contextmanager
+def _progress_bars(enabled: bool) -> Iterator:
+    if not enabled:
+        yield lambda _phase, _fraction, _message: None
+        return
+    with Progress(
+        TextColumn("{task.description:<12}"),
+        BarColumn(),
+        TextColumn("{task.fields[message]}"),
+        TimeElapsedColumn(),
+        console=err,
+    ) as bars:
+        tasks = {p: bars.add_task(p, total=1.0, message="", visible=False) for p in PHASES}
+
+        def update(phase: str, fraction: float, message: str) -> None:
+            task = tasks.get(phase)
+            if task is not None:
+                bars.update(task, completed=fraction, message=message, visible=True)
+
+        yield update
+
+
+@app.callback()
+def _group() -> None:
+    """Keeps `run` a subcommand even while it is the only one."""
+
+
+DEFAULTS = JobSpec(model="", calib="")
+"""Where the spec options' defaults come from, so the CLI and the API cannot drift apart."""
+
+ModelOpt = Annotated[str, typer.Option(help="timm:<name>, hf:<dir> or hf:minilm, zoo:<name>")]
+CalibOpt = Annotated[str, typer.Option(help=".npz images or STS-B style .csv/.tsv")]
+WeightsOpt = Annotated[str | None, typer.Option(help=".safetensors or .pth/.th")]
+EvalOpt = Annotated[str | None, typer.Option("--eval", help="evaluation data")]
+BudgetOpt = Annotated[str, typer.Option(help="avg-bits=, size-mb=, compression=, bops=")]
+MethodOpt = Annotated[str, typer.Option(help="lrp, fisher, hessian, measured, or a+b")]
+BitsOpt = Annotated[str, typer.Option(help="candidate weight bit-widths")]
+CalibSamplesOpt = Annotated[int, typer.Option()]
+BatchSizeOpt = Annotated[int, typer.Option()]
+EvalSamplesOpt = Annotated[int | None, typer.Option(help="evaluate on the first N")]
+PinOpt = Annotated[list[str] | None, typer.Option(help="LAYER=BITS, repeatable")]
+PinFirstLastOpt = Annotated[bool, typer.Option(help="stem and head at 8 bits")]
+BiasCorrectionOpt = Annotated[bool, typer.Option()]
+TimeLimitOpt = Annotated[float, typer.Option(help="solver seconds")]
+SeedOpt = Annotated[int, typer.Option()]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object")]
+DEFAULT_BITS_TEXT = ",".join(map(str, DEFAULTS.bits))
+
+
+def _spec(
+    *,
+    model: str,
+    calib: str,
+    weights: str | None,
+    eval: str | None,
+    budget: str,
+    method: str,
+    bits: str,
+    calib_samples: int,
+    batch_size: int,
+    eval_samples: int | None,
+    pin: list[str] | None,
+    pin_first_last: bool,
+    bias_correction: bool,
+    time_limit: float,
+    seed: int,
+) -> JobSpec:
+    """The validated spec the options of `run` and `submit` describe."""
+    spec = JobSpec(
+        model=model,
+        weights=weights,
+        calib=calib,
+        eval=eval,
+        budget=budget,
+        method=method,
+        bits=_parse_bits(bits),
+        calib_samples=calib_samples,
+        batch_size=batch_size,
+        eval_samples=eval_samples,
+        pin_first_last=pin_first_last,
+        pins=_parse_pins(pin or []),
+        bias_correction=bias_correction,
+        time_limit=time_limit,
+        seed=seed,
+    )
+    spec.validate()
+    return spec
+
+
+@app.command("run")
+def run_command(
+    model: ModelOpt,
+    calib: CalibOpt,
+    weights: WeightsOpt = DEFAULTS.weights,
+    eval: EvalOpt = DEFAULTS.eval,
+    budget: BudgetOpt = DEFAULTS.budget,
+    method: MethodOpt = DEFAULTS.method,
+    bits: BitsOpt = DEFAULT_BITS_TEXT,
+    calib_samples: CalibSamplesOpt = DEFAULTS.calib_samples,
+    batch_size: BatchSizeOpt = DEFAULTS.batch_size,
+    eval_samples: EvalSamplesOpt = DEFAULTS.eval_samples,
+    pin: PinOpt = None,
+    pin_first_last: PinFirstLastOpt = DEFAULTS.pin_first_last,
+    bias_correction: BiasCorrectionOpt = DEFAULTS.bias_correction,
+    time_limit: TimeLimitOpt = DEFAULTS.time_limit,
+    seed: SeedOpt = DEFAULTS.seed,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find and apply the bit allocation for one model and budget, on this machine."""
+    with _user_errors():
+        spec = _spec(
+            model=model,
+            calib=calib,
+            weights=weights,
+            eval=eval,
+            budget=budget,
+            method=method,
+            bits=bits,
+            calib_samples=calib_samples,
+            batch_size=batch_size,
+            eval_samples=eval_samples,
+            pin=pin,
+            pin_first_last=pin_first_last,
+            bias_correction=bias_correction,
+            time_limit=time_limit,
+            seed=seed,
+        )
+        with tempfile.TemporaryDirectory(prefix="bitplan-") as workdir:
+            with _progress_bars(sys.stderr.isatty()) as progress:
+                result = run(spec, progress, workdir)
+            payload = _record(spec, result)
+    if as_json:
+        typer.echo(json.dumps(payload))
+    else:
+        _print_summary(payload)
+
+
+def _record(spec: JobSpec, result) -> dict:
+    """Store the finished job (imports the database layer only once there is something to keep)."""
+    from db import repositories
+    from db.session import init_db, make_session_factory
+    from db.store import ArtifactStore
+    from workers.record import record_success
+
+    engine = init_db()
+    with make_session_factory(engine)() as session:
+        job, _ = repositories.create_job(session, tenant=LOCAL_TENANT, spec=spec.to_dict())
+        return record_success(session, ArtifactStore(), job.id, result)
+
+
+def _print_summary(payload: dict) -> None:
+    out = Console()
+    metrics = payload["metrics"]
+    primary = metrics["primary"]
+    out.print(f"job {payload['job_id']}  {payload['model']}  budget {payload['budget']}")
+    out.print(
+        f"avg weight bits {payload['avg_weight_bits']:.3f}  "
+        f"weight bytes {payload['weight_bytes']:.0f}  "
+        f"solver {payload['solver']['name']} {payload['solver']['status']}"
+    )
+    out.print(
+        f"{primary}: fp32 {metrics['fp32'][primary]:.2f}  "
+        f"mixed {metrics['quantized'][primary]:.2f}  "
+        + (
+            f"uniform W{metrics['uniform']['bits']} {metrics['uniform'][primary]:.2f}"
+            if metrics["uniform"]
+            else "uniform: none fits"
+        )
+    )
+    for name, path in payload["artifacts"].items():
+        out.print(f"{name}: {path}")
+
+
+# --- the service: serve it, work for it, talk to it ----------------------------------------------
+
+ServerOpt = Annotated[
+    str, typer.Option(envvar="BITPLAN_SERVER", help="the API's base URL, e.g. http://host:8000")
+]
+KeyOpt = Annotated[str, typer.Option(envvar="BITPLAN_API_KEY", help="an API key (bp_...)")]
+EXIT_JOB_ENDED = 1
+EXIT_UNREACHABLE = 3
+
+keys_app = typer.Typer(help="API keys.")
+app.add_typer(keys_app, name="keys")
+
+
+@contextmanager
+def _remote_errors() -> Iterator[None]:
+    """The server's refusal exits 2 like a local user error; a job that failed or was cancelled
+    exits 1; an unreachable server exits 3."""
+    import httpx
+
+    from service.client import ApiError, JobEnded
+
+    try:
+        with _user_errors():
+            yield
+    except ApiError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except JobEnded as exc:
+        err.print(f"[red]job ended:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_JOB_ENDED) from None
+    except httpx.TransportError as exc:
+        err.print(f"[red]cannot reach the server:[/red] {exc}", highlight=False)
+        raise typer.Exit(EXIT_UNREACHABLE) from None
+
+
+def _client(server: str, key: str) -> BitplanClient:
+    from service.client import BitplanClient
+
+    return BitplanClient(server, key)
+
+
+@app.command("serve")
+def serve_command(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    workers: Annotated[int, typer.Option(help="job threads in this process")] = 1,
+    allow_path: Annotated[
+        list[Path] | None,
+        typer.Option(help="a server folder jobs may name files in, repeatable"),
+    ] = None,
+    log_level: Annotated[str, typer.Option()] = "info",
+) -> None:
+    """The API and its workers in one process, on SQLite under $BITPLAN_HOME: no servers."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+    from workers.settings import ExecutorKind
+
+    settings = Settings()
+    settings = settings.model_copy(
+        update={
+            "workers": replace(
+                settings.workers, executor=ExecutorKind.INLINE, inline_workers=workers
+            ),
+            "allowed_input_roots": [*settings.allowed_input_roots, *(allow_path or [])],
+        }
+    )
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+
+
+@app.command("worker")
+def worker_command(
+    queue: Annotated[
+        list[str] | None, typer.Option(help="interactive or batch, repeatable; default both")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(help="jobs at once, one process each")] = 1,
+) -> None:
+    """A Celery worker on $BITPLAN_BROKER_URL and $BITPLAN_DATABASE_URL."""
+    from workers.celery_app import start_worker
+    from workers.settings import QUEUES
+
+    start_worker(queue or QUEUES, concurrency)
+
+
+@keys_app.command("create")
+def keys_create_command(
+    tenant: Annotated[str, typer.Option(help="who the key acts for")],
+    name: Annotated[str | None, typer.Option(help="a label for listings")] = None,
+) -> None:
+    """Print a new API key; it is shown this once (only its hash is stored)."""
+    from db import repositories
+    from db.session import default_url, init_db, make_session_factory
+    from service.settings import Settings
+
+    settings = Settings()
+    engine = init_db(settings.database_url or default_url(settings.home))
+    with make_session_factory(engine)() as session:
+        typer.echo(repositories.create_api_key(session, tenant=tenant, name=name))
+    engine.dispose()
+
+
+@app.command("submit")
+def submit_command(
+    model: ModelOpt,
+    calib: CalibOpt,
+    server: ServerOpt,
+    key: KeyOpt,
+    weights: WeightsOpt = DEFAULTS.weights,
+    eval: EvalOpt = DEFAULTS.eval,
+    budget: BudgetOpt = DEFAULTS.budget,
+    method: MethodOpt = DEFAULTS.method,
+    bits: BitsOpt = DEFAULT_BITS_TEXT,
+    calib_samples: CalibSamplesOpt = DEFAULTS.calib_samples,
+    batch_size: BatchSizeOpt = DEFAULTS.batch_size,
+    eval_samples: EvalSamplesOpt = DEFAULTS.eval_samples,
+    pin: PinOpt = None,
+    pin_first_last: PinFirstLastOpt = DEFAULTS.pin_first_last,
+    bias_correction: BiasCorrectionOpt = DEFAULTS.bias_correction,
+    time_limit: TimeLimitOpt = DEFAULTS.time_limit,
+    seed: SeedOpt = DEFAULTS.seed,
+    queue: Annotated[str | None, typer.Option(help="interactive or batch")] = None,
+    priority: Annotated[int, typer.Option(help="higher runs first")] = 0,
+    not_before: Annotated[str | None, typer.Option(help="ISO time, e.g. 2025-01-01T22:00Z")] = None,
+    callback_url: Annotated[str | None, typer.Option(help="POSTed when the job ends")] = None,
+    idempotency_key: Annotated[str | None, typer.Option(help="retry-safe submission key")] = None,
+) -> None:
+    """Queue a job on a bitplan server, uploading local files first; prints the job id."""
+    with _remote_errors():
+        spec = _spec(
+            model=model,
+            calib=calib,
+            weights=weights,
+            eval=eval,
+            budget=budget,
+            method=method,
+            bits=bits,
+            calib_samples=calib_samples,
+            batch_size=batch_size,
+            eval_samples=eval_samples,
+            pin=pin,
+            pin_first_last=pin_first_last,
+            bias_correction=bias_correction,
+            time_limit=time_limit,
+            seed=seed,
+        )
+        with _client(server, key) as client:
+            job = client.submit(
+                _uploaded(client, spec),
+                queue=queue,
+                priority=priority,
+                not_before=not_before,
+                callback_url=callback_url,
+                idempotency_key=idempotency_key,
+            )
+    typer.echo(job.id)
+
+
+def _uploaded(client: BitplanClient, spec: JobSpec) -> JobSpec:
+    """`spec` with each local file replaced by its upload ref; anything else (an `upload:` ref,
+    a path on the server) is passed on as written."""
+    from workers.record import INPUT_KINDS
+
+    refs = {
+        field: client.upload(kind, value).ref
+        for field, kind in INPUT_KINDS.items()
+        if (value := getattr(spec, field)) is not None and Path(value).is_file()
+    }
+    return replace(spec, **refs)
+
+
+@app.command("status")
+def status_command(
+    job_id: Annotated[str, typer.Argument(help="a job id from `bitplan submit`")],
+    server: ServerOpt,
+    key: KeyOpt,
+    as_json: JsonOpt = False,
+) -> None:
+    """A job's status, phase and progress."""
+    with _remote_errors(), _client(server, key) as client:
+        job = client.status(job_id)
+    if as_json:
+        typer.echo(job.model_dump_json())
+        return
+    line = f"{job.id}  {job.status.value}  {job.phase or '-'}  {job.progress:.0%}"
+    typer.echo(f"{line}  {job.error}" if job.error else line)
+
+
+@app.command("wait")
+def wait_command(
+    job_id: Annotated[str, typer.Argument(help="a job id from `bitplan submit`")],
+    server: ServerOpt,
+    key: KeyOpt,
+    poll: Annotated[float, typer.Option(help="seconds between status checks")] = 2.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Wait for a job to end and print its result as `bitplan run` does.
+
+    Exits 1 if the job failed or was cancelled.
+    """
+    with _remote_errors(), _client(server, key) as client:
+        payload = client.wait_result(job_id, poll=poll)
+    if as_json:
+        typer.echo(json.dumps(payload))
+    else:
+        _print_summary(payload)
+
+
+@app.command("fetch")
+def fetch_command(
+    job_id: Annotated[str, typer.Argument(help="a job id")],
+    name: Annotated[str, typer.Argument(help="artifact name: model, bitplan, profile, ...")],
+    server: ServerOpt,
+    key: KeyOpt,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="default: ./NAME")] = None,
+) -> None:
+    """Download one artifact of a finished job."""
+    with _remote_errors(), _client(server, key) as client:
+        path = client.fetch(job_id, name, output or Path(name))
+    typer.echo(str(path))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    app()
+
+
+if __name__ == "__main__":
+    main()

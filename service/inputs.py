@@ -1,0 +1,127 @@
+"""Checks a job spec passes before it is queued, so bad input fails in the request, not hours later.
+
+A job may name files only as uploads of its own tenant or as paths under the roots the operator
+allowed: anything else would let one tenant read another's files or the server's. The checks
+that need no model are made here (method, budget syntax, model source, file references), and a
+budget is checked against a cached cost table when one matches, which is how an infeasible
+budget is refused with the smallest feasible size before any worker spends time on it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from allocator.errors import UnknownModel
+from allocator.pipeline import JobSpec
+from allocator.zoo import known_prefixes
+from db import repositories
+from db.models import UploadKind
+from service.errors import BadReference
+from service.profiles import solve_budgets
+from service.schemas import ID_PATTERN
+from workers.record import INPUT_KINDS, UPLOAD_REF_PREFIX, file_sha256, profile_key
+
+UPLOAD_ID = re.compile(ID_PATTERN)
+FEASIBILITY_TIME_LIMIT = 1.0
+"""Seconds the early budget check may spend; the job itself solves with the spec's limit."""
+
+
+def check_spec(session: Session, tenant: str, spec: JobSpec, allowed_roots: Sequence[Path]) -> None:
+    """Raise the error a worker would raise later, for everything knowable without the model."""
+    _check_text(spec.to_dict())
+    spec.validate()
+    _check_model_ref(spec.model, allowed_roots)
+    shas = {
+        field: _file_sha256(session, tenant, field, ref, allowed_roots)
+        for field in INPUT_KINDS
+        if (ref := getattr(spec, field)) is not None
+    }
+    profile = repositories.get_profile(
+        session, tenant=tenant, key=profile_key(spec, shas.get("weights"), shas["calib"])
+    )
+    if profile is not None:
+        solve_budgets(profile.cost_table, [spec.budget], FEASIBILITY_TIME_LIMIT)
+
+
+def _check_model_ref(ref: str, allowed_roots: Sequence[Path]) -> None:
+    """The source must exist; a source that reads a server folder may read only allowed ones."""
+    prefix, _, name = ref.partition(":")
+    prefixes = known_prefixes()
+    if prefix not in prefixes or not name:
+        raise UnknownModel(
+            f"model reference {ref!r} is not <prefix>:<name> with a known prefix; "
+            f"use one of {', '.join(prefixes)} (e.g. zoo:cifar_resnet20)"
+        )
+    path = _server_path(name, "model")
+    if path.exists():
+        _allowed_path(name, "model", allowed_roots)
+
+
+def _file_sha256(
+    session: Session, tenant: str, field: str, ref: str, allowed_roots: Sequence[Path]
+) -> str:
+    if ref.startswith(UPLOAD_REF_PREFIX):
+        return _upload_sha256(session, tenant, field, ref)
+    path = _allowed_path(ref, field, allowed_roots)
+    if not path.is_file():
+        raise BadReference(f"{field} {ref!r} is not a file on the server; upload it instead")
+    return file_sha256(path)
+
+
+def _upload_sha256(session: Session, tenant: str, field: str, ref: str) -> str:
+    kind = INPUT_KINDS[field]
+    upload_id = ref.removeprefix(UPLOAD_REF_PREFIX)
+    upload = (
+        repositories.get_upload(session, tenant=tenant, upload_id=upload_id)
+        if UPLOAD_ID.fullmatch(upload_id)
+        else None
+    )
+    if upload is None:
+        raise BadReference(f"{field} {ref!r} names no upload of yours; upload the file first")
+    if upload.kind != kind:
+        endpoint = "/v1/models" if kind is UploadKind.MODEL else "/v1/datasets"
+        raise BadReference(
+            f"{field} {ref!r} is a {upload.kind.value} upload; upload a {kind.value} to {endpoint}"
+        )
+    return upload.sha256
+
+
+def _allowed_path(ref: str, field: str, allowed_roots: Sequence[Path]) -> Path:
+    path = _server_path(ref, field)
+    if not any(path.is_relative_to(root.expanduser().resolve()) for root in allowed_roots):
+        raise BadReference(
+            f"{field} {ref!r} is a server path outside the allowed roots; upload the file "
+            f"(POST /v1/models or /v1/datasets) and pass its 'upload:<id>' ref"
+        )
+    return path
+
+
+def _server_path(ref: str, field: str) -> Path:
+    """`ref` as an absolute server path; text no filesystem accepts is a bad reference, not a
+    server error."""
+    try:
+        path = Path(ref).expanduser().resolve()
+        path.exists()
+    except (OSError, ValueError, RuntimeError) as error:
+        raise BadReference(f"{field} {ref!r} is not a usable path ({error})") from None
+    return path
+
+
+def _check_text(value: Any) -> None:
+    """No NUL characters anywhere in the spec: PostgreSQL cannot store them in text or JSONB,
+    and no model, file or layer name contains one."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise BadReference(f"{value!r} contains a NUL character; remove it")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key)
+            _check_text(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_text(item)

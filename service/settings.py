@@ -1,0 +1,68 @@
+"""The service's one configuration object, read from `BITPLAN_*` environment variables.
+
+Every knob an operator can turn (database, broker, executor, limits, webhook secret, which local
+paths a job may name) lives here, with its default next to it, so the API, `bitplan serve` and
+`bitplan worker` read one definition. The names match the variables the database layer already
+reads (`BITPLAN_DATABASE_URL`, `BITPLAN_HOME`), and the executor's settings are the workers' own
+`WorkerSettings` (read from the same environment), so a deployment sets each value once.
+
+Never imports FastAPI, SQLAlchemy, Celery or torch: the CLI and the workers read settings too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from db.home import bitplan_home
+from workers.settings import WorkerSettings
+
+MIB = 1 << 20
+
+
+class Settings(BaseSettings):
+    """Defaults describe the embedded deployment: SQLite and inline workers in one process."""
+
+    model_config = SettingsConfigDict(env_prefix="BITPLAN_", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; unset means the SQLite file under `home`."
+    )
+    home: Path = Field(
+        default_factory=bitplan_home,
+        description="Folder of the embedded database and the artifact store.",
+    )
+    workers: WorkerSettings = Field(
+        default_factory=WorkerSettings.from_env,
+        description="Executor, broker and lease settings, read by the workers' own rules.",
+    )
+
+    max_upload_bytes: int = Field(default=2048 * MIB, ge=1)
+    max_request_bytes: int = Field(
+        default=1 * MIB, ge=1, description="Limit for every body that is not an upload."
+    )
+    allowed_input_roots: list[Path] = Field(
+        default_factory=list,
+        description=(
+            "Server folders whose files a job may name by path; anything else must be uploaded."
+        ),
+    )
+
+    webhook_secret: SecretStr = SecretStr("")
+    webhook_allowed_hosts: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1", "localhost", "::1"],
+        description="Hosts a callback URL may name; empty allows every host.",
+    )
+    webhook_attempts: int = Field(default=5, ge=1)
+    webhook_backoff_seconds: float = Field(default=1.0, ge=0)
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    solve_time_limit: float = Field(
+        default=10.0, gt=0, description="Upper bound on a profile re-solve's solver time."
+    )
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.home / "artifacts"
