@@ -32,7 +32,7 @@ from allocator.solve import solve  # noqa: E402
 DATA = Path(os.environ.get("BITPLAN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 METHODS = ("lrp", "fisher", "hessian", "measured", "lrp+fisher")
 UNIFORM_BITS = (8, 6, 5, 4, 3)
-SWEEP = (2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 5.0, 6.0)
+SWEEP = (2.25, 2.5, 3.0, 3.5, 4.0, 5.0)
 
 
 def model_specs(eval_samples: int | None) -> dict[str, JobSpec]:

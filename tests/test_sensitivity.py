@@ -120,3 +120,17 @@ def test_hutchinson_traces_are_finite_and_nonnegative() -> None:
     assert all(v >= 0 and v == v for v in traces.trace.values())
     assert any(v > 0 for v in traces.trace.values())
     assert 2 <= traces.probes <= 30
+
+
+def test_query_and_key_take_their_value_projections_relevance() -> None:
+    from allocator.sensitivity import layer_relevance
+
+    names = ["enc.0.attn.query", "enc.0.attn.key", "enc.0.attn.value", "enc.0.out", "head"]
+    filled = layer_relevance(names, {"enc.0.attn.value": 0.3, "enc.0.out": 0.5})
+    assert filled == {
+        "enc.0.attn.query": 0.3,
+        "enc.0.attn.key": 0.3,
+        "enc.0.attn.value": 0.3,
+        "enc.0.out": 0.5,
+        "head": 0.0,
+    }

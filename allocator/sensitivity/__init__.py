@@ -61,8 +61,29 @@ class Sensitivity:
     """One number per layer for people to read (relevance share, Fisher mass, trace, ...)."""
 
 
+QUERY_KEY_SIBLINGS = {"query": "value", "key": "value", "q_proj": "v_proj", "k_proj": "v_proj"}
+"""Separate query/key projections and the value projection of the same attention."""
+
+
+def layer_relevance(names: Sequence[str], relevance: dict[str, float]) -> dict[str, float]:
+    """Relevance per layer, with query/key projections given their value projection's share.
+
+    CP-LRP treats attention probabilities as constants, so no relevance reaches a separate query
+    or key projection; yet they decide where attention looks and break it when quantized too
+    coarsely. They take the share of the value projection beside them (a fused qkv layer
+    already carries it). Layers no relevance reached at all count as zero.
+    """
+    filled = {name: relevance.get(name, 0.0) for name in names}
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        sibling = f"{parent}.{QUERY_KEY_SIBLINGS[leaf]}" if leaf in QUERY_KEY_SIBLINGS else None
+        if sibling in filled and filled[name] == 0.0:
+            filled[name] = filled[sibling]
+    return filled
+
+
 def _lrp(ctx: SensitivityContext) -> Sensitivity:
-    relevance = ctx.shared_gradients().relevance
+    relevance = layer_relevance(ctx.table.names, ctx.shared_gradients().relevance)
     total = sum(relevance.values()) or 1.0
     return Sensitivity(
         "lrp",
@@ -73,6 +94,9 @@ def _lrp(ctx: SensitivityContext) -> Sensitivity:
 
 def _fisher(ctx: SensitivityContext) -> Sensitivity:
     fisher = ctx.shared_gradients().fisher_out
+    missing = [name for name in ctx.table.names if name not in fisher]
+    if missing:
+        raise ValueError(f"no gradient reached layers {missing[:5]}: they do not affect the output")
     return Sensitivity(
         "fisher",
         costs.fisher_costs(ctx.table, ctx.bits, ctx.choices, fisher),
