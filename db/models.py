@@ -235,6 +235,11 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     timings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The `attempts` value when a broker message was last sent for this job. A queued job with
+    # none, or whose attempts have moved past it (it ran and was requeued), has no message
+    # waiting and must be dispatched again. A count, not a time, so clock skew between the
+    # machines that send and claim cannot hide a job.
+    dispatched_attempt: Mapped[int | None]
 
 
 class Result(Base):

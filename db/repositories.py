@@ -109,6 +109,15 @@ class LeaseSweep:
 
 
 @dataclass(frozen=True)
+class PendingDispatch:
+    """A queued job to send to the broker, with its attempt count when it was read."""
+
+    id: str
+    queue: str
+    attempts: int
+
+
+@dataclass(frozen=True)
 class ProfileKey:
     """What determines a cost table; equal keys mean the cached table can be reused."""
 
@@ -480,6 +489,73 @@ def requeue_expired_leases(session: Session, *, now: datetime | None = None) -> 
         failed=sorted(by_status[JobStatus.FAILED]),
         cancelled=sorted(by_status[JobStatus.CANCELLED]),
     )
+
+
+def release_job(session: Session, *, job_id: str, worker_id: str) -> bool:
+    """Give a claimed job back to the queue without charging the attempt: its worker is
+    shutting down on purpose, which says nothing about the job. False if this worker no longer
+    holds it (the lease expired and someone else requeued or took it)."""
+    released = _update_job(
+        session,
+        and_(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.lease_owner == worker_id),
+        status=JobStatus.QUEUED,
+        attempts=Job.attempts - 1,
+        lease_owner=None,
+        lease_expires_at=None,
+        dispatched_attempt=None,
+    )
+    return bool(released)
+
+
+def jobs_to_dispatch(
+    session: Session,
+    *,
+    queues: Collection[str],
+    include_dispatched: bool = False,
+    limit: int | None = 1000,
+    now: datetime | None = None,
+) -> list[PendingDispatch]:
+    """Due queued jobs that have no broker message waiting, best priority first.
+
+    `include_dispatched` also returns those that should have one: after the broker lost its
+    data every queued job must be sent again (a job sent twice runs once, claim_job sees to it).
+    """
+    now = now or utcnow()
+    query = select(Job.id, Job.queue, Job.attempts).where(
+        Job.status == JobStatus.QUEUED,
+        Job.cancel_requested.is_(False),
+        Job.queue.in_(list(queues)),
+        or_(Job.not_before.is_(None), Job.not_before <= now),
+    )
+    if not include_dispatched:
+        query = query.where(
+            or_(Job.dispatched_attempt.is_(None), Job.dispatched_attempt < Job.attempts)
+        )
+    rows = session.execute(
+        query.order_by(Job.priority.desc(), Job.created_at, Job.id).limit(limit)
+    ).all()
+    session.rollback()
+    return [PendingDispatch(row.id, row.queue, row.attempts) for row in rows]
+
+
+def mark_dispatched(session: Session, *, sent: Sequence[PendingDispatch]) -> None:
+    """Record that a message was sent for each job at the attempt count read before sending.
+
+    Using the count read before the send, not the current one, keeps a job that a worker took
+    and that was requeued in between marked as needing another message; the guard keeps the
+    marker from moving backwards.
+    """
+    for job in sent:
+        session.execute(
+            update(Job)
+            .where(
+                Job.id == job.id,
+                or_(Job.dispatched_attempt.is_(None), Job.dispatched_attempt < job.attempts),
+            )
+            .values(dispatched_attempt=job.attempts)
+            .execution_options(synchronize_session=False)
+        )
+    session.commit()
 
 
 # --- api keys ------------------------------------------------------------------------------------

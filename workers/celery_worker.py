@@ -1,0 +1,126 @@
+"""What only a Celery worker process loads: the task, the database per process, the sweeper.
+
+Imported by the worker through the app's `include` (never by the API), before the prefork pool
+forks its children, so every child starts with the pipeline and torch already imported.
+
+The sweeper is a thread in each worker's main process (a bootstep), not a celery beat schedule:
+there is no extra process to deploy or to lose, a fleet sweeps as long as one worker is up, and
+sweeps from several workers at once are safe (guarded updates; a job sent twice runs once).
+
+Each child disposes the database engine it inherited at fork (`worker_process_init`): a
+connection used by two processes corrupts both. Never import FastAPI here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any
+
+from celery import Task, bootsteps
+from celery.exceptions import CPendingDeprecationWarning, SoftTimeLimitExceeded
+from celery.signals import worker_init, worker_process_init
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.session import init_db, make_session_factory
+from db.store import ArtifactStore
+from workers import celery_app
+from workers.celery_app import TASK_NAME, app, settings
+from workers.executor import CeleryExecutor
+from workers.periodic import Periodic
+from workers.runner import JobRunner
+
+log = logging.getLogger(__name__)
+
+# Celery warns on every lost broker connection that it will cancel running late-ack tasks by
+# default in 6.0. We keep them running on purpose (see celery_app); the warning is noise here.
+warnings.filterwarnings(
+    "ignore",
+    message="(?s).*worker_cancel_long_running_tasks_on_connection_loss",
+    category=CPendingDeprecationWarning,
+)
+
+
+class WorkerRuntime:
+    """The database and artifact store of one worker process, opened on first use: the main
+    process opens it (migrating the schema once) before forking, children reuse the engine
+    with a fresh pool."""
+
+    def __init__(self) -> None:
+        self._engine: Engine | None = None
+        self._sessions: sessionmaker[Session] | None = None
+        self.store = ArtifactStore()
+
+    @property
+    def sessions(self) -> sessionmaker[Session]:
+        if self._sessions is None:
+            self._engine = init_db()
+            self._sessions = make_session_factory(self._engine)
+        return self._sessions
+
+    def after_fork(self) -> None:
+        """Drop the parent's pooled connections without closing them: closing would end the
+        parent's sessions on the server too."""
+        if self._engine is not None:
+            self._engine.dispose(close=False)
+
+
+runtime = WorkerRuntime()
+
+
+@worker_init.connect
+def _open_database(**_: Any) -> None:
+    runtime.sessions  # noqa: B018 - opens and migrates the database once, before forking
+
+
+@worker_process_init.connect
+def _reset_after_fork(**_: Any) -> None:
+    runtime.after_fork()
+
+
+@app.task(name=TASK_NAME, bind=True)
+def run_job_task(self: Task, job_id: str) -> str | None:
+    """Run one job by id; the returned status is for the worker's log only (no result store).
+
+    A soft time limit is a permanent failure: the next attempt would hit it again.
+    """
+    runner = JobRunner(
+        f"{self.request.hostname}:{os.getpid()}",
+        runtime.sessions,
+        runtime.store,
+        lease_seconds=settings.lease_seconds,
+        on_ended=celery_app.job_ended_hook,
+        permanent_errors={
+            SoftTimeLimitExceeded: (
+                f"the job ran past its time limit of {settings.soft_time_limit:.0f} s "
+                "(BITPLAN_JOB_TIME_LIMIT on the workers)"
+            )
+        },
+    )
+    status = runner.run(job_id)
+    return None if status is None else status.value
+
+
+class SweeperStep(bootsteps.StartStopStep):
+    """Runs `CeleryExecutor.sweep` every `BITPLAN_SWEEP_SECONDS` in the worker's main process,
+    started after the pool so the first children fork before the thread exists."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.sweeper: Periodic | None = None
+
+    def start(self, parent: Any) -> None:
+        executor = CeleryExecutor(
+            settings, runtime.sessions, app=app, on_ended=celery_app.job_ended_hook
+        )
+        self.sweeper = Periodic("bitplan sweeper", settings.sweep_seconds, executor.sweep)
+        self.sweeper.start()
+        log.info("bitplan sweeper: every %.1f s", settings.sweep_seconds)
+
+    def stop(self, parent: Any) -> None:
+        if self.sweeper is not None:
+            self.sweeper.stop(timeout=settings.sweep_seconds)

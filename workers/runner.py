@@ -1,0 +1,313 @@
+"""Run one job in this process and leave its row saying how it ended, whoever called us.
+
+The inline executor's threads and the Celery task both end up here, so a job behaves the same
+embedded and distributed: it is claimed in the database before any work (a redelivered broker
+message finds it taken and does nothing), its uploads are linked into a private folder
+(`runnable_spec`), its lease is kept alive from a background thread while the pipeline runs (a
+worker that dies stops heartbeating and the sweeper requeues the job), the cancel flag is read
+from the pipeline's progress callback (so a cancel lands between phases or layers), and every
+ending is written through `db.repositories` and `workers.record`: succeeded with its result,
+cancelled, failed for good (the user's input: `BitplanError`), or failed and requeued while
+attempts remain (anything else: a crash or a lost connection may not happen again).
+
+Every database call opens its own short session: a session held across a job that runs for
+hours would sit idle in a transaction on PostgreSQL, holding back vacuum and a connection.
+
+Imports the pipeline (and so torch); never imports FastAPI or Celery.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from allocator.errors import BitplanError, JobCancelled
+from allocator.pipeline import PHASES, JobSpec, Progress, Result, run
+from db import repositories
+from db.models import TERMINAL_STATUSES, Job, JobStatus
+from db.store import ArtifactStore
+from workers.hooks import JobEnded, notify_ended
+from workers.periodic import Periodic
+from workers.record import record_success, runnable_spec
+from workers.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+Pipeline = Callable[[JobSpec, Progress, Path], Result]
+"""`allocator.pipeline.run`'s shape; replaceable only so tests can drive the lease mechanics."""
+
+DEFAULT_LEASE_SECONDS = WorkerSettings().lease_seconds
+PROGRESS_WRITE_SECONDS = 1.0
+"""Progress inside a phase is written at most this often; a phase change is written at once."""
+
+
+class InvalidSpec(BitplanError):
+    """A stored spec that does not describe a job (unknown or mistyped fields)."""
+
+
+class _Abandoned(JobCancelled):
+    """Stops the pipeline through its cancellation path when this worker must drop the job
+    without recording an ending of its own."""
+
+
+class _LeaseLost(_Abandoned):
+    """The job is no longer ours: the lease expired and it was requeued, or it ended."""
+
+
+class _Stopping(_Abandoned):
+    """This worker is shutting down; the job goes back to the queue uncharged."""
+
+
+class JobRunner:
+    """Runs jobs for one worker identity; one instance serves many jobs, one at a time per
+    calling thread."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        sessions: sessionmaker[Session],
+        store: ArtifactStore,
+        *,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        permanent_errors: Mapping[type[Exception], str] | None = None,
+        stopping: threading.Event | None = None,
+        pipeline: Pipeline | None = None,
+        on_ended: JobEnded | None = None,
+    ) -> None:
+        """`permanent_errors` maps failures besides `BitplanError` that would happen again on
+        every attempt (a time limit) to the error to record; `stopping`, once set, hands
+        running jobs back; `on_ended` hears of every ending this runner records."""
+        self.worker_id = worker_id
+        self.sessions = sessions
+        self.store = store
+        self.lease_seconds = lease_seconds
+        self.permanent_errors = dict(permanent_errors or {})
+        self.stopping = stopping or threading.Event()
+        self.pipeline = pipeline or run
+        self.on_ended = on_ended
+
+    def run(self, job_id: str) -> JobStatus | None:
+        """Claim and run the job; a job that is not queued any more is left alone."""
+        with self.sessions() as session:
+            job = repositories.claim_job(
+                session, job_id=job_id, worker_id=self.worker_id, lease_seconds=self.lease_seconds
+            )
+        if job is None:
+            status = job_status(self.sessions, job_id)
+            log.info(
+                "job %s not run by %s: it is %s, not queued (taken by another worker, finished "
+                "or cancelled)",
+                job_id,
+                self.worker_id,
+                status or "unknown",
+            )
+            return status
+        return self.run_claimed(job)
+
+    def run_claimed(self, job: Job) -> JobStatus | None:
+        """Run a job this worker has just claimed, and record how it ended; the job's status
+        afterwards (queued again if it failed with attempts left)."""
+        log.info(
+            "job %s: attempt %d/%d started by %s",
+            job.id,
+            job.attempts,
+            job.max_attempts,
+            self.worker_id,
+        )
+        lease = _Lease(job.id, self.worker_id, self.sessions, self.lease_seconds)
+        progress = _ProgressReporter(job.id, self.sessions, lease, self.stopping)
+        started = time.perf_counter()
+        with lease, tempfile.TemporaryDirectory(prefix=f"bitplan-{job.id}-") as workdir:
+            try:
+                spec = self._spec(job, Path(workdir))
+                result = self.pipeline(spec, progress, Path(workdir) / "artifacts")
+                return self._succeed(job, result, time.perf_counter() - started)
+            except _LeaseLost as lost:
+                log.warning("job %s: dropped by %s: %s", job.id, self.worker_id, lost)
+                return job_status(self.sessions, job.id)
+            except _Stopping:
+                return self._release(job)
+            except JobCancelled:
+                return self._cancel(job, progress.phase)
+            except BitplanError as error:
+                return self._fail(job, str(error) or type(error).__name__, retryable=False)
+            except Exception as error:
+                permanent = self._permanent_error(error)
+                if permanent is not None:
+                    return self._fail(job, permanent, retryable=False)
+                log.exception("job %s: attempt %d crashed", job.id, job.attempts)
+                return self._fail(job, f"{type(error).__name__}: {error}", retryable=True)
+
+    def _permanent_error(self, error: Exception) -> str | None:
+        return next(
+            (text for kind, text in self.permanent_errors.items() if isinstance(error, kind)),
+            None,
+        )
+
+    def _spec(self, job: Job, folder: Path) -> JobSpec:
+        """The spec with uploads linked into `folder`; one the pipeline cannot read is the
+        submitter's error, as final as a `BitplanError`."""
+        try:
+            with self.sessions() as session:
+                return runnable_spec(session, self.store, job, folder)
+        except (TypeError, ValueError) as error:
+            raise InvalidSpec(f"invalid job spec: {error}") from error
+
+    def _succeed(self, job: Job, result: Result, seconds: float) -> JobStatus | None:
+        with self.sessions() as session:
+            record_success(session, self.store, job.id, result)
+        status = job_status(self.sessions, job.id)
+        if status != JobStatus.SUCCEEDED:
+            log.warning(
+                "job %s: finished after %.1f s but the job had already ended as %s; this "
+                "result was not recorded",
+                job.id,
+                seconds,
+                status,
+            )
+            return status
+        log.info("job %s: succeeded in %.1f s on attempt %d", job.id, seconds, job.attempts)
+        return self._ended(job.id, status)
+
+    def _fail(self, job: Job, error: str, *, retryable: bool) -> JobStatus | None:
+        with self.sessions() as session:
+            status = repositories.fail_job(session, job_id=job.id, error=error, retryable=retryable)
+        log.warning(
+            "job %s: attempt %d/%d failed (%s): %s; the job is now %s",
+            job.id,
+            job.attempts,
+            job.max_attempts,
+            "may retry" if retryable else "will not retry",
+            error,
+            status or "already ended",
+        )
+        return self._ended(job.id, status)
+
+    def _cancel(self, job: Job, phase: str | None) -> JobStatus | None:
+        with self.sessions() as session:
+            repositories.cancel_job(session, job_id=job.id)
+        log.info("job %s: cancelled during phase %s", job.id, phase)
+        return self._ended(job.id, job_status(self.sessions, job.id))
+
+    def _ended(self, job_id: str, status: JobStatus | None) -> JobStatus | None:
+        if status in TERMINAL_STATUSES:
+            notify_ended(self.on_ended, [job_id])
+        return status
+
+    def _release(self, job: Job) -> JobStatus | None:
+        with self.sessions() as session:
+            released = repositories.release_job(session, job_id=job.id, worker_id=self.worker_id)
+        log.info(
+            "job %s: %s while %s shuts down",
+            job.id,
+            "handed back to the queue" if released else "already taken from this worker",
+            self.worker_id,
+        )
+        return job_status(self.sessions, job.id)
+
+
+def run_job(
+    job_id: str,
+    worker_id: str,
+    sessions: sessionmaker[Session],
+    store: ArtifactStore,
+    *,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+) -> JobStatus | None:
+    """Claim and run one job by id; its status afterwards, None if there is no such job."""
+    return JobRunner(worker_id, sessions, store, lease_seconds=lease_seconds).run(job_id)
+
+
+def job_status(sessions: sessionmaker[Session], job_id: str) -> JobStatus | None:
+    with sessions() as session:
+        status = session.scalar(select(Job.status).where(Job.id == job_id))
+    return None if status is None else JobStatus(status)
+
+
+class _Lease:
+    """Heartbeats a claimed job from a background thread, so the lease stays alive through a
+    long phase that never calls back (a solver run, one big layer)."""
+
+    def __init__(
+        self, job_id: str, worker_id: str, sessions: sessionmaker[Session], lease_seconds: float
+    ) -> None:
+        self.job_id = job_id
+        self.worker_id = worker_id
+        self.sessions = sessions
+        self.lease_seconds = lease_seconds
+        self.lost = threading.Event()
+        self._beats = Periodic(f"heartbeat {job_id}", lease_seconds / 3, self._beat)
+
+    def __enter__(self) -> _Lease:
+        self._beats.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._beats.stop()
+
+    def _beat(self) -> None:
+        if self.lost.is_set():
+            return
+        with self.sessions() as session:
+            held = repositories.heartbeat(
+                session,
+                job_id=self.job_id,
+                worker_id=self.worker_id,
+                lease_seconds=self.lease_seconds,
+            )
+        if not held:
+            log.warning("job %s: %s lost its lease", self.job_id, self.worker_id)
+            self.lost.set()
+
+
+class _ProgressReporter:
+    """The pipeline's progress callback: writes the phase and overall progress (throttled) and
+    is where the pipeline learns, by an exception, that it must stop."""
+
+    def __init__(
+        self,
+        job_id: str,
+        sessions: sessionmaker[Session],
+        lease: _Lease,
+        stopping: threading.Event,
+    ) -> None:
+        self.job_id = job_id
+        self.sessions = sessions
+        self.lease = lease
+        self.stopping = stopping
+        self.phase: str | None = None
+        self._last_write = 0.0
+
+    def __call__(self, phase: str, fraction: float, _message: str) -> None:
+        if self.lease.lost.is_set():
+            raise _LeaseLost("another worker may have taken the job; stopped this attempt")
+        if self.stopping.is_set():
+            raise _Stopping("worker shutting down")
+        now = time.monotonic()
+        if phase == self.phase and now - self._last_write < PROGRESS_WRITE_SECONDS:
+            return
+        self.phase, self._last_write = phase, now
+        with self.sessions() as session:
+            running = repositories.update_progress(
+                session, job_id=self.job_id, phase=phase, progress=overall_progress(phase, fraction)
+            )
+            cancel = repositories.is_cancel_requested(session, job_id=self.job_id)
+        if cancel:
+            raise JobCancelled(f"cancelled during phase {phase}")
+        if not running:
+            raise _LeaseLost("the job is not running any more")
+
+
+def overall_progress(phase: str, fraction: float) -> float:
+    """The job's progress from one phase's fraction, counting every phase as an equal step;
+    a phase the pipeline did not declare keeps the fraction as given."""
+    if phase not in PHASES:
+        return fraction
+    return (PHASES.index(phase) + min(max(fraction, 0.0), 1.0)) / len(PHASES)

@@ -1,0 +1,110 @@
+"""How the workers are configured: one frozen value read from `BITPLAN_*` environment variables.
+
+The API process, `bitplan serve`, `bitplan worker` and every Celery child read the same
+variables, so a deployment is configured once in its environment. The service's own settings
+may build a `WorkerSettings` from its fields instead; nothing here reads a file.
+
+Never import FastAPI, torch or Celery here: the service imports this to choose an executor.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TypeVar
+
+INTERACTIVE_QUEUE = "interactive"
+BATCH_QUEUE = "batch"
+QUEUES = (INTERACTIVE_QUEUE, BATCH_QUEUE)
+"""The queues a job may name; a job in any other queue is never sent to a Celery worker."""
+
+T = TypeVar("T")
+
+
+class ExecutorKind(StrEnum):
+    INLINE = "inline"
+    CELERY = "celery"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Defaults suit one laptop running `bitplan serve`; a fleet sets the broker and executor.
+
+    The lease is short enough that a killed worker's job is back in the queue within a minute
+    and long enough that a busy machine's heartbeat (every third of it) does not miss it. The
+    time limit bounds one attempt of the slowest job we expect (a Hessian sweep of a large model
+    overnight); the broker's visibility timeout is derived from it.
+    """
+
+    executor: ExecutorKind = ExecutorKind.INLINE
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    inline_workers: int = 1
+    lease_seconds: float = 60.0
+    sweep_seconds: float = 10.0
+    poll_seconds: float = 1.0
+    job_time_limit: float = 6 * 3600.0
+
+    @property
+    def heartbeat_seconds(self) -> float:
+        return self.lease_seconds / 3
+
+    @property
+    def soft_time_limit(self) -> float:
+        """A minute before the hard limit, so the job is failed and recorded, not just killed."""
+        return max(self.job_time_limit - 60.0, self.job_time_limit * 0.9)
+
+    @property
+    def visibility_timeout(self) -> float:
+        """Redis redelivers an unacknowledged message after this; it must outlast any job, or a
+        running job's message would be handed to a second worker (which would then do nothing,
+        but would hold a slot while waiting for it)."""
+        return self.job_time_limit + 3600.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> WorkerSettings:
+        defaults = cls()
+        return cls(
+            executor=_parse(environ, "BITPLAN_EXECUTOR", ExecutorKind, defaults.executor),
+            broker_url=environ.get("BITPLAN_BROKER_URL") or defaults.broker_url,
+            inline_workers=_parse(
+                environ, "BITPLAN_INLINE_WORKERS", _positive_int, defaults.inline_workers
+            ),
+            lease_seconds=_parse(
+                environ, "BITPLAN_LEASE_SECONDS", _positive, defaults.lease_seconds
+            ),
+            sweep_seconds=_parse(
+                environ, "BITPLAN_SWEEP_SECONDS", _positive, defaults.sweep_seconds
+            ),
+            poll_seconds=_parse(environ, "BITPLAN_POLL_SECONDS", _positive, defaults.poll_seconds),
+            job_time_limit=_parse(
+                environ, "BITPLAN_JOB_TIME_LIMIT", _positive, defaults.job_time_limit
+            ),
+        )
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be above 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _parse(environ: Mapping[str, str], name: str, parse: Callable[[str], T], default: T) -> T:
+    """The variable parsed, the default when unset or empty; a bad value names the variable,
+    because a worker that silently fell back to a default would run with a config nobody set."""
+    text = environ.get(name)
+    if not text:
+        return default
+    try:
+        return parse(text)
+    except ValueError as error:
+        raise ValueError(f"{name}={text!r} is not valid: {error}") from None
