@@ -194,6 +194,11 @@ def get_job(session: Session, *, tenant: str, job_id: str) -> Job | None:
     )
 
 
+def job_by_id(session: Session, *, job_id: str) -> Job | None:
+    """Any tenant's job: for the worker side, which only ever holds a job id."""
+    return session.get(Job, job_id)
+
+
 def list_jobs(
     session: Session,
     *,

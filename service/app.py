@@ -40,8 +40,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     engine = init_db(settings.database_url or default_url(settings.home))
     sessions = make_session_factory(engine)
     store = ArtifactStore(settings.artifact_root)
-    executor = make_executor(settings.workers, sessions, store)
     notifier = JobNotifier.from_settings(settings, sessions)
+    executor = make_executor(settings.workers, sessions, store, on_ended=notifier.notify_ended)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

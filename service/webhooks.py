@@ -151,6 +151,12 @@ class JobNotifier:
             return None
         return self._pool.submit(self._deliver, job.tenant, job.id, job.callback_url)
 
+    def notify_ended(self, job_id: str) -> Future[bool] | None:
+        """The executors' end-of-job hook, which only knows the job id."""
+        with self.sessions() as session:
+            job = repositories.job_by_id(session, job_id=job_id)
+        return None if job is None else self.notify(job)
+
     def close(self) -> None:
         """Wait for deliveries in flight: a shutdown must not drop a notification halfway."""
         self._pool.shutdown(wait=True)
