@@ -134,3 +134,38 @@ def test_query_and_key_take_their_value_projections_relevance() -> None:
         "enc.0.out": 0.5,
         "head": 0.0,
     }
+
+
+class _UnusedBranch(nn.Module):
+    """Like BERT's pooler under mean pooling: computed, but not part of the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(8, 8)
+        self.unused = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(self.body(x))
+        self.unused(hidden)
+        return self.head(hidden)
+
+
+def test_a_layer_that_cannot_change_the_output_costs_nothing() -> None:
+    from allocator import costs
+    from allocator.sensitivity import SensitivityContext, sensitivity_costs
+
+    torch.manual_seed(0)
+    model = LoadedModel(
+        ref="t", module=_UnusedBranch().eval(), task="classification", input_kind="image"
+    )
+    batches = [torch.randn(16, 8)]
+    table = build_layer_table(model, batches[0][:1], pin_first_last=False)
+    stats = costs.input_stats(model, batches, table)
+    bits = (2, 4, 8)
+    choices = costs.quant_choices(model, table, stats, bits)
+    context = SensitivityContext(model, batches, table, bits, choices, ("lrp", "fisher"))
+    cost, _ = sensitivity_costs(context)
+    row = table.names.index("unused")
+    assert (cost[row] == 0).all()
+    assert (cost[table.names.index("body")] > 0).all()

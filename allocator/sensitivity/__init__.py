@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from allocator import costs
 from allocator.costs import QuantChoice
@@ -93,10 +94,13 @@ def _lrp(ctx: SensitivityContext) -> Sensitivity:
 
 
 def _fisher(ctx: SensitivityContext) -> Sensitivity:
-    fisher = ctx.shared_gradients().fisher_out
-    missing = [name for name in ctx.table.names if name not in fisher]
-    if missing:
-        raise ValueError(f"no gradient reached layers {missing[:5]}: they do not affect the output")
+    fisher = dict(ctx.shared_gradients().fisher_out)
+    # A layer no gradient reaches (e.g. BERT's pooler under mean pooling) cannot change the
+    # explained output: quantizing it costs nothing.
+    modules = dict(ctx.model.module.named_modules())
+    for name in ctx.table.names:
+        if name not in fisher:
+            fisher[name] = torch.zeros(modules[name].weight.shape[0])
     return Sensitivity(
         "fisher",
         costs.fisher_costs(ctx.table, ctx.bits, ctx.choices, fisher),
