@@ -1,0 +1,756 @@
+"""The service under load on loopback: the figures issue 3's "Benchmarks" section asks for.
+
+The unit tests prove the API and the workers are correct; this script says how fast the
+distributed deployment is, with everything real: the API (uvicorn on `service.app:create_app`
+with `BITPLAN_EXECUTOR=celery`, one process), PostgreSQL, Redis and two Celery worker processes
+started the way `bitplan worker` does. It measures:
+
+- GET /v1/jobs/{id} latency at an offered load of 50 and 200 requests/s (open loop: requests
+  are scheduled at fixed intervals whether or not earlier ones answered, so a slow server shows
+  up as latency, not as a politely lower request rate). Target p99 <= 20 ms. `p99 sched` counts
+  from the scheduled send time, so it includes any lag of this (Python) client on a busy box.
+- POST /v1/jobs submission throughput over the drain's jobs (workers not yet running).
+- The drain: those queued jobs (a tiny CNN registered through a throwaway `bitplan.models` entry
+  point, 32 4x4 images, one width) run by 2 worker processes; lost = not succeeded, duplicated =
+  run more than once (attempts > 1) or more than one result row.
+- POST /v1/profiles/{id}/solve at a new budget each time on a synthetic 100-layer profile.
+
+`bitplan serve` is not used: it forces the inline executor. Every process, the throwaway
+PostgreSQL database and the Redis database it uses are removed at the end, even on failure.
+
+Run: `.venv/bin/python bench/service_load.py [--jobs 1000]`; tables also go to
+bench/out/service_load.md. Needs PostgreSQL and Redis on 127.0.0.1 (see --postgres, --redis).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+OUT = Path(__file__).parent / "out" / "service_load.md"
+TENANT = "bench"
+GET_TARGET_P99_MS = 20.0
+BITS = (2, 4, 8)
+
+TINY_MODELS = '''
+"""A tiny model source for bitplan's service load bench, loaded through `bitplan.models`."""
+
+import torch
+from torch import nn
+
+from allocator.zoo.base import LoadedModel
+
+
+def tiny(name, weights):
+    torch.manual_seed(0)
+    module = nn.Sequential(
+        nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 10)
+    )
+    return LoadedModel(
+        ref=f"tiny:{name}", module=module, task="classification", input_kind="image",
+        image_size=4, num_classes=10,
+    )
+'''
+
+
+# --- pure helpers (smoke-tested) -----------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100), linearly interpolated as numpy's default; nan when empty."""
+    if not values:
+        return math.nan
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile {q} is not in [0, 100]")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub markdown table; every row must have one cell per header."""
+    for row in rows:
+        if len(row) != len(headers):
+            raise ValueError(f"row {row!r} has {len(row)} cells for {len(headers)} headers")
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def ms(seconds: float) -> str:
+    return "n/a" if math.isnan(seconds) else f"{seconds * 1000:.1f}"
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """One open-loop run: latencies in seconds, from the actual send and from the schedule."""
+
+    offered_rps: float
+    seconds: float
+    sent: int
+    errors: int
+    latencies: tuple[float, ...]
+    scheduled_latencies: tuple[float, ...]
+
+    @property
+    def achieved_rps(self) -> float:
+        return (self.sent - self.errors) / self.seconds if self.seconds > 0 else math.nan
+
+    @property
+    def p99(self) -> float:
+        return percentile(self.latencies, 99)
+
+    def passes(self, target_ms: float = GET_TARGET_P99_MS) -> bool:
+        return self.errors == 0 and self.p99 * 1000 <= target_ms
+
+
+def latency_rows(results: Sequence[LoadResult], target_ms: float = GET_TARGET_P99_MS) -> list:
+    return [
+        [
+            f"{r.offered_rps:g}",
+            f"{r.achieved_rps:.1f}",
+            r.sent,
+            r.errors,
+            ms(percentile(r.latencies, 50)),
+            ms(r.p99),
+            ms(percentile(r.scheduled_latencies, 99)),
+            "PASS" if r.passes(target_ms) else "FAIL",
+        ]
+        for r in results
+    ]
+
+
+LATENCY_HEADERS = (
+    "offered rps",
+    "achieved rps",
+    "requests",
+    "errors",
+    "p50 ms",
+    "p99 ms",
+    "p99 sched ms",
+    f"p99 <= {GET_TARGET_P99_MS:g} ms",
+)
+
+
+@dataclass(frozen=True)
+class DrainResult:
+    jobs: int
+    workers: int
+    worker_start_seconds: float
+    seconds: float
+    succeeded: int
+    ended_other: int
+    unfinished: int
+    duplicated: int
+
+    @property
+    def lost(self) -> int:
+        return self.jobs - self.succeeded
+
+    @property
+    def jobs_per_second(self) -> float:
+        return self.succeeded / self.seconds if self.seconds > 0 else math.nan
+
+    @property
+    def jobs_per_second_ready(self) -> float:
+        """Counting from both workers ready (a few jobs may already have run by then)."""
+        running = self.seconds - self.worker_start_seconds
+        return self.succeeded / running if running > 0 else math.nan
+
+
+DRAIN_HEADERS = (
+    "jobs",
+    "workers",
+    "worker start s",
+    "drain s",
+    "jobs/s",
+    "jobs/s once ready",
+    "succeeded",
+    "lost (target 0)",
+    "duplicated (target 0)",
+)
+
+
+def drain_row(result: DrainResult) -> list:
+    return [
+        result.jobs,
+        result.workers,
+        f"{result.worker_start_seconds:.1f}",
+        f"{result.seconds:.1f}",
+        f"{result.jobs_per_second:.1f}",
+        f"{result.jobs_per_second_ready:.1f}",
+        result.succeeded,
+        f"{result.lost} ({result.ended_other} failed/cancelled, {result.unfinished} unfinished)",
+        result.duplicated,
+    ]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=_positive_int, default=1000, help="jobs to drain")
+    parser.add_argument(
+        "--rates", type=_rates, default=(50.0, 200.0), help="offered GET loads, e.g. 50,200"
+    )
+    parser.add_argument("--seconds", type=float, default=10.0, help="seconds per GET load")
+    parser.add_argument("--solves", type=_positive_int, default=100, help="re-solve requests")
+    parser.add_argument("--layers", type=_positive_int, default=100, help="profile layers")
+    parser.add_argument(
+        "--submit-concurrency", type=_positive_int, default=4, help="POST /v1/jobs in flight"
+    )
+    parser.add_argument("--workers", type=_positive_int, default=2, help="Celery processes")
+    parser.add_argument("--drain-timeout", type=float, default=180.0, help="seconds")
+    parser.add_argument(
+        "--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres", help="admin URL"
+    )
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/7", help="flushed DB")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    if args.seconds <= 0 or args.drain_timeout <= 0:
+        parser.error("--seconds and --drain-timeout must be above 0")
+    for url in (args.postgres, args.redis):
+        if "127.0.0.1" not in url and "localhost" not in url:
+            parser.error(f"{url} is not a loopback address")
+    return args
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list") from None
+    if not rates or any(rate <= 0 for rate in rates):
+        raise argparse.ArgumentTypeError("rates must be above 0")
+    return rates
+
+
+def synthetic_cost_table(layers: int, bits: Sequence[int] = BITS, seed: int = 0) -> dict:
+    """A profile's cost table: log-uniform sizes, costs s * exp(-a * bits), ends pinned to 8."""
+    import random
+
+    rng = random.Random(seed)
+    entries, cost = [], []
+    for index in range(layers):
+        params = int(10 ** rng.uniform(2, 6))
+        pinned = 8 if index in (0, layers - 1) else None
+        entries.append(
+            {
+                "name": f"layer{index}",
+                "kind": "linear",
+                "params": params,
+                "out_channels": 16,
+                "macs": params * 16,
+                "group": f"layer{index}",
+                "pinned_bits": pinned,
+            }
+        )
+        scale, rate = rng.uniform(0.1, 10.0), rng.uniform(0.3, 1.0)
+        cost.append([scale * math.exp(-rate * b) for b in bits])
+    return {
+        "method": "fisher",
+        "bits": list(bits),
+        "layers": entries,
+        "attention_macs": 0,
+        "cost": cost,
+    }
+
+
+# --- the deployment ------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def _stop(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """SIGTERM the process group it leads (a warm Celery shutdown), SIGKILL if it lingers."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def throwaway_database(admin_url: str) -> Iterator[str]:
+    import psycopg
+    from psycopg import sql
+    from sqlalchemy import make_url
+
+    name = f"bitplan_bench_{secrets.token_hex(4)}"
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        try:
+            yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        finally:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@contextlib.contextmanager
+def flushed_redis(url: str) -> Iterator[str]:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    try:
+        yield url
+    finally:
+        client.flushdb()
+        client.close()
+
+
+def write_plugins(root: Path) -> Path:
+    """An installed-looking distribution registering `tiny:` models, and a tiny image set."""
+    import numpy as np
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "bitplan_bench_models.py").write_text(TINY_MODELS)
+    dist_info = root / "bitplan_bench_models-0.dist-info"
+    dist_info.mkdir(exist_ok=True)
+    (dist_info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: bitplan-bench-models\nVersion: 0\n"
+    )
+    (dist_info / "entry_points.txt").write_text(
+        "[bitplan.models]\ntiny = bitplan_bench_models:tiny\n"
+    )
+    rng = np.random.default_rng(0)
+    np.savez(
+        root / "tiny.npz",
+        images=rng.integers(0, 256, (32, 4, 4, 3), dtype=np.uint8),
+        labels=rng.integers(0, 10, 32),
+    )
+    return root
+
+
+def tiny_spec(plugins: Path) -> dict[str, Any]:
+    return {
+        "model": "tiny:cnn",
+        "calib": str(plugins / "tiny.npz"),
+        "budget": "avg-bits=8",
+        "method": "fisher",
+        "bits": [8],
+        "calib_samples": 8,
+        "batch_size": 8,
+        "pin_first_last": False,
+        "bias_correction": False,
+    }
+
+
+class Deployment:
+    """The API process and the workers, sharing one environment; `close` stops them all."""
+
+    def __init__(self, folder: Path, database_url: str, broker_url: str, plugins: Path) -> None:
+        self.folder = folder
+        self.env = {
+            **os.environ,
+            "BITPLAN_EXECUTOR": "celery",
+            "BITPLAN_BROKER_URL": broker_url,
+            "BITPLAN_DATABASE_URL": database_url,
+            "BITPLAN_HOME": str(folder / "home"),
+            "BITPLAN_ALLOWED_INPUT_ROOTS": json.dumps([str(plugins)]),
+            "PYTHONPATH": os.pathsep.join([str(plugins), str(REPO_ROOT)]),
+            "OMP_NUM_THREADS": "1",
+        }
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.url = ""
+
+    def _spawn(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                args,
+                cwd=REPO_ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.processes.append(process)
+        return process
+
+    def start_api(self, timeout: float = 120) -> str:
+        import httpx
+
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        log = self.folder / "api.log"
+        process = self._spawn(
+            [
+                *(sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory"),
+                *("--host", "127.0.0.1", "--port", str(port)),
+                *("--log-level", "warning", "--no-access-log"),
+            ],
+            log,
+        )
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"the API exited: {_tail(log)}")
+            try:
+                return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        _wait_for(ready, timeout, "the API to answer /readyz")
+        return self.url
+
+    def create_key(self) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "service.cli", "keys", "create", "--tenant", TENANT],
+            cwd=REPO_ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        return done.stdout.strip()
+
+    def start_workers(self, count: int, timeout: float = 120) -> None:
+        logs = [self.folder / f"worker-{index}.log" for index in range(count)]
+        started = [
+            self._spawn(
+                [
+                    sys.executable,
+                    "-c",
+                    "from workers.celery_app import start_worker; "
+                    "start_worker(('interactive', 'batch'), 1)",
+                ],
+                log,
+            )
+            for log in logs
+        ]
+
+        def ready() -> bool:
+            for process, log in zip(started, logs, strict=True):
+                if process.poll() is not None:
+                    raise RuntimeError(f"a worker exited: {_tail(log)}")
+            return all(" ready." in log.read_text(errors="replace") for log in logs)
+
+        _wait_for(ready, timeout, "the workers to be ready")
+
+    def close(self) -> None:
+        for process in reversed(self.processes):
+            _stop(process)
+
+
+# --- the measurements ----------------------------------------------------------------------------
+
+
+async def open_loop(
+    url: str, headers: dict[str, str], path: str, rate: float, seconds: float
+) -> LoadResult:
+    """`rate * seconds` GETs, the i-th sent at start + i / rate regardless of the others."""
+    import httpx
+
+    count = max(1, int(rate * seconds))
+    latencies: list[float] = []
+    scheduled_latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(
+        base_url=url, headers=headers, timeout=10.0, limits=limits
+    ) as client:
+        await client.get(path)  # warm the connection and the route
+
+        async def one(scheduled: float) -> None:
+            nonlocal errors
+            sent = time.perf_counter()
+            try:
+                response = await client.get(path)
+                ok = response.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            done = time.perf_counter()
+            if ok:
+                latencies.append(done - sent)
+                scheduled_latencies.append(done - scheduled)
+            else:
+                errors += 1
+
+        start = time.perf_counter() + 0.05
+        tasks = []
+        for index in range(count):
+            scheduled = start + index / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(scheduled)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    return LoadResult(rate, elapsed, count, errors, tuple(latencies), tuple(scheduled_latencies))
+
+
+async def submit_jobs(
+    url: str, headers: dict[str, str], body: dict[str, Any], count: int, concurrency: int
+) -> tuple[list[str], float, list[float]]:
+    """POST `count` jobs, `concurrency` at a time: (ids, seconds, per-request latencies).
+
+    The first is a warm-up, queued like the rest but outside the timing."""
+    import httpx
+
+    ids: list[str] = []
+    latencies: list[float] = []
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for index in range(count - 1):
+        queue.put_nowait(index)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60.0) as client:
+        warm = await client.post("/v1/jobs", json=body)  # untimed: first-request imports
+        if warm.status_code != 202:
+            raise RuntimeError(f"POST /v1/jobs: {warm.status_code} {warm.text}")
+        ids.append(warm.json()["id"])
+
+        async def submitter() -> None:
+            while True:
+                try:
+                    queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                sent = time.perf_counter()
+                response = await client.post("/v1/jobs", json=body)
+                latencies.append(time.perf_counter() - sent)
+                if response.status_code != 202:
+                    raise RuntimeError(f"POST /v1/jobs: {response.status_code} {response.text}")
+                ids.append(response.json()["id"])
+
+        start = time.perf_counter()
+        await asyncio.gather(*(submitter() for _ in range(concurrency)))
+        seconds = time.perf_counter() - start
+    return ids, seconds, latencies
+
+
+def resolve_latencies(url: str, key: str, profile_id: str, count: int) -> tuple[list[float], int]:
+    """`count` sequential re-solves, each at a budget not asked before."""
+    from service.client import ApiError, BitplanClient
+
+    latencies: list[float] = []
+    errors = 0
+    with BitplanClient(url, key) as client:
+        client.solve_profile(profile_id, "avg-bits=5")  # warm up
+        for index in range(count):
+            budget = f"avg-bits={3.0 + 4.0 * index / max(count, 1):.4f}"
+            sent = time.perf_counter()
+            try:
+                client.solve_profile(profile_id, budget)
+            except ApiError:
+                errors += 1
+                continue
+            latencies.append(time.perf_counter() - sent)
+    return latencies, errors
+
+
+def drain(
+    deployment: Deployment, database_url: str, job_ids: list[str], workers: int, timeout: float
+) -> DrainResult:
+    from sqlalchemy import func, select
+
+    from db.models import TERMINAL_STATUSES, Job, JobStatus, Result
+    from db.session import make_engine, make_session_factory
+
+    engine = make_engine(database_url)
+    sessions = make_session_factory(engine)
+    try:
+        started = time.perf_counter()
+        deployment.start_workers(workers)
+        worker_start = time.perf_counter() - started
+
+        def ended() -> int:
+            with sessions() as session:
+                return (
+                    session.scalar(
+                        select(func.count())
+                        .select_from(Job)
+                        .where(Job.id.in_(job_ids), Job.status.in_(TERMINAL_STATUSES))
+                    )
+                    or 0
+                )
+
+        deadline = started + timeout
+        while ended() < len(job_ids) and time.perf_counter() < deadline:
+            time.sleep(0.5)
+        seconds = time.perf_counter() - started
+        time.sleep(2.0)  # a late duplicate run would show up as a second attempt by now
+        with sessions() as session:
+            rows = session.execute(
+                select(Job.status, Job.attempts).where(Job.id.in_(job_ids))
+            ).all()
+            multi_results = session.scalar(
+                select(func.count()).select_from(
+                    select(Result.job_id)
+                    .where(Result.job_id.in_(job_ids))
+                    .group_by(Result.job_id)
+                    .having(func.count() > 1)
+                    .subquery()
+                )
+            )
+            ran_twice = sum(attempts > 1 for _, attempts in rows)
+    finally:
+        engine.dispose()
+    succeeded = sum(status is JobStatus.SUCCEEDED for status, _ in rows)
+    unfinished = sum(status not in TERMINAL_STATUSES for status, _ in rows)
+    return DrainResult(
+        jobs=len(job_ids),
+        workers=workers,
+        worker_start_seconds=worker_start,
+        seconds=seconds,
+        succeeded=succeeded,
+        ended_other=len(job_ids) - succeeded - unfinished,
+        unfinished=unfinished,
+        duplicated=ran_twice + (multi_results or 0),
+    )
+
+
+def run(args: argparse.Namespace) -> str:
+    from db import repositories
+    from db.repositories import ProfileKey
+    from db.session import make_engine, make_session_factory
+
+    sections: list[str] = []
+
+    def emit(title: str, table: str, note: str = "") -> None:
+        text = f"### {title}\n\n{table}\n" + (f"\n{note}\n" if note else "")
+        print(text, flush=True)
+        sections.append(text)
+
+    with contextlib.ExitStack() as stack:
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bitplan-load-")))
+        database_url = stack.enter_context(throwaway_database(args.postgres))
+        broker_url = stack.enter_context(flushed_redis(args.redis))
+        plugins = write_plugins(folder / "plugins")
+        deployment = Deployment(folder, database_url, broker_url, plugins)
+        stack.callback(deployment.close)
+
+        url = deployment.start_api()
+        key = deployment.create_key()
+        headers = {"Authorization": f"Bearer {key}"}
+
+        engine = make_engine(database_url)
+        with make_session_factory(engine)() as session:
+            profile_key = ProfileKey(*(secrets.token_hex(32) for _ in range(2)), "fisher", "0" * 64)
+            profile_id = repositories.put_profile(
+                session,
+                tenant=TENANT,
+                key=profile_key,
+                cost_table=synthetic_cost_table(args.layers),
+            ).id
+        engine.dispose()
+
+        body = {"spec": tiny_spec(plugins), "queue": "batch"}
+        ids, submit_seconds, submit_latencies = asyncio.run(
+            submit_jobs(url, headers, body, args.jobs, args.submit_concurrency)
+        )
+        emit(
+            "POST /v1/jobs submission throughput",
+            markdown_table(
+                ("jobs", "in flight", "seconds", "jobs/s", "p50 ms", "p99 ms"),
+                [
+                    [
+                        len(submit_latencies),
+                        args.submit_concurrency,
+                        f"{submit_seconds:.1f}",
+                        f"{len(submit_latencies) / submit_seconds:.1f}",
+                        ms(percentile(submit_latencies, 50)),
+                        ms(percentile(submit_latencies, 99)),
+                    ]
+                ],
+            ),
+            "Workers not running yet: these jobs (plus one untimed warm-up) are the drain's queue.",
+        )
+
+        results = [
+            asyncio.run(open_loop(url, headers, f"/v1/jobs/{ids[0]}", rate, args.seconds))
+            for rate in args.rates
+        ]
+        emit(
+            f"GET /v1/jobs/{{id}} latency, open loop, {args.seconds:g} s per load",
+            markdown_table(LATENCY_HEADERS, latency_rows(results)),
+            "Workers not running (idle queue). `p99 sched` is from the scheduled send time.",
+        )
+
+        solves, solve_errors = resolve_latencies(url, key, profile_id, args.solves)
+        emit(
+            f"POST /v1/profiles/{{id}}/solve, new budget each time, {args.layers} layers",
+            markdown_table(
+                ("requests", "errors", "p50 ms", "p99 ms", "max ms"),
+                [
+                    [
+                        args.solves,
+                        solve_errors,
+                        ms(percentile(solves, 50)),
+                        ms(percentile(solves, 99)),
+                        ms(max(solves, default=math.nan)),
+                    ]
+                ],
+            ),
+            f"Widths {list(BITS)}, budgets avg-bits 3..7, sequential over one connection.",
+        )
+
+        result = drain(deployment, database_url, ids, args.workers, args.drain_timeout)
+        emit(
+            f"Drain: {result.jobs} queued tiny jobs, {result.workers} Celery worker processes",
+            markdown_table(DRAIN_HEADERS, [drain_row(result)]),
+            "Drain seconds count from launching the workers (their start-up included). "
+            f"Run with --jobs {args.jobs}"
+            + ("" if args.jobs == 1000 else " (the issue's figure is 1,000)")
+            + f"; timeout {args.drain_timeout:g} s.",
+        )
+
+    return "\n".join(sections)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    header = f"## bitplan service load ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs)\n\n"
+    args.out.write_text(header + report)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

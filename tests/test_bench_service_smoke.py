@@ -1,0 +1,115 @@
+"""The pure parts of `bench/service_load.py`, checked without starting any server.
+
+The bench itself needs PostgreSQL, Redis, an API process and Celery workers and takes minutes,
+so it is run by hand; a wrong percentile, a broken table or a bad default would still quietly
+corrupt the figures it prints, so those are tested here in milliseconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "service_load.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_service_load", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("q", [0, 25, 50, 90, 99, 100])
+def test_percentile_matches_numpy(bench: ModuleType, q: float) -> None:
+    values = [0.3, 0.001, 0.2, 5.0, 0.04, 0.04, 1.5]
+    assert bench.percentile(values, q) == pytest.approx(np.percentile(values, q))
+
+
+def test_percentile_edges(bench: ModuleType) -> None:
+    assert math.isnan(bench.percentile([], 50))
+    assert bench.percentile([7.0], 99) == 7.0
+    with pytest.raises(ValueError):
+        bench.percentile([1.0], 101)
+
+
+def test_markdown_table_and_row_check(bench: ModuleType) -> None:
+    table = bench.markdown_table(("a", "b"), [[1, "x"], [2.5, "y"]])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | x |", "| 2.5 | y |"]
+    with pytest.raises(ValueError):
+        bench.markdown_table(("a", "b"), [[1]])
+
+
+def test_latency_rows_pass_and_fail(bench: ModuleType) -> None:
+    fast = bench.LoadResult(50.0, 10.0, 500, 0, (0.002,) * 500, (0.003,) * 500)
+    slow = bench.LoadResult(200.0, 10.0, 2000, 0, (0.002,) * 1900 + (0.05,) * 100, (0.05,) * 2000)
+    errored = bench.LoadResult(50.0, 10.0, 500, 1, (0.002,) * 499, (0.002,) * 499)
+    rows = bench.latency_rows([fast, slow, errored])
+    assert all(len(row) == len(bench.LATENCY_HEADERS) for row in rows)
+    assert [row[-1] for row in rows] == ["PASS", "FAIL", "FAIL"]
+    assert rows[0][1] == "50.0" and rows[0][4] == "2.0"
+    assert "| PASS |" in bench.markdown_table(bench.LATENCY_HEADERS, rows)
+
+
+def test_drain_row_counts_lost_and_rates(bench: ModuleType) -> None:
+    result = bench.DrainResult(
+        jobs=100,
+        workers=2,
+        worker_start_seconds=5.0,
+        seconds=25.0,
+        succeeded=98,
+        ended_other=1,
+        unfinished=1,
+        duplicated=0,
+    )
+    assert result.lost == 2
+    assert result.jobs_per_second == pytest.approx(98 / 25)
+    assert result.jobs_per_second_ready == pytest.approx(98 / 20)
+    row = bench.drain_row(result)
+    assert len(row) == len(bench.DRAIN_HEADERS)
+    assert row[-2].startswith("2 (1 failed/cancelled, 1 unfinished)")
+
+
+def test_parse_args_defaults_and_errors(bench: ModuleType) -> None:
+    args = bench.parse_args([])
+    assert (args.jobs, args.rates, args.seconds, args.solves, args.layers, args.workers) == (
+        1000,
+        (50.0, 200.0),
+        10.0,
+        100,
+        100,
+        2,
+    )
+    assert bench.parse_args(["--jobs", "300", "--rates", "25,75"]).rates == (25.0, 75.0)
+    for bad in (["--jobs", "0"], ["--rates", "a,b"], ["--rates", "-5"], ["--seconds", "0"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--redis", "redis://10.0.0.5:6379/7"])
+
+
+def test_synthetic_cost_table_shape(bench: ModuleType) -> None:
+    table = bench.synthetic_cost_table(100)
+    assert len(table["layers"]) == len(table["cost"]) == 100
+    assert all(len(row) == len(table["bits"]) for row in table["cost"])
+    assert all(row == sorted(row, reverse=True) for row in table["cost"])
+    assert table["layers"][0]["pinned_bits"] == table["layers"][-1]["pinned_bits"] == 8
+    assert bench.synthetic_cost_table(100) == table  # seeded
+
+
+def test_tiny_spec_is_a_valid_job_spec(bench: ModuleType, tmp_path: Path) -> None:
+    from allocator.pipeline import JobSpec
+
+    spec = JobSpec.from_dict(bench.tiny_spec(tmp_path))
+    spec.validate()
+    assert tuple(spec.bits) == (8,)
+    assert spec.model == "tiny:cnn"
