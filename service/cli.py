@@ -239,7 +239,7 @@ def _print_summary(payload: dict) -> None:
         )
     )
     for name, path in payload["artifacts"].items():
-        out.print(f"{name}: {path}")
+        out.print(f"{name}: {path}", soft_wrap=True)
 
 
 # --- the service: serve it, work for it, talk to it ----------------------------------------------
