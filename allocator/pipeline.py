@@ -25,7 +25,7 @@ import torch
 
 from allocator import costs
 from allocator.apply import apply, pack
-from allocator.budget import parse_budget
+from allocator.budget import Budget, parse_budget
 from allocator.data import EvalSet, calibration_batches, evaluate, load_dataset
 from allocator.errors import BadDataset
 from allocator.layers import LayerTable, build_layer_table
@@ -36,7 +36,7 @@ from allocator.sensitivity import (
     parse_method,
     sensitivity_costs,
 )
-from allocator.solve import Solution, solve, uniform_bits_for
+from allocator.solve import Solution, check_budget, solve, uniform_bits_for
 from allocator.zoo import load_model
 from allocator.zoo.base import Inputs, LoadedModel
 
@@ -239,8 +239,11 @@ class Workbench:
         return evaluate(target, self.evalset, self.reference)
 
 
-def prepare(spec: JobSpec, clock: _Clock | None = None) -> Workbench:
-    """Load, measure the layers and gather the calibration statistics (the budget-free part)."""
+def prepare(spec: JobSpec, clock: _Clock | None = None, budget: Budget | None = None) -> Workbench:
+    """Load, measure the layers and gather the calibration statistics (the budget-free part).
+
+    With `budget`, an infeasible one fails as soon as the layer table is known.
+    """
     clock = clock or _Clock(_silent)
     with clock.phase("load"):
         model = load_model(spec.model, spec.weights)
@@ -253,6 +256,8 @@ def prepare(spec: JobSpec, clock: _Clock | None = None) -> Workbench:
         table = build_layer_table(
             model, _first(batches[0]), pin_first_last=spec.pin_first_last, pins=spec.pins
         )
+        if budget is not None:
+            check_budget(table, spec.bits, budget.resolve(table))
     with clock.phase("statistics") as tick:
         stats = costs.input_stats(
             model, batches, table, on_batch=lambda i: tick((i + 1) / len(batches), "inputs")
@@ -269,7 +274,7 @@ def run(spec: JobSpec, progress: Progress = _silent, workdir: str | Path | None 
     budget = parse_budget(spec.budget)
     torch.manual_seed(spec.seed)
     clock = _Clock(progress)
-    bench = prepare(spec, clock)
+    bench = prepare(spec, clock, budget)
     table = bench.table
     resolved = budget.resolve(table)
     with clock.phase("sensitivity") as tick:

@@ -224,6 +224,17 @@ def solve(
     )[0]
 
 
+def check_budget(
+    table: LayerTable, bits: Sequence[int], budget: ResolvedBudget, *, act_bits: int = 32
+) -> None:
+    """Raise InfeasibleBudget now if no plan can fit, before any cost is computed.
+
+    Feasibility depends on sizes only, so a job checks its budget right after the layer table
+    is known instead of after minutes of calibration.
+    """
+    _limit(_build_program(table, bits, np.zeros((len(table), len(bits))), act_bits), budget)
+
+
 def pareto(
     table: LayerTable,
     bits: Sequence[int],

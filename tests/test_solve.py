@@ -367,3 +367,16 @@ def test_solution_to_dict_is_strict_json() -> None:
     empty = Solution({}, math.inf, 0, 0.0, "cbc", "unknown", math.inf, 0.5).to_dict()
     assert (empty["objective"], empty["gap"]) == (None, None)
     json.dumps([data, empty], allow_nan=False)
+
+
+def test_check_budget_refuses_before_any_cost_exists() -> None:
+    from allocator.errors import InfeasibleBudget
+    from allocator.layers import Layer, LayerTable
+    from allocator.solve import check_budget
+
+    table = LayerTable(
+        (Layer("a", "linear", 1000, 10, 1000, "a"), Layer("b", "linear", 1000, 10, 1000, "b"))
+    )
+    check_budget(table, (2, 4, 8), ResolvedBudget(size_bits=table.uniform_storage_bits(2)))
+    with pytest.raises(InfeasibleBudget, match="smallest feasible size"):
+        check_budget(table, (2, 4, 8), ResolvedBudget(size_bits=table.uniform_storage_bits(1.5)))
