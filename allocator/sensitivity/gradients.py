@@ -49,24 +49,21 @@ def _batch_size(inputs: Inputs) -> int:
 
 
 class _Capture:
-    """Forward hooks that keep each weight layer's input and (graph-attached) output."""
+    """Forward hooks that keep each weight layer's (graph-attached) output."""
 
     def __init__(self, module: nn.Module, names: Sequence[str]) -> None:
         self.layers = dict(module.named_modules())
-        self.inputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         self.outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         self.handles = [self.layers[n].register_forward_hook(self._hook(n)) for n in names]
 
     def _hook(self, name: str) -> Callable:
-        def hook(_m: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            self.inputs[name].append(args[0].detach())
+        def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
             self.outputs[name].append(out)
 
         return hook
 
     def clear(self) -> None:
-        for name in self.inputs:
-            self.inputs[name].clear()
+        for name in self.outputs:
             self.outputs[name].clear()
 
     def remove(self) -> None:
@@ -133,20 +130,20 @@ def gradient_stats(
 
 def _per_output(
     capture: _Capture, names: Sequence[str], grads: Sequence[torch.Tensor | None]
-) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Pair every captured call of every layer with its gradient: (name, x, y, g)."""
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Pair every captured call of every layer with its gradient: (name, y, g)."""
     pairs = []
     flat = iter(grads)
     for name in names:
-        for x, y in zip(capture.inputs[name], capture.outputs[name], strict=True):
+        for y in capture.outputs[name]:
             g = next(flat)
             if g is not None:
-                pairs.append((name, x, y, g))
+                pairs.append((name, y, g))
     return pairs
 
 
 def _add_fisher(stats: GradientStats, capture: _Capture, names, grads) -> None:
-    for name, _x, _y, g in _per_output(capture, names, grads):
+    for name, _y, g in _per_output(capture, names, grads):
         squared = g.detach() ** 2
         if isinstance(capture.layers[name], nn.Conv2d):
             per_channel = squared.sum(dim=(0, 2, 3))
@@ -157,7 +154,7 @@ def _add_fisher(stats: GradientStats, capture: _Capture, names, grads) -> None:
 
 def _add_relevance(stats: GradientStats, capture: _Capture, names, grads) -> None:
     """Relevance carried by a layer's weights: |(y - bias) * g| summed over its outputs."""
-    for name, _x, y, g in _per_output(capture, names, grads):
+    for name, y, g in _per_output(capture, names, grads):
         layer = capture.layers[name]
         y = y.detach()
         if layer.bias is not None:
