@@ -29,7 +29,9 @@ How it is solved
   they only cost time (100 layers: p99 ~440 ms with them, ~180 ms without).
 - CBC (fallback, or `solver="cbc"`): the same columns as a PuLP model through `PULP_CBC_CMD`,
   warm-started from the greedy plan. PuLP reports "Optimal" for a run stopped by its time limit,
-  so the status comes from `prob.sol_status` and the bound from CBC's log.
+  so the status comes from `prob.sol_status` and the bound from CBC's log. CBC's Cgl
+  preprocessing is off: on a 3-layer program it fixed the optimal column to zero and still
+  reported "Optimal" (regression case in tests/test_solve.py).
 - `status` is what the solver proved: "optimal" (gap <= rel_gap), "feasible" (stopped by the time
   limit with a plan; `gap` says how far from proven), "infeasible" (no plan meets both limits),
   "unknown" (stopped before any plan; nothing proven).
@@ -693,6 +695,7 @@ class _Cbc:
                     logPath=str(log_path),
                     timeMode="elapsed",
                     options=[
+                        "preprocess off",
                         f"primalTolerance {FEASIBILITY_TOL}",
                         f"integerTolerance {FEASIBILITY_TOL}",
                     ],

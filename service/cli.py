@@ -214,9 +214,13 @@ def _record(spec: JobSpec, result) -> dict:
     from workers.record import record_success
 
     engine = init_db()
-    with make_session_factory(engine)() as session:
-        job, _ = repositories.create_job(session, tenant=LOCAL_TENANT, spec=spec.to_dict())
-        return record_success(session, ArtifactStore(), job.id, result)
+    try:
+        with make_session_factory(engine)() as session:
+            job, _ = repositories.create_job(session, tenant=LOCAL_TENANT, spec=spec.to_dict())
+            return record_success(session, ArtifactStore(), job.id, result)
+    finally:
+        # Closing the pool checkpoints SQLite's WAL now, not whenever the engine is collected.
+        engine.dispose()
 
 
 def _print_summary(payload: dict) -> None:

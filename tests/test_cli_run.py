@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import pickle
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -106,11 +108,16 @@ def base_args(weights: Path, images: Path) -> list[str]:
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    return {
+    """Artifact files by hash and the database by its rows: SQLite may checkpoint its WAL into
+    the main file at any time, which changes the bytes but not what is stored."""
+    files = {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file()
+        if p.is_file() and not p.name.startswith("bitplan.db")
     }
+    with closing(sqlite3.connect(folder / "bitplan.db")) as connection:
+        files["bitplan.db"] = "\n".join(connection.iterdump())
+    return files
 
 
 def test_run_json_records_job_and_artifacts(finished) -> None:

@@ -16,7 +16,7 @@ import allocator.solve as solve_module
 from allocator.budget import BITS_PER_MB, ResolvedBudget
 from allocator.errors import InfeasibleBudget
 from allocator.layers import Layer, LayerTable
-from allocator.solve import Solution, pareto, solve, uniform_bits_for
+from allocator.solve import SOLVERS, Solution, pareto, solve, uniform_bits_for
 
 BITS = (2, 4, 8)
 
@@ -150,6 +150,22 @@ def test_highs_matches_brute_force(instance: tuple[LayerTable, np.ndarray, Resol
 @given(instances())
 def test_cbc_matches_brute_force(instance: tuple[LayerTable, np.ndarray, ResolvedBudget]) -> None:
     check_against_brute_force(*instance, solver="cbc")
+
+
+def test_cbc_preprocessing_does_not_drop_the_optimum() -> None:
+    """CBC's Cgl preprocessing once fixed the optimal column to zero here and said "Optimal"."""
+    table = LayerTable(
+        (
+            layer("l0", params=1, out_channels=1),
+            layer("l1", params=1, out_channels=1, group="g"),
+            layer("l2", params=1, out_channels=1, group="g"),
+        )
+    )
+    cost = np.array([[math.inf, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    for solver in SOLVERS:
+        solution = solve(table, BITS, cost, ResolvedBudget(size_bits=63.0), solver=solver)
+        assert solution.objective == 1.0
+        assert solution.bits == {"l0": 4, "l1": 4, "l2": 4}
 
 
 def test_tied_layers_share_bits_and_add_their_costs() -> None:
