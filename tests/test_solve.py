@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import allocator.solve as solve_module
 from allocator.budget import BITS_PER_MB, ResolvedBudget
 from allocator.errors import InfeasibleBudget
+from allocator.frontier import Knapsack
 from allocator.layers import Layer, LayerTable
 from allocator.solve import SOLVERS, Solution, pareto, solve, uniform_bits_for
 
@@ -128,7 +129,7 @@ def check_against_brute_force(
         return
     solution = solve(table, BITS, cost, budget, rel_gap=1e-9, solver=solver)
     assert solution.status == "optimal"
-    assert solution.solver == solver
+    assert solution.solver in ({solver, "frontier"} if solver == "highs" else {solver})
     assert math.isclose(solution.objective, best[0], rel_tol=1e-6, abs_tol=1e-4)
     assert solution.storage_bits == table.storage_bits(solution.bits)
     assert budget.size_bits is None or solution.storage_bits <= budget.size_bits
@@ -150,6 +151,43 @@ def test_highs_matches_brute_force(instance: tuple[LayerTable, np.ndarray, Resol
 @given(instances())
 def test_cbc_matches_brute_force(instance: tuple[LayerTable, np.ndarray, ResolvedBudget]) -> None:
     check_against_brute_force(*instance, solver="cbc")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_frontier_agrees_with_the_integer_program(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The frontier and HiGHS's MIP find the same optimum over a sweep of size budgets."""
+    rows = 40
+    rng = np.random.default_rng(seed)
+    table = LayerTable(
+        tuple(
+            layer(f"l{i}", params=int(p), out_channels=8)
+            for i, p in enumerate(rng.integers(100, 50_000, rows))
+        )
+    )
+    cost = convex_costs(rows, seed)
+    budgets = [
+        ResolvedBudget(size_bits=table.uniform_storage_bits(avg)) for avg in np.linspace(2, 8, 25)
+    ]
+    fast = pareto(table, BITS, cost, budgets, rel_gap=1e-9)
+    monkeypatch.setattr(solve_module, "MAX_GROUPS", 0)
+    slow = pareto(table, BITS, cost, budgets, rel_gap=1e-9)
+    assert {s.solver for s in fast} == {"frontier"}
+    assert {s.solver for s in slow} == {"highs"}
+    for quick, proven in zip(fast, slow, strict=True):
+        assert quick.status == "optimal"
+        assert math.isclose(quick.objective, proven.objective, rel_tol=1e-9, abs_tol=1e-9)
+        assert quick.storage_bits <= budgets[fast.index(quick)].size_bits
+
+
+def test_frontier_hands_over_when_it_grows_too_large(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Knapsack.solve, "__defaults__", (math.inf, 1))
+    table = LayerTable(tuple(layer(f"l{i}", params=1000 + 37 * i) for i in range(12)))
+    budget = ResolvedBudget(size_bits=table.uniform_storage_bits(5))
+    solution = solve(table, BITS, convex_costs(12), budget, rel_gap=1e-9)
+    assert solution.solver == "highs"
+    assert solution.status == "optimal"
 
 
 def test_cbc_preprocessing_does_not_drop_the_optimum() -> None:
@@ -312,6 +350,7 @@ def test_cbc_when_asked_and_as_fallback(monkeypatch: pytest.MonkeyPatch) -> None
     table = LayerTable(tuple(layer(f"l{i}", params=500 + 10 * i) for i in range(12)))
     cost = convex_costs(12)
     budget = ResolvedBudget(size_bits=table.uniform_storage_bits(4.5))
+    monkeypatch.setattr(solve_module, "MAX_GROUPS", 0)
     highs = solve(table, BITS, cost, budget, rel_gap=1e-9)
     cbc = solve(table, BITS, cost, budget, rel_gap=1e-9, solver="cbc")
     assert (highs.solver, cbc.solver) == ("highs", "cbc")
@@ -378,7 +417,7 @@ def test_solution_to_dict_is_strict_json() -> None:
     table = LayerTable((layer("a"),))
     solution = solve(table, BITS, np.array([[2.0, 1.0, 0.0]]), ResolvedBudget())
     data = solution.to_dict()
-    assert data["name"] == "highs" and data["status"] == "optimal" and data["bits"] == {"a": 8}
+    assert data["name"] == "frontier" and data["status"] == "optimal" and data["bits"] == {"a": 8}
     assert set(data) == {f for f in Solution.__dataclass_fields__ if f != "solver"} | {"name"}
     empty = Solution({}, math.inf, 0, 0.0, "cbc", "unknown", math.inf, 0.5).to_dict()
     assert (empty["objective"], empty["gap"]) == (None, None)
