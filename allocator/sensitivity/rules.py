@@ -22,7 +22,6 @@ supports the double backward Hutchinson needs.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +31,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from allocator.attention import ORIGINAL_SDPA, attention_probs
 
 Backward = Literal["true", "lrp"]
 
@@ -47,7 +48,6 @@ class RuleState:
 
 
 _local = threading.local()
-_ORIGINAL_SDPA = F.scaled_dot_product_attention
 
 
 def _state() -> RuleState | None:
@@ -139,7 +139,7 @@ def attention(
 ) -> torch.Tensor:
     """The math form of scaled dot-product attention with the CP-LRP rule attached."""
     if _state() is None:
-        return _ORIGINAL_SDPA(
+        return ORIGINAL_SDPA(
             q,
             k,
             v,
@@ -149,22 +149,7 @@ def attention(
             scale=scale,
             enable_gqa=enable_gqa,
         )
-    if enable_gqa and k.shape[-3] != q.shape[-3]:
-        repeat = q.shape[-3] // k.shape[-3]
-        k = k.repeat_interleave(repeat, dim=-3)
-        v = v.repeat_interleave(repeat, dim=-3)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = (q @ k.transpose(-2, -1)) * scale
-    if is_causal:
-        n, m = scores.shape[-2:]
-        causal = torch.ones(n, m, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask
-    probs = scores.softmax(dim=-1)
+    probs, v = attention_probs(q, k, v, attn_mask, is_causal, scale, enable_gqa)
     return _switch(probs @ v, lambda: probs.detach() @ v)
 
 

@@ -38,11 +38,18 @@ def timm_source(name: str, weights: Path | None) -> LoadedModel:
         module=module,
         task="classification" if num_classes else "embedding",
         input_kind="image",
-        image_size=cfg["input_size"][-1],
+        # `img_size=` rebuilds the model for another input size; pretrained_cfg keeps the old one.
+        image_size=_image_size(options.get("img_size"), cfg["input_size"][-1]),
         mean=tuple(cfg["mean"]),
         std=tuple(cfg["std"]),
         num_classes=num_classes or None,
     )
+
+
+def _image_size(option: OptionValue, configured: int) -> int:
+    if isinstance(option, int) and not isinstance(option, bool):
+        return option
+    return configured
 
 
 def parse_options(query: str, ref: str) -> dict[str, OptionValue]:

@@ -1,0 +1,240 @@
+"""Activation sites: every activation that feeds a quantized matmul, found by running the model.
+
+A site is the input of a layer of the layer table (its role says what produced it: a LayerNorm,
+a GELU, the network input, anything else) or the attention probabilities of an attention module
+(post-Softmax, feeding `probs @ v`). Roles come from tensor identity during one forward pass,
+not from module names, so timm ViT/DeiT/Swin, Hugging Face BERT and CNNs need no per-family list.
+
+`instrument` is the one mechanism that both collects calibration samples and applies quantizers:
+pre-hooks on layer inputs, and a replacement of scaled dot-product attention (see
+allocator/attention.py) for the probabilities of the attention module being run.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from allocator.attention import attention_probs
+from allocator.layers import LayerTable
+from allocator.quant.activation import ActQuantizer
+from allocator.zoo.base import Inputs, LoadedModel
+
+ROLES = ("post-ln", "post-gelu", "post-softmax", "input", "other")
+ROWS_PER_SITE = 4096
+"""Calibration rows (or probabilities / 64) kept per site."""
+
+Transform = Callable[[str, torch.Tensor], torch.Tensor]
+"""(site name, activation) -> the activation to use instead."""
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    """The layer's name for an input site; `<attention module>.probs` for probabilities."""
+    role: str
+    layer: str | None
+    """The layer whose input this is (None for attention probabilities)."""
+    macs: int
+    """Multiply-accumulates per sample of the matmul this activation feeds."""
+
+
+_local = threading.local()
+
+
+def find_sites(model: LoadedModel, sample: Inputs, table: LayerTable) -> list[Site]:
+    """The sites of `model`, input sites in layer-table order, then attention probabilities."""
+    modules = dict(model.module.named_modules())
+    producers: dict[int, str] = {}
+    keep: list[torch.Tensor] = []
+    inputs: dict[str, int] = {}
+    handles = []
+
+    def remember(role: str):
+        def hook(_module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            if isinstance(out, torch.Tensor):
+                keep.append(out)
+                producers[id(out)] = role
+
+        return hook
+
+    def record(name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            keep.append(args[0])
+            inputs.setdefault(name, id(args[0]))
+
+        return hook
+
+    for child in model.module.modules():
+        role = _producer_role(child)
+        if role is not None:
+            handles.append(child.register_forward_hook(remember(role)))
+    for name in table.names:
+        handles.append(modules[name].register_forward_pre_hook(record(name)))
+    try:
+        with torch.no_grad():
+            model(sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    first = table.layers[0].name
+    sites = [
+        Site(
+            layer.name,
+            "input" if layer.name == first else producers.get(inputs.get(layer.name, -1), "other"),
+            layer.name,
+            layer.macs,
+        )
+        for layer in table
+    ]
+    attention = attention_modules(model.module)
+    per_module = table.attention_macs // max(2 * len(attention), 1)
+    sites += [Site(f"{name}.probs", "post-softmax", None, per_module) for name in attention]
+    return sites
+
+
+def attention_modules(module: nn.Module) -> list[str]:
+    """Modules whose forward computes softmax attention through scaled dot-product attention."""
+    return [
+        name
+        for name, child in module.named_modules()
+        if hasattr(child, "fused_attn") or type(child).__name__.endswith("SelfAttention")
+    ]
+
+
+@contextmanager
+def instrument(module: nn.Module, sites: Sequence[Site], transform: Transform) -> Iterator[None]:
+    """Route every site's activation through `transform` while the context is active."""
+    modules = dict(module.named_modules())
+    handles = []
+    for site in sites:
+        if site.layer is not None:
+            handles.append(
+                modules[site.layer].register_forward_pre_hook(_input_hook(site.name, transform))
+            )
+    probs = {site.name for site in sites if site.layer is None}
+    fused: list[tuple[nn.Module, bool]] = []
+    for name in attention_modules(module):
+        if f"{name}.probs" not in probs:
+            continue
+        child = modules[name]
+        handles.append(child.register_forward_pre_hook(_enter(f"{name}.probs")))
+        handles.append(child.register_forward_hook(_leave))
+        if hasattr(child, "fused_attn"):
+            fused.append((child, child.fused_attn))
+            child.fused_attn = True
+    previous_sdpa = F.scaled_dot_product_attention
+    previous_transform = getattr(_local, "transform", None)
+    _local.transform = transform
+    F.scaled_dot_product_attention = _make_attention(previous_sdpa)
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = previous_sdpa
+        _local.transform = previous_transform
+        for handle in handles:
+            handle.remove()
+        for child, value in fused:
+            child.fused_attn = value
+
+
+def collect(
+    model: LoadedModel, batches: Sequence[Inputs], sites: Sequence[Site], seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Calibration samples per site: rows (tokens / pixels x channels) for inputs, a flat sample
+    for probabilities; at most ROWS_PER_SITE rows per batch."""
+    generator = torch.Generator().manual_seed(seed)
+    samples: dict[str, list[torch.Tensor]] = {}
+
+    def keep(name: str, x: torch.Tensor) -> torch.Tensor:
+        rows = _rows(name, x)
+        if rows.shape[0] > ROWS_PER_SITE:
+            rows = rows[torch.randperm(rows.shape[0], generator=generator)[:ROWS_PER_SITE]]
+        samples.setdefault(name, []).append(rows.detach().clone())
+        return x
+
+    with torch.no_grad(), instrument(model.module, sites, keep):
+        for inputs in batches:
+            model(inputs)
+    return {name: torch.cat(parts) for name, parts in samples.items()}
+
+
+@contextmanager
+def quantized_activations(
+    module: nn.Module, sites: Sequence[Site], quantizers: Mapping[str, ActQuantizer]
+) -> Iterator[None]:
+    """Run `module` with each site's activation fake-quantized by its quantizer."""
+    active = [site for site in sites if site.name in quantizers]
+    with instrument(module, active, lambda name, x: quantizers[name](x)):
+        yield
+
+
+def _rows(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name.endswith(".probs"):
+        return x.reshape(-1, 64) if x.numel() % 64 == 0 else x.reshape(-1, 1)
+    if x.dim() == 4:
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def _producer_role(module: nn.Module) -> str | None:
+    name = type(module).__name__
+    if isinstance(module, nn.LayerNorm) or name.endswith("LayerNorm"):
+        return "post-ln"
+    if isinstance(module, nn.GELU) or "GELU" in name:
+        return "post-gelu"
+    return None
+
+
+def _input_hook(name: str, transform: Transform):
+    def hook(_module: nn.Module, args: tuple) -> tuple:
+        return (transform(name, args[0]), *args[1:])
+
+    return hook
+
+
+def _enter(name: str):
+    def hook(_module: nn.Module, _args: tuple) -> None:
+        _local.site = name
+
+    return hook
+
+
+def _leave(_module: nn.Module, _args: tuple, _out: object) -> None:
+    _local.site = None
+
+
+def _make_attention(fallback: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> torch.Tensor:
+        site = getattr(_local, "site", None)
+        transform = getattr(_local, "transform", None)
+        if site is None or transform is None:
+            return fallback(
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=dropout_p,
+                is_causal=is_causal,
+                scale=scale,
+                enable_gqa=enable_gqa,
+            )
+        probs, v = attention_probs(q, k, v, attn_mask, is_causal, scale, enable_gqa)
+        return transform(site, probs) @ v
+
+    return attention

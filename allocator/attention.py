@@ -1,0 +1,45 @@
+"""Scaled dot-product attention in its math form, with the probabilities exposed.
+
+LRP (constant attention probabilities in the backward pass) and activation quantization
+(post-Softmax quantizers) both need the probabilities that fused attention never materialises.
+timm and Hugging Face call `torch.nn.functional.scaled_dot_product_attention` by attribute, so
+both replace that function while they are active and compute it here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+ORIGINAL_SDPA = F.scaled_dot_product_attention
+
+
+def attention_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scale + mask) and v (heads repeated for grouped-query attention); the
+    attention output is `probs @ v`. Dropout is not applied: both users run in eval mode."""
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        repeat = q.shape[-3] // k.shape[-3]
+        k = k.repeat_interleave(repeat, dim=-3)
+        v = v.repeat_interleave(repeat, dim=-3)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if is_causal:
+        n, m = scores.shape[-2:]
+        causal = torch.ones(n, m, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    return scores.softmax(dim=-1), v

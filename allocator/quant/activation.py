@@ -1,0 +1,169 @@
+"""Activation quantizers: the per-tensor baseline and the transformer-specific ones of the seed
+papers, each a fake-quantizer (quantize, then dequantize) calibrated on sampled activations.
+
+Why each exists
+- `minmax`, `percentile`, `mse`: asymmetric uniform per-tensor, the baseline every PTQ paper
+  compares with. Post-LayerNorm activations defeat them: a few channels are 10-100x wider than
+  the rest, so one scale leaves the narrow channels with one or two levels.
+- `channel`: asymmetric uniform with one range per channel (the last dimension). This is exactly
+  what RepQ-ViT's scale reparameterization computes: per-channel ranges at calibration, turned
+  into one per-tensor scale by dividing channel c by r_c = s_c / s~ in the LayerNorm affine and
+  multiplying it back into the next layer's input columns (`allocator.quant.reparam` does that
+  fold and its test checks both forms agree). `clip` < 1 clips each channel's range to that
+  quantile first, which is LRP-QViT's clipped channel-wise variant.
+- `log2`, `logsqrt2`: for post-Softmax probabilities, which follow a power law (most near 0, a
+  few near 1). log2 spends levels on the small ones; log-sqrt2 (RepQ-ViT) halves the step and
+  is re-parameterized to log2 with a parity bit (`logsqrt2_by_shifts`, tested equal).
+- `sulq`: I&S-ViT's shift-uniform-log2: shift by eta, take log2, quantize that uniformly over
+  [log2 eta, 0], undo; eta is calibrated, so the levels cover the whole [0, 1] range smoothly.
+- bits 16: not quantized.
+
+Imports torch only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from allocator.errors import UnknownMethod
+
+ACT_BITS = (4, 6, 8, 16)
+"""Activation widths a site may take; 16 means kept in floating point."""
+NOT_QUANTIZED = 16
+UNIFORM_KINDS = ("minmax", "percentile", "mse", "channel")
+SOFTMAX_KINDS = ("log2", "logsqrt2", "sulq")
+KINDS = UNIFORM_KINDS + SOFTMAX_KINDS
+PERCENTILE_TAIL = 1e-4
+"""Fraction of values the `percentile` rule leaves outside the range at each end."""
+MSE_RATIOS = torch.linspace(0.3, 1.0, 29)
+SULQ_SHIFTS = torch.logspace(-6, -1, 21)
+SAMPLE_LIMIT = 1 << 18
+"""Values (or rows, for `channel`) a calibration looks at; quantile() refuses 16M+ inputs."""
+
+
+@dataclass(frozen=True, eq=False)
+class ActQuantizer:
+    """One site's calibrated quantizer; callable on that site's activations."""
+
+    kind: str
+    bits: int
+    lo: Tensor = field(default_factory=lambda: torch.zeros(()))
+    hi: Tensor = field(default_factory=lambda: torch.ones(()))
+    shift: float = 0.0
+    """sulq's eta."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.bits >= NOT_QUANTIZED:
+            return x
+        if self.kind in UNIFORM_KINDS:
+            return _uniform(x, self.lo.to(x.dtype), self.hi.to(x.dtype), self.bits)
+        return _SOFTMAX[self.kind](x, self.bits, self.shift)
+
+    def to_dict(self) -> dict[str, object]:
+        """What a runtime needs to reproduce the quantizer (goes into the packed metadata)."""
+        return {
+            "kind": self.kind,
+            "bits": self.bits,
+            "lo": self.lo.tolist(),
+            "hi": self.hi.tolist(),
+            "shift": self.shift,
+        }
+
+
+def calibrate(kind: str, samples: Tensor, bits: int, clip: float = 1.0) -> ActQuantizer:
+    """A quantizer of `kind` at `bits` fitted to `samples` (rows x channels for `channel`)."""
+    if kind not in KINDS:
+        raise UnknownMethod(f"unknown activation quantizer {kind!r}; use one of {', '.join(KINDS)}")
+    if bits >= NOT_QUANTIZED:
+        return ActQuantizer(kind, NOT_QUANTIZED)
+    samples = samples.detach().float()
+    if kind == "channel":
+        rows = samples.reshape(-1, samples.shape[-1])
+        rows = rows[_subsample(rows.shape[0], SAMPLE_LIMIT // max(rows.shape[1], 1) + 1)]
+        if clip < 1.0:
+            lo = torch.quantile(rows, 1 - clip, dim=0)
+            hi = torch.quantile(rows, clip, dim=0)
+        else:
+            lo, hi = rows.amin(0), rows.amax(0)
+        return ActQuantizer(kind, bits, lo, torch.maximum(hi, lo + 1e-8))
+    flat = samples.reshape(-1)
+    flat = flat[_subsample(flat.numel(), SAMPLE_LIMIT)]
+    if kind == "sulq":
+        return _calibrate_sulq(flat, bits)
+    if kind in SOFTMAX_KINDS:
+        return ActQuantizer(kind, bits)
+    lo, hi = flat.min(), flat.max()
+    if kind == "percentile":
+        lo = torch.quantile(flat, PERCENTILE_TAIL)
+        hi = torch.quantile(flat, 1 - PERCENTILE_TAIL)
+    elif kind == "mse":
+        lo, hi = _mse_range(flat, lo, hi, bits)
+    return ActQuantizer(kind, bits, torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0))
+
+
+def logsqrt2_by_shifts(x: Tensor, bits: int) -> Tensor:
+    """log-sqrt2 quantization computed as RepQ-ViT deploys it: a right shift by floor(q / 2) and
+    a 1/sqrt2 factor for odd q, so a log2 (shift-only) kernel can run it."""
+    q = torch.round(-2 * torch.log2(x.clamp_min(1e-30)))
+    shifts = torch.floor(q / 2)
+    odd = q - 2 * shifts
+    value = torch.pow(2.0, -shifts) * torch.where(odd > 0, 2**-0.5, 1.0)
+    return torch.where(q > 2**bits - 1, torch.zeros_like(x), value)
+
+
+def _uniform(x: Tensor, lo: Tensor, hi: Tensor, bits: int) -> Tensor:
+    levels = 2**bits - 1
+    scale = torch.clamp((hi - lo) / levels, min=1e-12)
+    zero = torch.round(-lo / scale)
+    q = torch.clamp(torch.round(x / scale) + zero, 0, levels)
+    return (q - zero) * scale
+
+
+def _log2(x: Tensor, bits: int, _shift: float) -> Tensor:
+    q = torch.round(-torch.log2(x.clamp_min(1e-30)))
+    return torch.where(q > 2**bits - 1, torch.zeros_like(x), torch.pow(2.0, -q))
+
+
+def _logsqrt2(x: Tensor, bits: int, _shift: float) -> Tensor:
+    q = torch.round(-2 * torch.log2(x.clamp_min(1e-30)))
+    return torch.where(q > 2**bits - 1, torch.zeros_like(x), torch.pow(2.0, -q / 2))
+
+
+def _sulq(x: Tensor, bits: int, shift: float) -> Tensor:
+    top = -math.log2(shift)
+    step = top / (2**bits - 1)
+    t = torch.clamp(-torch.log2(x.clamp_min(0) + shift), 0, top)
+    return torch.clamp(torch.pow(2.0, -torch.round(t / step) * step) - shift, min=0.0)
+
+
+_SOFTMAX: dict[str, Callable[[Tensor, int, float], Tensor]] = {
+    "log2": _log2,
+    "logsqrt2": _logsqrt2,
+    "sulq": _sulq,
+}
+
+
+def _calibrate_sulq(flat: Tensor, bits: int) -> ActQuantizer:
+    errors = [float(((_sulq(flat, bits, float(eta)) - flat) ** 2).sum()) for eta in SULQ_SHIFTS]
+    best = float(SULQ_SHIFTS[min(range(len(errors)), key=errors.__getitem__)])
+    return ActQuantizer("sulq", bits, shift=best)
+
+
+def _mse_range(flat: Tensor, lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """The shrink of [lo, hi] (same ratio both ends) with the least squared error."""
+    errors = torch.stack(
+        [((_uniform(flat, lo * r, hi * r, bits) - flat) ** 2).sum() for r in MSE_RATIOS]
+    )
+    ratio = MSE_RATIOS[int(torch.argmin(errors))]
+    return lo * ratio, hi * ratio
+
+
+def _subsample(count: int, limit: int) -> Tensor:
+    if count <= limit:
+        return torch.arange(count)
+    return torch.randperm(count, generator=torch.Generator().manual_seed(0))[:limit]

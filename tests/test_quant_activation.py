@@ -1,0 +1,172 @@
+"""Activation quantizers on synthetic distributions, the RepQ-ViT fold, and activation sites."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from allocator.activations import collect, find_sites, quantized_activations
+from allocator.errors import UnknownMethod
+from allocator.layers import build_layer_table
+from allocator.quant.activation import ActQuantizer, calibrate, logsqrt2_by_shifts
+from allocator.quant.reparam import fold
+from allocator.zoo import load_model
+
+
+def mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b) ** 2).mean())
+
+
+def outlier_channels(rows: int = 4096, channels: int = 32, seed: int = 0) -> torch.Tensor:
+    """Post-LayerNorm-like activations: most channels narrow, a few 50x wider and offset."""
+    generator = torch.Generator().manual_seed(seed)
+    width = torch.ones(channels)
+    width[:3] = 50.0
+    offset = torch.zeros(channels)
+    offset[:3] = 20.0
+    return torch.randn(rows, channels, generator=generator) * width + offset
+
+
+def power_law(count: int = 1 << 16, seed: int = 0) -> torch.Tensor:
+    """Softmax rows over 64 keys with peaked logits: most probabilities tiny, a few near 1."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(count // 64, 64, generator=generator) * 4
+    return logits.softmax(-1)
+
+
+@pytest.mark.parametrize("kind", ["minmax", "percentile", "mse"])
+def test_uniform_rules_stay_on_a_grid_of_2_pow_bits_levels(kind: str) -> None:
+    x = torch.randn(10_000, generator=torch.Generator().manual_seed(1))
+    quantizer = calibrate(kind, x, 4)
+    assert len(torch.unique(quantizer(x))) <= 16
+    assert quantizer.lo <= 0 <= quantizer.hi
+    assert mse(quantizer(x), x) < mse(torch.zeros_like(x), x) / 20
+
+
+def test_more_bits_less_error_and_16_is_exact() -> None:
+    x = torch.randn(10_000, generator=torch.Generator().manual_seed(2))
+    errors = [mse(calibrate("mse", x, bits)(x), x) for bits in (4, 6, 8)]
+    assert errors[0] > errors[1] > errors[2]
+    assert torch.equal(calibrate("mse", x, 16)(x), x)
+
+
+def test_mse_and_percentile_beat_minmax_on_heavy_tails() -> None:
+    x = torch.distributions.StudentT(2.0).sample((20_000,))
+    minmax = mse(calibrate("minmax", x, 4)(x), x)
+    assert mse(calibrate("mse", x, 4)(x), x) < minmax
+    assert mse(calibrate("percentile", x, 4)(x), x) < minmax
+
+
+def test_channel_quantizer_fixes_outlier_channels() -> None:
+    x = outlier_channels()
+    narrow = slice(3, None)
+    per_tensor = calibrate("minmax", x, 6)(x)
+    per_channel = calibrate("channel", x, 6)(x)
+    assert (
+        mse(per_channel[:, narrow], x[:, narrow]) < mse(per_tensor[:, narrow], x[:, narrow]) / 100
+    )
+
+
+def test_clipped_channel_ranges_are_narrower() -> None:
+    x = outlier_channels()
+    full, clipped = calibrate("channel", x, 4), calibrate("channel", x, 4, clip=0.99)
+    assert ((clipped.hi - clipped.lo) < (full.hi - full.lo)).all()
+
+
+@pytest.mark.parametrize("kind", ["log2", "logsqrt2", "sulq"])
+def test_softmax_quantizers_beat_uniform_on_power_law_at_4_bits(kind: str) -> None:
+    p = power_law()
+    uniform = calibrate("minmax", p, 4)(p)
+    quantized = calibrate(kind, p, 4)(p)
+    small = p < 0.05
+    assert mse(quantized[small], p[small]) < mse(uniform[small], p[small])
+    assert (quantized >= 0).all() and (quantized <= 1).all()
+
+
+def test_logsqrt2_reparameterized_to_shifts_is_identical() -> None:
+    p = power_law()
+    for bits in (4, 6, 8):
+        assert torch.equal(calibrate("logsqrt2", p, bits)(p), logsqrt2_by_shifts(p, bits))
+
+
+def test_logsqrt2_has_finer_steps_than_log2() -> None:
+    p = power_law()
+    assert mse(calibrate("logsqrt2", p, 6)(p), p) < mse(calibrate("log2", p, 6)(p), p)
+
+
+def test_unknown_kind_names_the_choices() -> None:
+    with pytest.raises(UnknownMethod, match="logsqrt2"):
+        calibrate("tanh", torch.zeros(4), 4)
+
+
+@pytest.mark.parametrize("target", ["mean", "median"])
+def test_fold_keeps_the_function_and_matches_per_channel_quantization(target: str) -> None:
+    torch.manual_seed(0)
+    channels = 16
+    norm = nn.LayerNorm(channels)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(channels) * 5 + 0.1)
+        norm.weight[:2] *= 30
+        norm.bias.copy_(torch.randn(channels) * 3)
+    consumers = [nn.Linear(channels, 8), nn.Linear(channels, 12, bias=False)]
+    x = torch.randn(512, channels) * 3 + 1
+    with torch.no_grad():
+        before = [layer(norm(x)) for layer in consumers]
+        channel = calibrate("channel", norm(x), 6)
+        quantized_before = [layer(channel(norm(x))) for layer in consumers]
+        per_tensor = fold(norm, consumers, channel, target)
+        after = [layer(norm(x)) for layer in consumers]
+        quantized_after = [layer(per_tensor(norm(x))) for layer in consumers]
+    assert per_tensor.lo.dim() == 0
+    for a, b in zip(before, after, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
+    for a, b in zip(quantized_before, quantized_after, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
+
+
+def vit() -> tuple:
+    torch.manual_seed(0)
+    model = load_model(
+        "timm:vit_tiny_patch16_224?img_size=32&patch_size=8&embed_dim=48&depth=2&num_heads=3"
+        "&num_classes=10"
+    )
+    images = torch.randn(4, 3, 32, 32)
+    return model, images, build_layer_table(model, images[:1])
+
+
+def test_sites_of_a_vit_have_the_roles_of_the_papers() -> None:
+    model, images, table = vit()
+    sites = {site.name: site for site in find_sites(model, images, table)}
+    assert sites["patch_embed.proj"].role == "input"
+    for block in ("blocks.0", "blocks.1"):
+        assert sites[f"{block}.attn.qkv"].role == "post-ln"
+        assert sites[f"{block}.mlp.fc1"].role == "post-ln"
+        assert sites[f"{block}.mlp.fc2"].role == "post-gelu"
+        assert sites[f"{block}.attn.proj"].role == "other"
+        assert sites[f"{block}.attn.probs"].role == "post-softmax"
+        assert sites[f"{block}.attn.probs"].macs > 0
+    assert sites["head"].role == "other"  # a pooled token: a slice, not the norm output itself
+
+
+def test_quantized_activations_change_outputs_and_16_bits_do_not() -> None:
+    model, images, table = vit()
+    sites = find_sites(model, images, table)
+    fused_before = [m.fused_attn for m in model.module.modules() if hasattr(m, "fused_attn")]
+    samples = collect(model, [images], sites)
+    assert set(samples) == {site.name for site in sites}
+    assert samples["blocks.0.attn.probs"].max() <= 1.0
+    with torch.no_grad():
+        reference = model(images)
+        exact = {s.name: ActQuantizer("minmax", 16) for s in sites}
+        with quantized_activations(model.module, sites, exact):
+            same = model(images)
+        coarse = {s.name: calibrate("minmax", samples[s.name], 4) for s in sites}
+        with quantized_activations(model.module, sites, coarse):
+            changed = model(images)
+        after = model(images)
+    torch.testing.assert_close(same, reference, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(changed, reference, atol=1e-3)
+    torch.testing.assert_close(after, reference)
+    fused_after = [m.fused_attn for m in model.module.modules() if hasattr(m, "fused_attn")]
+    assert fused_after == fused_before
