@@ -8,7 +8,10 @@ A budget has at most one size term and at most one BOPs term, joined by commas:
 - `size-mb=M`: M * 1e6 bytes of weight storage, codes and scales;
 - `compression=C`: FP32 weight storage (32 bits per parameter) divided by C;
 - `bops=N`: at most N bit operations per input sample, a plain float such as `1.2e9`
-  (BOPs of a layer = MACs per sample x weight bits x activation bits).
+  (BOPs of a layer = MACs per sample x weight bits x activation bits);
+- `match=WxAy` (e.g. `match=W4A8`), alone: the weight storage of uniform x-bit weights and the
+  BOPs of uniform WxAy on this model (pinned layers at their widths), the budget that compares a
+  mixed plan with the uniform one it replaces.
 
 Parsing needs no model; `Budget.resolve` turns the terms into bits and BOPs for one layer table.
 Imports only the typed errors at run time (the layer table for type hints), so front ends can
@@ -18,6 +21,7 @@ validate a budget without loading torch; never solvers or services.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -51,8 +55,9 @@ SIZE_FORMS: dict[str, Callable[[LayerTable, float], float]] = {
 }
 """Each size term and how it becomes weight-storage bits for a layer table."""
 BOPS_FORM = "bops"
+MATCH_FORM = "match"
 ACCEPTED = (
-    "avg-bits=4, size-mb=1.5, compression=8, bops=1.2e9, "
+    "avg-bits=4, size-mb=1.5, compression=8, bops=1.2e9, match=W4A8, "
     "or one size term and bops joined by ',' (avg-bits=4,bops=2e9)"
 )
 
@@ -75,6 +80,8 @@ class Budget:
     size_form: str | None = None
     size_value: float | None = None
     bops: float | None = None
+    match: tuple[int, int] | None = None
+    """(weight bits, activation bits) of `match=WxAy`."""
 
     def resolve(self, table: LayerTable, act_bits: int = 32) -> ResolvedBudget:
         """Bits and BOPs for this table.
@@ -83,6 +90,10 @@ class Budget:
         (a BOPs budget is a count, not a width), so none of them reads it; it is part of the
         signature so callers already pass it when activation widths become choices.
         """
+        if self.match is not None:
+            weight, act = self.match
+            bops = sum(layer.macs * (layer.pinned_bits or weight) * act for layer in table)
+            return ResolvedBudget(size_bits=table.uniform_storage_bits(weight), bops=float(bops))
         size_bits = (
             None
             if self.size_form is None or self.size_value is None
@@ -91,6 +102,8 @@ class Budget:
         return ResolvedBudget(size_bits=size_bits, bops=self.bops)
 
     def __str__(self) -> str:
+        if self.match is not None:
+            return f"{MATCH_FORM}=W{self.match[0]}A{self.match[1]}"
         terms = []
         if self.size_form is not None and self.size_value is not None:
             terms.append(f"{self.size_form}={_number_text(self.size_value)}")
@@ -100,7 +113,16 @@ class Budget:
 
 
 def parse_budget(text: str) -> Budget:
-    """Parse `avg-bits=4`, `size-mb=1.5`, `compression=8`, `bops=1.2e9` or `<size>,bops=<n>`."""
+    """Parse `avg-bits=4`, `size-mb=1.5`, `compression=8`, `bops=1.2e9`, `<size>,bops=<n>` or
+    `match=W4A8`."""
+    key, _, raw = text.partition("=")
+    if key.strip() == MATCH_FORM:
+        found = re.fullmatch(r"\s*W(\d+)A(\d+)\s*", raw, flags=re.IGNORECASE)
+        if found is None:
+            raise BadBudget(
+                f"cannot read {text!r}: write match=W<weight bits>A<activation bits>, e.g. match=W4A8"
+            )
+        return Budget(match=(int(found.group(1)), int(found.group(2))))
     terms: dict[str, float] = {}
     for item in text.split(","):
         key, sep, raw = item.partition("=")

@@ -9,8 +9,10 @@ The program
   and BOPs add up. A group with a pinned member is fixed at that width (which need not be one of
   `bits`, e.g. 8 or 16) and leaves the program; its storage and BOPs are taken off the budget.
 - Choices: option k of a free group is a `Choice` (weight width, activation width) with a storage
-  and a BOPs coefficient; today one per entry of `bits` at one activation width. A choice is
-  forbidden (no variable) when any member's cost is inf.
+  and a BOPs coefficient: one per entry of `bits` at one activation width, or, when `act_bits`
+  is a sequence (joint allocation), one per (weight width, activation width) pair, weight-major,
+  and the cost table has a column per pair. Pinned groups run their inputs at the widest
+  activation width. A choice is forbidden (no variable) when any member's cost is inf.
 - Variables: x[g, k] in {0, 1} for every free group g and allowed choice k.
 - Constraints: sum_k x[g, k] = 1 for every g; sum storage[g, k] x[g, k] <= size budget - pinned
   storage; sum bops[g, k] x[g, k] <= BOPs budget - pinned BOPs (each only when the budget has it).
@@ -66,7 +68,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -87,6 +89,8 @@ Status = Literal["optimal", "feasible", "infeasible", "unknown"]
 SOLVERS = ("highs", "cbc")
 FEASIBILITY_TOL = 1e-9
 """Primal and integrality tolerance given to both solvers, on rows scaled to at most 1."""
+ActBits = int | Sequence[int]
+"""One activation width for every layer, or the widths joint allocation chooses from."""
 STORAGE, BOPS = 0, 1
 """Indices of the two resources in every usage array."""
 _UNBOUNDED = 2.0
@@ -121,11 +125,14 @@ class Solution:
     status: Status
     gap: float
     seconds: float
+    act_bits: dict[str, int] = field(default_factory=dict)
+    """Each layer's input activation width (every layer at the one width unless joint)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The strict-JSON form results store: the solver's name under "name", and None for an
         objective or gap that is inf (no plan, or no bound), which JSON cannot carry."""
         data = asdict(self)
+        data.pop("act_bits")  # per layer; results report it as the activation allocation
         data["name"] = data.pop("solver")
         return {
             key: None if isinstance(value, float) and not math.isfinite(value) else value
@@ -209,7 +216,7 @@ def solve(
     cost: np.ndarray,
     budget: ResolvedBudget,
     *,
-    act_bits: int = 32,
+    act_bits: ActBits = 32,
     time_limit: float = 10.0,
     rel_gap: float = 1e-3,
     solver: str = "highs",
@@ -232,14 +239,15 @@ def solve(
 
 
 def check_budget(
-    table: LayerTable, bits: Sequence[int], budget: ResolvedBudget, *, act_bits: int = 32
+    table: LayerTable, bits: Sequence[int], budget: ResolvedBudget, *, act_bits: ActBits = 32
 ) -> None:
     """Raise InfeasibleBudget now if no plan can fit, before any cost is computed.
 
     Feasibility depends on sizes only, so a job checks its budget right after the layer table
     is known instead of after minutes of calibration.
     """
-    _limit(_build_program(table, bits, np.zeros((len(table), len(bits))), act_bits), budget)
+    columns = len(_choices(bits, act_bits))
+    _limit(_build_program(table, bits, np.zeros((len(table), columns)), act_bits), budget)
 
 
 def pareto(
@@ -248,7 +256,7 @@ def pareto(
     cost: np.ndarray,
     budgets: Sequence[ResolvedBudget],
     *,
-    act_bits: int = 32,
+    act_bits: ActBits = 32,
     time_limit: float = 10.0,
     rel_gap: float = 1e-3,
     solver: str = "highs",
@@ -291,7 +299,7 @@ def pareto(
 
 
 def uniform_bits_for(
-    table: LayerTable, bits: Sequence[int], budget: ResolvedBudget, *, act_bits: int = 32
+    table: LayerTable, bits: Sequence[int], budget: ResolvedBudget, *, act_bits: ActBits = 32
 ) -> int | None:
     """The widest single width of `bits` that fits `budget` on every unpinned layer, or None.
 
@@ -300,7 +308,7 @@ def uniform_bits_for(
     fixed = _fixed_bits(table)
     for width in sorted(set(bits), reverse=True):
         plan = {layer.name: fixed.get(layer.name, width) for layer in table}
-        storage, bops = _plan_usage(table, plan, act_bits)
+        storage, bops = _plan_usage(table, plan, _widest(act_bits))
         if (budget.size_bits is None or storage <= budget.size_bits) and (
             budget.bops is None or bops <= budget.bops
         ):
@@ -320,18 +328,21 @@ def _fixed_bits(table: LayerTable) -> dict[str, int]:
     return {layer.name: next(iter(pins[layer.group])) for layer in table if layer.group in pins}
 
 
-def _plan_usage(table: LayerTable, plan: dict[str, int], act_bits: int) -> tuple[int, int]:
+def _plan_usage(
+    table: LayerTable, plan: dict[str, int], act_bits: int | Mapping[str, int]
+) -> tuple[int, int]:
     """Total storage bits and BOPs per sample of a full plan (layer name -> weight width)."""
     storage = bops = 0
     for layer in table:
-        layer_storage, layer_bops = Choice(plan[layer.name], act_bits).usage(layer)
+        act = act_bits if isinstance(act_bits, int) else act_bits[layer.name]
+        layer_storage, layer_bops = Choice(plan[layer.name], act).usage(layer)
         storage += layer_storage
         bops += layer_bops
     return storage, bops
 
 
 def _build_program(
-    table: LayerTable, bits: Sequence[int], cost: np.ndarray, act_bits: int
+    table: LayerTable, bits: Sequence[int], cost: np.ndarray, act_bits: ActBits
 ) -> _Program:
     """Sum tied layers into groups, fix pinned groups, and keep one column per allowed choice."""
     choices = _choices(bits, act_bits)
@@ -346,7 +357,7 @@ def _build_program(
     names: dict[str, list[str]] = {}
     for index, layer in enumerate(table.layers):
         if layer.name in fixed:
-            fixed_use += Choice(fixed[layer.name], act_bits).usage(layer)
+            fixed_use += Choice(fixed[layer.name], _widest(act_bits)).usage(layer)
         else:
             rows.append(index)
             names.setdefault(layer.group, []).append(layer.name)
@@ -380,11 +391,17 @@ def _build_program(
     )
 
 
-def _choices(bits: Sequence[int], act_bits: int) -> tuple[Choice, ...]:
+def _choices(bits: Sequence[int], act_bits: ActBits) -> tuple[Choice, ...]:
     widths = [int(b) for b in bits]
-    if not widths or len(set(widths)) != len(widths) or min(widths) < 1 or act_bits < 1:
-        raise ValueError(f"bits must be distinct positive widths, got {list(bits)} at {act_bits=}")
-    return tuple(Choice(width, act_bits) for width in widths)
+    acts = [act_bits] if isinstance(act_bits, int) else [int(a) for a in act_bits]
+    for name, values in (("bits", widths), ("act_bits", acts)):
+        if not values or len(set(values)) != len(values) or min(values) < 1:
+            raise ValueError(f"{name} must be distinct positive widths, got {values}")
+    return tuple(Choice(width, act) for width in widths for act in acts)
+
+
+def _widest(act_bits: ActBits) -> int:
+    return act_bits if isinstance(act_bits, int) else max(act_bits)
 
 
 def _cost_scale(col_cost: np.ndarray, col_group: np.ndarray, groups: int) -> float:
@@ -771,17 +788,21 @@ def _solution(
     program: _Program,
     outcome: _Outcome,
     solver: str,
-    act_bits: int,
+    act_bits: ActBits,
     seconds: float,
 ) -> Solution:
     if outcome.columns is None:
         return Solution({}, math.inf, 0, 0.0, solver, outcome.status, math.inf, seconds)
     chosen = dict(program.fixed_bits)
+    acts = dict.fromkeys(program.fixed_bits, _widest(act_bits))
     for column in outcome.columns:
-        width = program.choices[program.col_choice[column]].weight_bits
-        chosen.update(dict.fromkeys(program.groups[program.col_group[column]], width))
+        choice = program.choices[program.col_choice[column]]
+        members = program.groups[program.col_group[column]]
+        chosen.update(dict.fromkeys(members, choice.weight_bits))
+        acts.update(dict.fromkeys(members, choice.act_bits))
     plan = {layer.name: chosen[layer.name] for layer in table}
-    storage, bops = _plan_usage(table, plan, act_bits)
+    act_plan = {layer.name: acts[layer.name] for layer in table}
+    storage, bops = _plan_usage(table, plan, act_plan)
     objective = program.cost(outcome.columns)
     return Solution(
         bits=plan,
@@ -792,6 +813,7 @@ def _solution(
         status=outcome.status,
         gap=_relative_gap(objective, outcome.bound),
         seconds=seconds,
+        act_bits=act_plan,
     )
 
 

@@ -106,3 +106,25 @@ def test_bad_text_names_the_accepted_forms(text: str, says: str) -> None:
 
 def test_resolved_budget_defaults_to_unconstrained() -> None:
     assert ResolvedBudget() == ResolvedBudget(size_bits=None, bops=None)
+
+
+def test_match_is_the_size_and_bops_of_uniform_wxay() -> None:
+    table = LayerTable(
+        (
+            Layer("stem", "conv", 100, 4, 1_000, "stem", 8),
+            Layer("body", "linear", 1_000, 10, 20_000, "body", None),
+        )
+    )
+    budget = parse_budget("match=W4A8")
+    assert budget.match == (4, 8)
+    assert str(budget) == "match=W4A8"
+    assert parse_budget("match=w3a4").match == (3, 4)
+    resolved = budget.resolve(table)
+    assert resolved.size_bits == table.uniform_storage_bits(4)
+    assert resolved.bops == 1_000 * 8 * 8 + 20_000 * 4 * 8
+
+
+@pytest.mark.parametrize("text", ["match=4x8", "match=W4", "match=A8W4"])
+def test_bad_match_says_how_to_write_it(text: str) -> None:
+    with pytest.raises(BadBudget, match="match=W4A8"):
+        parse_budget(text)

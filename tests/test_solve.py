@@ -418,7 +418,7 @@ def test_solution_to_dict_is_strict_json() -> None:
     solution = solve(table, BITS, np.array([[2.0, 1.0, 0.0]]), ResolvedBudget())
     data = solution.to_dict()
     assert data["name"] == "frontier" and data["status"] == "optimal" and data["bits"] == {"a": 8}
-    assert set(data) == {f for f in Solution.__dataclass_fields__ if f != "solver"} | {"name"}
+    assert set(data) == set(Solution.__dataclass_fields__) - {"solver", "act_bits"} | {"name"}
     empty = Solution({}, math.inf, 0, 0.0, "cbc", "unknown", math.inf, 0.5).to_dict()
     assert (empty["objective"], empty["gap"]) == (None, None)
     json.dumps([data, empty], allow_nan=False)
@@ -435,3 +435,21 @@ def test_check_budget_refuses_before_any_cost_exists() -> None:
     check_budget(table, (2, 4, 8), ResolvedBudget(size_bits=table.uniform_storage_bits(2)))
     with pytest.raises(InfeasibleBudget, match="smallest feasible size"):
         check_budget(table, (2, 4, 8), ResolvedBudget(size_bits=table.uniform_storage_bits(1.5)))
+
+
+def test_joint_allocation_trades_activation_bits_for_weight_bits_under_bops() -> None:
+    """Two layers, costs in (weight, activation) pairs, BOPs of uniform W4A8 and room for 6-bit
+    weights: the layer whose activations barely matter takes 4-bit inputs and buys 8-bit
+    weights with the BOPs saved; the other keeps 8-bit inputs."""
+    table = LayerTable((layer("cheap_act", macs=1000), layer("dear_act", macs=1000)))
+    acts = (4, 8)
+    weight_cost = convex_costs(2)
+    act_cost = np.array([[0.001, 0.0], [50.0, 0.0]])
+    cost = (weight_cost[:, :, None] + act_cost[:, None, :]).reshape(2, -1)
+    bops = sum(e.macs * 4 * 8 for e in table)
+    budget = ResolvedBudget(size_bits=table.uniform_storage_bits(6), bops=bops)
+    solution = solve(table, BITS, cost, budget, act_bits=acts)
+    assert solution.act_bits == {"cheap_act": 4, "dear_act": 8}
+    assert solution.bits == {"cheap_act": 8, "dear_act": 4}
+    assert solution.bops <= bops
+    assert solution.storage_bits <= budget.size_bits
