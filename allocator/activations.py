@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from allocator.attention import attention_probs
+from allocator.attention import Combine, sdpa_replacement
 from allocator.layers import LayerTable
 from allocator.quant.activation import ActQuantizer
 from allocator.zoo.base import Inputs, LoadedModel
@@ -132,7 +132,7 @@ def instrument(module: nn.Module, sites: Sequence[Site], transform: Transform) -
     previous_sdpa = F.scaled_dot_product_attention
     previous_transform = getattr(_local, "transform", None)
     _local.transform = transform
-    F.scaled_dot_product_attention = _make_attention(previous_sdpa)
+    F.scaled_dot_product_attention = sdpa_replacement(previous_sdpa, _quantized_probs)
     try:
         yield
     finally:
@@ -210,31 +210,9 @@ def _leave(_module: nn.Module, _args: tuple, _out: object) -> None:
     _local.site = None
 
 
-def _make_attention(fallback: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    def attention(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
-        dropout_p: float = 0.0,
-        is_causal: bool = False,
-        scale: float | None = None,
-        enable_gqa: bool = False,
-    ) -> torch.Tensor:
-        site = getattr(_local, "site", None)
-        transform = getattr(_local, "transform", None)
-        if site is None or transform is None:
-            return fallback(
-                q,
-                k,
-                v,
-                attn_mask=attn_mask,
-                dropout_p=dropout_p,
-                is_causal=is_causal,
-                scale=scale,
-                enable_gqa=enable_gqa,
-            )
-        probs, v = attention_probs(q, k, v, attn_mask, is_causal, scale, enable_gqa)
-        return transform(site, probs) @ v
-
-    return attention
+def _quantized_probs() -> Combine | None:
+    site = getattr(_local, "site", None)
+    transform = getattr(_local, "transform", None)
+    if site is None or transform is None:
+        return None
+    return lambda probs, v: transform(site, probs) @ v

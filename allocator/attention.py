@@ -9,11 +9,15 @@ both replace that function while they are active and compute it here.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 ORIGINAL_SDPA = F.scaled_dot_product_attention
+
+Combine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(probabilities, v) -> attention output; `probs @ v` with something done to either."""
 
 
 def attention_probs(
@@ -43,3 +47,37 @@ def attention_probs(
         else:
             scores = scores + attn_mask
     return scores.softmax(dim=-1), v
+
+
+def sdpa_replacement(
+    fallback: Callable[..., torch.Tensor], active: Callable[[], Combine | None]
+) -> Callable[..., torch.Tensor]:
+    """A drop-in for `F.scaled_dot_product_attention`: while `active()` returns a combine
+    function, attention is computed in math form and combined by it; otherwise `fallback` runs."""
+
+    def attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> torch.Tensor:
+        combine = active()
+        if combine is None:
+            return fallback(
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=dropout_p,
+                is_causal=is_causal,
+                scale=scale,
+                enable_gqa=enable_gqa,
+            )
+        probs, v = attention_probs(q, k, v, attn_mask, is_causal, scale, enable_gqa)
+        return combine(probs, v)
+
+    return attention

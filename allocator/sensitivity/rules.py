@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from allocator.attention import ORIGINAL_SDPA, attention_probs
+from allocator.attention import ORIGINAL_SDPA, Combine, sdpa_replacement
 
 Backward = Literal["true", "lrp"]
 
@@ -127,30 +127,15 @@ def _normalize_hooks(module: nn.Module) -> list:
     return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 
 
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-) -> torch.Tensor:
-    """The math form of scaled dot-product attention with the CP-LRP rule attached."""
+def _cp_lrp() -> Combine | None:
+    """CP-LRP while the rules are active: the probabilities are constants for relevance."""
     if _state() is None:
-        return ORIGINAL_SDPA(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            dropout_p=dropout_p,
-            is_causal=is_causal,
-            scale=scale,
-            enable_gqa=enable_gqa,
-        )
-    probs, v = attention_probs(q, k, v, attn_mask, is_causal, scale, enable_gqa)
-    return _switch(probs @ v, lambda: probs.detach() @ v)
+        return None
+    return lambda probs, v: _switch(probs @ v, lambda: probs.detach() @ v)
+
+
+attention = sdpa_replacement(ORIGINAL_SDPA, _cp_lrp)
+"""The math form of scaled dot-product attention with the CP-LRP rule attached."""
 
 
 def _is_normalize(module: nn.Module) -> bool:
