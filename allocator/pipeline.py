@@ -2,7 +2,8 @@
 
 It loads the model and data, measures the layers, computes the cost table with the asked
 sensitivity methods, solves the integer program for the budget, quantizes, evaluates FP32, the
-mixed plan and the uniform plan of the same size, and writes the artifacts into `workdir`.
+mixed plan and the uniform plan of the same size (and a few more uniform widths, so the report
+has several measured plans), and writes the artifacts and the report into `workdir`.
 Storing rows and artifacts is the caller's business: this module never imports the web, database
 or queue layers.
 
@@ -30,6 +31,7 @@ from allocator.data import EvalSet, calibration_batches, evaluate, load_dataset
 from allocator.errors import BadDataset
 from allocator.layers import LayerTable, build_layer_table
 from allocator.plan import BitPlan, LayerPlan
+from allocator.report import write_report
 from allocator.sensitivity import (
     Sensitivity,
     SensitivityContext,
@@ -77,6 +79,9 @@ class JobSpec:
     bias_correction: bool = True
     time_limit: float = 10.0
     seed: int = 0
+    report_widths: bool = True
+    """Also evaluate uniform W3..W8 (those in `bits`) for the report's predicted-vs-measured
+    ranking: one quantization and one evaluation pass each."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -295,6 +300,8 @@ def run(spec: JobSpec, progress: Progress = _silent, workdir: str | Path | None 
         if uniform_bits is not None:
             uniform = bench.quantize(bench.uniform_plan(uniform_bits, meta))
             metrics["uniform"] = {"bits": uniform_bits, **bench.evaluate(uniform)}
+        tick(0.8, "uniform")
+        metrics["uniform_widths"] = _uniform_widths(bench, metrics["uniform"], meta)
         metrics["primary"] = bench.evalset.primary_metric
         metrics["predicted_cost"] = solution.objective
     result = Result(
@@ -337,6 +344,29 @@ def _allocation(
     ]
 
 
+# --- report points: more measured plans for allocator.report ------------------------------------
+
+REPORT_WIDTHS = range(3, 9)
+"""Uniform widths (of `spec.bits`) a job with `report_widths` also evaluates, besides the one
+matching its budget, so the report ranks predicted against measured loss over several plans.
+Each is one quantization with codes already chosen and one evaluation pass (on CIFAR-10's 10,000
+test images, about as long as the FP32 pass); 2 bits is left out because it wrecks most models
+and would decide the ranking alone."""
+
+
+def _uniform_widths(
+    bench: Workbench, matched: dict[str, Any] | None, meta: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """Metrics of every uniform width in REPORT_WIDTHS and of the budget's own (reused)."""
+    known = {matched["bits"]: matched} if matched else {}
+    asked = REPORT_WIDTHS if bench.spec.report_widths else ()
+    widths = sorted({b for b in bench.spec.bits if b in asked} | set(known))
+    return [
+        known.get(b) or {"bits": b, **bench.evaluate(bench.quantize(bench.uniform_plan(b, meta)))}
+        for b in widths
+    ]
+
+
 def write_artifacts(workdir: Path, mixed: torch.nn.Module, plan: BitPlan, result: Result) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     packed = workdir / "model.safetensors"
@@ -345,7 +375,12 @@ def write_artifacts(workdir: Path, mixed: torch.nn.Module, plan: BitPlan, result
     plan_path.write_text(json.dumps(plan.to_dict(), indent=1))
     profile_path = workdir / "profile.json"
     profile_path.write_text(json.dumps(result.profile))
-    return {"model": str(packed), "bitplan": str(plan_path), "profile": str(profile_path)}
+    return {
+        "model": str(packed),
+        "bitplan": str(plan_path),
+        "profile": str(profile_path),
+        **write_report(workdir, result),
+    }
 
 
 def _first(inputs: Inputs) -> Inputs:

@@ -2,8 +2,9 @@
 service (serve it, work for it, talk to it).
 
 `bitplan run` runs the pipeline in this process, then records the job, its result and its
-artifacts under `$BITPLAN_HOME` (default `./bitplan-data`). The job is recorded only once it has
-succeeded, so a run that fails on bad input leaves everything already stored untouched.
+artifacts under `$BITPLAN_HOME` (default `./bitplan-data`), with a copy of its HTML report at
+`reports/<job id>.html` there. The job is recorded only once it has succeeded, so a run that
+fails on bad input leaves everything already stored untouched.
 Errors a user can fix print one line and exit 2.
 
 `bitplan serve` is the API with inline workers in one process; `bitplan worker` a Celery worker;
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -114,6 +116,9 @@ PinFirstLastOpt = Annotated[bool, typer.Option(help="stem and head at 8 bits")]
 BiasCorrectionOpt = Annotated[bool, typer.Option()]
 TimeLimitOpt = Annotated[float, typer.Option(help="solver seconds")]
 SeedOpt = Annotated[int, typer.Option()]
+ReportWidthsOpt = Annotated[
+    bool, typer.Option(help="also measure uniform W3..W8 for the report (one eval pass each)")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object")]
 DEFAULT_BITS_TEXT = ",".join(map(str, DEFAULTS.bits))
 
@@ -135,6 +140,7 @@ def _spec(
     bias_correction: bool,
     time_limit: float,
     seed: int,
+    report_widths: bool,
 ) -> JobSpec:
     """The validated spec the options of `run` and `submit` describe."""
     spec = JobSpec(
@@ -153,6 +159,7 @@ def _spec(
         bias_correction=bias_correction,
         time_limit=time_limit,
         seed=seed,
+        report_widths=report_widths,
     )
     spec.validate()
     return spec
@@ -175,6 +182,7 @@ def run_command(
     bias_correction: BiasCorrectionOpt = DEFAULTS.bias_correction,
     time_limit: TimeLimitOpt = DEFAULTS.time_limit,
     seed: SeedOpt = DEFAULTS.seed,
+    report_widths: ReportWidthsOpt = DEFAULTS.report_widths,
     as_json: JsonOpt = False,
 ) -> None:
     """Find and apply the bit allocation for one model and budget, on this machine."""
@@ -195,15 +203,18 @@ def run_command(
             bias_correction=bias_correction,
             time_limit=time_limit,
             seed=seed,
+            report_widths=report_widths,
         )
         with tempfile.TemporaryDirectory(prefix="bitplan-") as workdir:
             with _progress_bars(sys.stderr.isatty()) as progress:
                 result = run(spec, progress, workdir)
             payload = _record(spec, result)
+        report = _keep_report(payload)
     if as_json:
         typer.echo(json.dumps(payload))
     else:
         _print_summary(payload)
+        Console().print(f"open the report in a browser: {report}", soft_wrap=True)
 
 
 def _record(spec: JobSpec, result) -> dict:
@@ -221,6 +232,17 @@ def _record(spec: JobSpec, result) -> dict:
     finally:
         # Closing the pool checkpoints SQLite's WAL now, not whenever the engine is collected.
         engine.dispose()
+
+
+def _keep_report(payload: dict) -> Path:
+    """A copy of the job's report at `$BITPLAN_HOME/reports/<job id>.html`: the artifact store
+    names files by their hash, without a suffix, and browsers will not open that as a page."""
+    from db.home import bitplan_home
+
+    target = bitplan_home() / "reports" / f"{payload['job_id']}.html"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(payload["artifacts"]["report"], target)
+    return target
 
 
 def _print_summary(payload: dict) -> None:
@@ -367,6 +389,7 @@ def submit_command(
     bias_correction: BiasCorrectionOpt = DEFAULTS.bias_correction,
     time_limit: TimeLimitOpt = DEFAULTS.time_limit,
     seed: SeedOpt = DEFAULTS.seed,
+    report_widths: ReportWidthsOpt = DEFAULTS.report_widths,
     queue: Annotated[str | None, typer.Option(help="interactive or batch")] = None,
     priority: Annotated[int, typer.Option(help="higher runs first")] = 0,
     not_before: Annotated[str | None, typer.Option(help="ISO time, e.g. 2025-01-01T22:00Z")] = None,
@@ -391,6 +414,7 @@ def submit_command(
             bias_correction=bias_correction,
             time_limit=time_limit,
             seed=seed,
+            report_widths=report_widths,
         )
         with _client(server, key) as client:
             job = client.submit(

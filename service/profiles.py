@@ -1,8 +1,8 @@
 """Answering a budget from a cached cost table: the integer program alone, no model pass.
 
 A profile row holds what `allocator.pipeline.profile_dict` wrote (layers, candidate widths, the
-cost matrix); this module rebuilds the solver's inputs from it and shapes the solver's answer
-for the API. The science stays in `allocator.solve` and `allocator.budget`; nothing here reads a
+cost matrix); `allocator.profile.CostTable` reads it back and this module shapes the solver's
+answer for the API. The science stays in `allocator.solve` and `allocator.budget`; nothing here reads a
 model or the database.
 """
 
@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
 from allocator.budget import parse_budget
-from allocator.layers import Layer, LayerTable
+from allocator.layers import LayerTable
+from allocator.profile import CostTable
 from allocator.solve import Solution, pareto
 from service.schemas import LayerBits, SolveOut
 
@@ -23,16 +22,11 @@ def solve_budgets(
     cost_table: Mapping[str, Any], budgets: Sequence[str], time_limit: float
 ) -> list[SolveOut]:
     """One plan per budget; raises BadBudget or InfeasibleBudget naming what to change."""
-    table = LayerTable(
-        layers=tuple(Layer(**layer) for layer in cost_table["layers"]),
-        attention_macs=cost_table.get("attention_macs", 0),
-    )
-    bits = tuple(cost_table["bits"])
-    cost = np.asarray(cost_table["cost"], dtype=float)
-    resolved = [parse_budget(budget).resolve(table) for budget in budgets]
-    solutions = pareto(table, bits, cost, resolved, time_limit=time_limit)
+    profile = CostTable.from_dict(cost_table)
+    resolved = [parse_budget(budget).resolve(profile.table) for budget in budgets]
+    solutions = pareto(profile.table, profile.bits, profile.cost, resolved, time_limit=time_limit)
     return [
-        _answer(table, budget, solution)
+        _answer(profile.table, budget, solution)
         for budget, solution in zip(budgets, solutions, strict=True)
     ]
 

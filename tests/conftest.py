@@ -1,4 +1,5 @@
-"""Shared database fixtures: a throwaway PostgreSQL database for integration tests.
+"""Shared fixtures: a throwaway PostgreSQL database for integration tests, and small random
+ResNet20 inputs for tests that run a real job.
 
 Tests that need PostgreSQL take `postgres_url`; it skips them with the reason when no server is
 reachable, so the default run stays green on a laptop without one.
@@ -9,11 +10,16 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 
+import numpy as np
 import psycopg
 import pytest
+import torch
 from psycopg import sql
 from sqlalchemy import make_url
+
+from allocator.zoo import load_model
 
 POSTGRES_ADMIN_URL_ENV = "BITPLAN_TEST_POSTGRES_URL"
 DEFAULT_POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -37,3 +43,21 @@ def postgres_url() -> Iterator[str]:
             yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
         finally:
             admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def resnet20_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Random but fixed ResNet20 weights and 48 random labelled images: a real job that runs in
+    seconds, for tests about the machinery around the science rather than its numbers."""
+    folder = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    images = folder / "images.npz"
+    np.savez(
+        images,
+        images=rng.integers(0, 256, size=(48, 32, 32, 3), dtype=np.uint8),
+        labels=rng.integers(0, 10, size=48),
+    )
+    torch.manual_seed(0)
+    weights = folder / "resnet20.pth"
+    torch.save(load_model("zoo:cifar_resnet20").module.state_dict(), weights)
+    return weights, images

@@ -574,3 +574,18 @@ def test_openapi_documents_every_route_with_examples(client: TestClient) -> None
     assert {"413", "415", "422"} <= set(upload["responses"])
     result = schema["paths"]["/v1/jobs/{job_id}/result"]["get"]["responses"]["200"]
     assert "example" in result["content"]["application/json"]
+
+
+def test_the_dashboard_shell_is_served_without_a_key_and_its_data_is_not(
+    client: TestClient,
+) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "connect-src 'self'" in policy
+    assert '<script src="/dashboard.js"' in page.text
+    script = client.get("/dashboard.js")
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    assert "Authorization: `Bearer ${" in script.text
+    assert client.get("/v1/jobs").status_code == 401
+    assert "/" not in client.get("/openapi.json").json()["paths"]

@@ -10,47 +10,23 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
 from allocator.apply import load_packed
 from allocator.zoo import load_model
 from service.client import BitplanClient
+from tests.serving import bitplan, serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 WEIGHTS = CIFAR / "resnet20-12fca82f.th"
 CALIB = CIFAR / "calib_train_jpeg.npz"
-SERVER_START_SECONDS = 120
 JOB_SECONDS = 900
-
-
-def _bitplan(*args: str, env: dict[str, str], timeout: float = 120) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert done.returncode == 0, f"bitplan {' '.join(args)} exited {done.returncode}: {done.stderr}"
-    return done.stdout
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
@@ -62,41 +38,16 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 @pytest.fixture
 def server(env: dict[str, str], tmp_path: Path) -> Iterator[str]:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = (tmp_path / "serve.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + SERVER_START_SECONDS
-        while not _answers(url):
-            assert process.poll() is None, (tmp_path / "serve.log").read_text()
-            assert time.monotonic() < deadline, "bitplan serve did not start"
-            time.sleep(0.5)
+    with serving(env, tmp_path / "serve.log") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(60)
-        log.close()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def test_a_job_over_http_produces_a_loadable_packed_model(
     server: str, env: dict[str, str], tmp_path: Path
 ) -> None:
-    key = _bitplan("keys", "create", "--tenant", "integration", env=env).strip()
+    key = bitplan("keys", "create", "--tenant", "integration", env=env).strip()
     remote = {**env, "BITPLAN_SERVER": server, "BITPLAN_API_KEY": key}
-    job_id = _bitplan(
+    job_id = bitplan(
         "submit",
         "--model",
         "zoo:cifar_resnet20",
@@ -119,14 +70,14 @@ def test_a_job_over_http_produces_a_loadable_packed_model(
         env=remote,
     ).strip()
 
-    result = json.loads(_bitplan("wait", job_id, "--json", env=remote, timeout=JOB_SECONDS))
+    result = json.loads(bitplan("wait", job_id, "--json", env=remote, timeout=JOB_SECONDS))
     assert result["job_id"] == job_id
     assert result["model"] == "zoo:cifar_resnet20"
     assert result["avg_weight_bits"] <= 4.2
     assert result["solver"]["status"] in ("optimal", "feasible")
 
     packed = tmp_path / "resnet20-mixed.safetensors"
-    _bitplan("fetch", job_id, "model", "-o", str(packed), env=remote)
+    bitplan("fetch", job_id, "model", "-o", str(packed), env=remote)
     module, plan = load_packed(packed, load_model("zoo:cifar_resnet20").module)
     planned = {entry["layer"]: entry["weight_bits"] for entry in result["allocation"]}
     assert plan.weight_bits == planned

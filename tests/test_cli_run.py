@@ -27,30 +27,13 @@ SHARED = Path(
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Random but fixed ResNet20 weights and random labelled images."""
-    folder = tmp_path_factory.mktemp("inputs")
-    rng = np.random.default_rng(0)
-    images = folder / "images.npz"
-    np.savez(
-        images,
-        images=rng.integers(0, 256, size=(48, 32, 32, 3), dtype=np.uint8),
-        labels=rng.integers(0, 10, size=48),
-    )
-    torch.manual_seed(0)
-    weights = folder / "resnet20.pth"
-    torch.save(load_model("zoo:cifar_resnet20").module.state_dict(), weights)
-    return weights, images
-
-
-@pytest.fixture(scope="module")
-def finished(inputs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory):
+def finished(resnet20_inputs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory):
     """A BITPLAN_HOME holding one finished job, and that job's JSON."""
     home = tmp_path_factory.mktemp("home") / "data"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("BITPLAN_HOME", str(home))
         patch.delenv("BITPLAN_DATABASE_URL", raising=False)
-        code, out, err = invoke(*base_args(*inputs), "--budget", "avg-bits=3", "--json")
+        code, out, err = invoke(*base_args(*resnet20_inputs), "--budget", "avg-bits=3", "--json")
     assert code == 0, err
     return home, json.loads(out)
 
@@ -63,13 +46,13 @@ def home(finished, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture()
-def weights(inputs: tuple[Path, Path]) -> Path:
-    return inputs[0]
+def weights(resnet20_inputs: tuple[Path, Path]) -> Path:
+    return resnet20_inputs[0]
 
 
 @pytest.fixture()
-def images(inputs: tuple[Path, Path]) -> Path:
-    return inputs[1]
+def images(resnet20_inputs: tuple[Path, Path]) -> Path:
+    return resnet20_inputs[1]
 
 
 def refused(home: Path, args: list[str]) -> str:
@@ -152,6 +135,18 @@ def test_run_json_records_job_and_artifacts(finished) -> None:
     reloaded, plan = load_packed(artifact, skeleton)
     assert plan.weight_bits == {name: row["weight_bits"] for name, row in layers.items()}
     assert sum(p.numel() for p in reloaded.parameters()) > 0
+
+
+def test_run_stores_the_report_and_keeps_a_copy_browsers_open(finished) -> None:
+    home, payload = finished
+    stored = Path(payload["artifacts"]["report"])
+    assert str(stored).startswith(str(home / "artifacts"))
+    assert Path(payload["artifacts"]["pareto"]).read_bytes().startswith(b"\x89PNG")
+    widths = [entry["bits"] for entry in payload["metrics"]["uniform_widths"]]
+    assert widths == [3, 4, 5, 6, 8]
+    copy = home / "reports" / f"{payload['job_id']}.html"
+    assert copy.read_bytes() == stored.read_bytes()
+    assert copy.read_text().startswith("<!DOCTYPE html>")
 
 
 @pytest.mark.parametrize(

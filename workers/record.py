@@ -9,7 +9,6 @@ artifact store); only a worker turns that into a local path, just before running
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +16,11 @@ from sqlalchemy.orm import Session
 
 from allocator.errors import BitplanError
 from allocator.pipeline import JobSpec, Result
+from allocator.profile import file_sha256
 from db import repositories
 from db.models import Job, Profile, UploadKind
 from db.repositories import ArtifactRecord, ProfileKey, canonical_sha256
-from db.store import CHUNK_SIZE, ArtifactStore
+from db.store import ArtifactStore
 
 UPLOAD_REF_PREFIX = "upload:"
 INPUT_KINDS = {"weights": UploadKind.MODEL, "calib": UploadKind.DATASET, "eval": UploadKind.DATASET}
@@ -120,14 +120,6 @@ def record_profile(
     weights = file_sha256(Path(spec.weights)) if spec.weights else None
     key = profile_key(spec, weights, file_sha256(Path(spec.calib)))
     return repositories.put_profile(session, tenant=tenant, key=key, cost_table=cost_table)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as source:
-        while chunk := source.read(CHUNK_SIZE):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _link_upload(

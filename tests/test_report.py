@@ -1,0 +1,167 @@
+"""The per-job report from a hand-made result: no model, so every number in it is known."""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from allocator.layers import Layer
+from allocator.pipeline import JobSpec, Result
+from allocator.plan import BitPlan, LayerPlan
+from allocator.profile import CostTable, file_sha256
+from allocator.report import Point, build, degradation, rank_correlation, write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+BITS = (2, 4, 8)
+LAYERS = [
+    Layer("stem", "conv", params=100, out_channels=4, macs=1000, group="stem", pinned_bits=8),
+    Layer("body", "conv", params=1000, out_channels=8, macs=9000, group="body"),
+    Layer("head", "linear", params=500, out_channels=10, macs=500, group="head"),
+]
+COST = [
+    [9.0, 3.0, 1.0],  # a pinned layer's row never counts
+    [4.0, 1.0, 0.1],
+    [2.0, 0.5, 0.05],
+]
+MIXED = {"stem": 8, "body": 4, "head": 2}
+
+
+def make_result(calib: Path) -> Result:
+    """A job whose measured losses rank its plans exactly as the cost table does."""
+    metric = {2: 40.0, 4: 78.0, 8: 80.0}
+    return Result(
+        spec=JobSpec(model="zoo:tiny", calib=str(calib), budget="avg-bits=4", bits=BITS),
+        allocation=[
+            {
+                "layer": layer.name,
+                "weight_bits": MIXED[layer.name],
+                "params": layer.params,
+                "clip": "mse",
+                "pinned": layer.pinned_bits is not None,
+                "sensitivity": {"fisher": 1.0 + i, "lrp": 0.5 * (i + 1)},
+            }
+            for i, layer in enumerate(LAYERS)
+        ],
+        avg_weight_bits=3.5,
+        weight_bytes=700.0,
+        solver={"name": "highs", "status": "optimal", "gap": 0.0, "seconds": 0.01},
+        metrics={
+            "fp32": {"top1": 81.0, "kl": 0.0},
+            "quantized": {"top1": 70.0, "kl": 0.2},
+            "uniform": {"bits": 4, "top1": metric[4], "kl": 0.1},
+            "uniform_widths": [{"bits": b, "top1": metric[b], "kl": 8 / b} for b in BITS],
+            "primary": "top1",
+            "predicted_cost": 3.0,
+        },
+        timings={"load": 0.1, "solve": 0.01},
+        plan=BitPlan(layers={name: LayerPlan(weight_bits=b) for name, b in MIXED.items()}),
+        profile={
+            "method": "fisher",
+            "bits": list(BITS),
+            "layers": [vars(layer) for layer in LAYERS],
+            "attention_macs": 0,
+            "cost": COST,
+        },
+        job_id="job-1",
+    )
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory: pytest.TempPathFactory) -> Result:
+    calib = tmp_path_factory.mktemp("inputs") / "calib.npz"
+    calib.write_bytes(b"not really images")
+    return make_result(calib)
+
+
+@pytest.fixture(scope="module")
+def written(result: Result, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One report for the tests that only read it (drawing it takes about a second)."""
+    folder = tmp_path_factory.mktemp("report")
+    return {name: Path(path) for name, path in write_report(folder, result).items()}
+
+
+def test_the_html_stands_alone_with_its_images_embedded(written: dict[str, Path]) -> None:
+    page = written["report"].read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    assert not re.search(r"""(src|href)\s*=\s*['"]?\s*(https?:)?//""", page, re.IGNORECASE)
+    assert "<script" not in page.lower()
+    images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    assert len(images) == 3
+    pareto = written["pareto"].read_bytes()
+    assert pareto.startswith(PNG_SIGNATURE)
+    assert base64.b64encode(pareto).decode() in images
+
+
+def test_the_page_names_the_inputs_the_solver_and_the_correlation(
+    written: dict[str, Path], result: Result
+) -> None:
+    page = written["report"].read_text()
+    assert f"<code>{file_sha256(Path(result.spec.calib))}</code>" in page
+    for text in ("zoo:tiny", "avg-bits=4", "calib_samples", "optimal", "W2", "W8", "mixed"):
+        assert text in page
+    assert "<b>1.000</b>" in page  # the hand-made losses rank exactly as predicted
+
+
+def test_pngs_are_valid_pngs(written: dict[str, Path]) -> None:
+    from PIL import Image
+
+    with Image.open(written["pareto"]) as image:
+        image.verify()
+        assert image.format == "PNG" and image.size[0] > 400
+
+
+def test_points_are_priced_with_the_cost_table(result: Result) -> None:
+    report = build(result)
+    labels = [point.label for point in report.measured]
+    assert labels == ["FP32", "W2", "W4", "W8", "mixed"]
+    predicted = {point.label: point.predicted for point in report.measured}
+    assert predicted == pytest.approx({"FP32": 0, "W2": 6, "W4": 1.5, "W8": 0.15, "mixed": 3})
+    mixed = report.measured[-1]
+    assert mixed.avg_bits == pytest.approx((100 * 8 + 1000 * 4 + 500 * 2) / 1600)
+    assert report.degradation(mixed) == pytest.approx(11.0)
+    assert report.rank_correlation == pytest.approx(1.0)
+    assert report.frontier and all(p.predicted >= 0 for p in report.frontier)
+    assert max(p.predicted for p in report.frontier) <= predicted["W2"]
+
+
+def test_plan_cost_matches_the_solver_objective_and_skips_pins(result: Result) -> None:
+    costs = CostTable.from_dict(result.profile)
+    assert costs.plan_cost(MIXED) == pytest.approx(result.metrics["predicted_cost"])
+    assert costs.uniform_plan(2) == {"stem": 8, "body": 2, "head": 2}
+
+
+def test_spearman_on_a_known_case() -> None:
+    # Ranks (1, 2, 3, 4, 5) against (2, 1, 4, 3, 5): sum d^2 = 4, rho = 1 - 6*4/(5*24) = 0.8.
+    assert rank_correlation([1, 2, 3, 4, 5], [20, 10, 40, 30, 50]) == pytest.approx(0.8)
+    assert rank_correlation([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert rank_correlation([1, 2], [1, 2]) is None
+    assert rank_correlation([1, 2, 3], [5, 5, 5]) is None
+
+
+def test_degradation_is_positive_when_worse_whichever_way_the_metric_runs(
+    result: Result,
+) -> None:
+    report = build(result)
+    fp32, w2 = report.measured[0], report.measured[1]
+    assert degradation("top1", fp32, w2) == pytest.approx(41.0)
+    lower_is_better = Point("FP32", "fp32", 1.0, 32, 0.0, quality=0.0)
+    worse = Point("W2", "uniform", 0.1, 2, 1.0, quality=0.3)
+    assert degradation("kl", lower_is_better, worse) == pytest.approx(0.3)
+
+
+def test_a_width_the_table_forbids_leaves_its_plans_out_but_still_reports(
+    result: Result, tmp_path: Path
+) -> None:
+    forbidding = [row[:] for row in COST]
+    forbidding[1][0] = float("inf")  # body may not take 2 bits
+    result = replace(result, profile={**result.profile, "cost": forbidding})
+    report = build(result)
+    assert report.frontier == []  # the narrowest uniform size admits no plan
+    assert report.measured[1].label == "W2" and report.measured[1].predicted == float("inf")
+    assert report.rank_correlation == pytest.approx(1.0)  # W4, W8 and mixed still rank
+    page = Path(write_report(tmp_path, result)["report"]).read_text()
+    assert "<b>1.000</b>" in page
