@@ -25,12 +25,15 @@ import numpy as np
 import torch
 
 from allocator import costs
+from allocator.act_plan import ACT_QUANTIZERS, PROBS_ACT_BITS, ActivationBench, quantizers
+from allocator.activations import quantized_activations
 from allocator.apply import apply, pack
 from allocator.budget import Budget, parse_budget
 from allocator.data import EvalSet, calibration_batches, evaluate, load_dataset
-from allocator.errors import BadDataset
+from allocator.errors import BadBudget, BadDataset, UnknownMethod
 from allocator.layers import LayerTable, build_layer_table
 from allocator.plan import BitPlan, LayerPlan
+from allocator.quant.activation import ACT_BITS, ActQuantizer
 from allocator.report import write_report
 from allocator.sensitivity import (
     Sensitivity,
@@ -44,6 +47,10 @@ from allocator.zoo.base import Inputs, LoadedModel
 
 Progress = Callable[[str, float, str], None]
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
+FLOAT_ACT_BITS = 32
+"""BOPs count float activations at 32 bits."""
+JOINT = "auto"
+"""`act_bits` value that lets the integer program choose every layer's activation width."""
 PHASES = (
     "load",
     "layers",
@@ -82,6 +89,10 @@ class JobSpec:
     report_widths: bool = True
     """Also evaluate uniform W3..W8 (those in `bits`) for the report's predicted-vs-measured
     ranking: one quantization and one evaluation pass each."""
+    act_bits: int | str | None = None
+    """Activation width of every site, or "auto" to allocate them with the weights (joint
+    integer program). None: float activations, unless the budget is `match=WxAy`, which sets y."""
+    act_quantizers: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -98,8 +109,19 @@ class JobSpec:
 
     def validate(self) -> None:
         """Cheap checks before any model is loaded, so bad input fails in milliseconds."""
-        parse_budget(self.budget)
+        budget = parse_budget(self.budget)
         parse_method(self.method)
+        if self.act_bits not in (None, JOINT, *ACT_BITS):
+            raise BadBudget(
+                f"activation bits {self.act_bits!r} is not one of "
+                f"{', '.join(map(str, ACT_BITS))} or {JOINT}"
+            )
+        act_bits_for(self, budget)
+        if self.act_quantizers not in ACT_QUANTIZERS:
+            raise UnknownMethod(
+                f"unknown activation quantizers {self.act_quantizers!r}; use one of "
+                f"{', '.join(ACT_QUANTIZERS)}"
+            )
         if self.calib_samples < 1 or self.batch_size < 1:
             raise BadDataset("calib_samples and batch_size must be at least 1")
 
@@ -119,6 +141,8 @@ class Result:
     profile: dict[str, Any]
     artifacts: dict[str, str] = field(default_factory=dict)
     job_id: str | None = None
+    act_allocation: list[dict[str, Any]] | None = None
+    bops: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -133,6 +157,8 @@ class Result:
             "metrics": self.metrics,
             "timings": self.timings,
             "artifacts": self.artifacts,
+            "act_allocation": self.act_allocation,
+            "bops": self.bops,
         }
 
 
@@ -198,6 +224,8 @@ class Workbench:
     evalset: EvalSet
     table: LayerTable
     choices: dict[tuple[str, int], costs.QuantChoice]
+    activations: ActivationBench | None = None
+    """Activation sites and their calibration samples, when the job quantizes activations."""
     _reference: torch.Tensor | None = None
 
     @property
@@ -238,10 +266,18 @@ class Workbench:
         widths = {layer.name: layer.pinned_bits or bits for layer in self.table}
         return self.plan(widths, {**(meta or {}), "uniform_bits": bits})
 
-    def evaluate(self, module: torch.nn.Module | None = None) -> dict[str, float]:
-        """Metrics of `module` (FP32 when None) on the evaluation set."""
+    def evaluate(
+        self,
+        module: torch.nn.Module | None = None,
+        activations: Mapping[str, ActQuantizer] | None = None,
+    ) -> dict[str, float]:
+        """Metrics of `module` (FP32 when None) on the evaluation set, with `activations`
+        quantizing its activation sites when given."""
         target = self.model if module is None else replace(self.model, module=module)
-        return evaluate(target, self.evalset, self.reference)
+        if not activations or self.activations is None:
+            return evaluate(target, self.evalset, self.reference)
+        with quantized_activations(target.module, self.activations.sites, activations):
+            return evaluate(target, self.evalset, self.reference)
 
 
 def prepare(spec: JobSpec, clock: _Clock | None = None, budget: Budget | None = None) -> Workbench:
@@ -262,7 +298,8 @@ def prepare(spec: JobSpec, clock: _Clock | None = None, budget: Budget | None = 
             model, _first(batches[0]), pin_first_last=spec.pin_first_last, pins=spec.pins
         )
         if budget is not None:
-            check_budget(table, spec.bits, budget.resolve(table))
+            act_bits = act_bits_for(spec, budget) or FLOAT_ACT_BITS
+            check_budget(table, spec.bits, budget.resolve(table), act_bits=act_bits)
     with clock.phase("statistics") as tick:
         stats = costs.input_stats(
             model, batches, table, on_batch=lambda i: tick((i + 1) / len(batches), "inputs")
@@ -270,7 +307,37 @@ def prepare(spec: JobSpec, clock: _Clock | None = None, budget: Budget | None = 
         choices = costs.quant_choices(
             model, table, stats, spec.bits, bias_correction=spec.bias_correction
         )
-    return Workbench(spec, model, batches, evalset, table, choices)
+        tick(1.0, "activations")
+        activations = (
+            ActivationBench(model, batches, table)
+            if act_bits_for(spec, budget or parse_budget(spec.budget)) is not None
+            else None
+        )
+    return Workbench(spec, model, batches, evalset, table, choices, activations)
+
+
+def act_bits_for(spec: JobSpec, budget: Budget) -> int | tuple[int, ...] | None:
+    """The activation width a job runs at: asked for, the A of a `match=WxAy` budget, or the
+    widths joint allocation chooses from."""
+    if spec.act_bits == JOINT:
+        return ACT_BITS
+    if isinstance(spec.act_bits, int):
+        return spec.act_bits
+    if budget.match is not None:
+        if budget.match[1] not in ACT_BITS:
+            raise BadBudget(
+                f"{budget}: activation width {budget.match[1]} is not one of "
+                f"{', '.join(map(str, ACT_BITS))}"
+            )
+        return budget.match[1]
+    return None
+
+
+def _baseline_act_bits(act_bits: int | tuple[int, ...], budget: Budget) -> int:
+    """The activation width of the uniform plan a job is compared with."""
+    if isinstance(act_bits, int):
+        return act_bits
+    return budget.match[1] if budget.match is not None else PROBS_ACT_BITS
 
 
 def run(spec: JobSpec, progress: Progress = _silent, workdir: str | Path | None = None) -> Result:
@@ -282,26 +349,63 @@ def run(spec: JobSpec, progress: Progress = _silent, workdir: str | Path | None 
     bench = prepare(spec, clock, budget)
     table = bench.table
     resolved = budget.resolve(table)
+    act_bits = act_bits_for(spec, budget)
+    bops_act = FLOAT_ACT_BITS if act_bits is None else act_bits
     with clock.phase("sensitivity") as tick:
         cost, sensitivities, sensitivity_timings = bench.cost_table(spec.method, tick)
+        solve_cost = cost
+        if isinstance(act_bits, tuple) and bench.activations is not None:
+            errors = {key: choice.output_error for key, choice in bench.choices.items()}
+            solve_cost = bench.activations.joint_cost(
+                cost, spec.bits, errors, act_bits, spec.act_quantizers
+            )
     with clock.phase("solve"):
-        solution = solve(table, spec.bits, cost, resolved, time_limit=spec.time_limit)
-    meta = {"model": spec.model, "budget": spec.budget, "method": spec.method}
+        solution = solve(
+            table, spec.bits, solve_cost, resolved, act_bits=bops_act, time_limit=spec.time_limit
+        )
+    meta: dict[str, Any] = {"model": spec.model, "budget": spec.budget, "method": spec.method}
+    act_quantizers: dict[str, ActQuantizer] = {}
+    act_allocation = None
+    # The packed artifact carries what a runtime needs to reproduce the activations.
+    plan_activations: dict[str, dict[str, Any]] = {}
+    if act_bits is not None and bench.activations is not None:
+        widths: int | dict[str, int] = (
+            act_bits
+            if isinstance(act_bits, int)
+            else {
+                site.name: solution.act_bits[site.layer] if site.layer else PROBS_ACT_BITS
+                for site in bench.activations.sites
+            }
+        )
+        assignments = bench.activations.assign(widths, spec.act_quantizers)
+        act_quantizers = quantizers(assignments)
+        act_allocation = [a.to_dict() for a in assignments]
+        plan_activations = {
+            a.site.name: {**a.to_dict(), "params": a.quantizer.to_dict()} for a in assignments
+        }
     with clock.phase("quantize"):
-        plan = bench.plan(solution.bits, meta)
+        plan = replace(bench.plan(solution.bits, meta), activations=plan_activations)
         mixed = bench.quantize(plan)
-        uniform_bits = uniform_bits_for(table, spec.bits, resolved)
+        baseline_act = FLOAT_ACT_BITS if act_bits is None else _baseline_act_bits(act_bits, budget)
+        uniform_bits = uniform_bits_for(table, spec.bits, resolved, act_bits=baseline_act)
     with clock.phase("evaluate") as tick:
         metrics: dict[str, Any] = {"fp32": bench.evaluate()}
         tick(0.4, "fp32")
-        metrics["quantized"] = bench.evaluate(mixed)
+        metrics["quantized"] = bench.evaluate(mixed, act_quantizers)
         tick(0.7, "mixed")
         metrics["uniform"] = None
+        uniform_acts = act_quantizers
+        if isinstance(act_bits, tuple) and bench.activations is not None:
+            uniform_acts = quantizers(bench.activations.assign(baseline_act, spec.act_quantizers))
         if uniform_bits is not None:
             uniform = bench.quantize(bench.uniform_plan(uniform_bits, meta))
-            metrics["uniform"] = {"bits": uniform_bits, **bench.evaluate(uniform)}
+            metrics["uniform"] = {
+                "bits": uniform_bits,
+                "act_bits": None if act_bits is None else baseline_act,
+                **bench.evaluate(uniform, uniform_acts),
+            }
         tick(0.8, "uniform")
-        metrics["uniform_widths"] = _uniform_widths(bench, metrics["uniform"], meta)
+        metrics["uniform_widths"] = _uniform_widths(bench, metrics["uniform"], meta, uniform_acts)
         metrics["primary"] = bench.evalset.primary_metric
         metrics["predicted_cost"] = solution.objective
     result = Result(
@@ -320,6 +424,8 @@ def run(spec: JobSpec, progress: Progress = _silent, workdir: str | Path | None 
         },
         plan=plan,
         profile=profile_dict(table, spec.bits, cost, spec.method),
+        act_allocation=act_allocation,
+        bops=solution.bops,
     )
     if workdir is not None:
         with clock.phase("pack"):
@@ -355,14 +461,22 @@ and would decide the ranking alone."""
 
 
 def _uniform_widths(
-    bench: Workbench, matched: dict[str, Any] | None, meta: Mapping[str, Any]
+    bench: Workbench,
+    matched: dict[str, Any] | None,
+    meta: Mapping[str, Any],
+    activations: Mapping[str, ActQuantizer],
 ) -> list[dict[str, Any]]:
-    """Metrics of every uniform width in REPORT_WIDTHS and of the budget's own (reused)."""
+    """Metrics of every uniform width in REPORT_WIDTHS and of the budget's own (reused), with
+    the job's activation quantizers."""
     known = {matched["bits"]: matched} if matched else {}
     asked = REPORT_WIDTHS if bench.spec.report_widths else ()
     widths = sorted({b for b in bench.spec.bits if b in asked} | set(known))
     return [
-        known.get(b) or {"bits": b, **bench.evaluate(bench.quantize(bench.uniform_plan(b, meta)))}
+        known.get(b)
+        or {
+            "bits": b,
+            **bench.evaluate(bench.quantize(bench.uniform_plan(b, meta)), activations),
+        }
         for b in widths
     ]
 

@@ -2,6 +2,12 @@
 
     python bench/quality.py                       # ResNet20, ResNet56, MiniLM (minutes)
     python bench/quality.py --models resnet20 --methods lrp+fisher --budgets 4,3
+    python bench/quality.py --act --models digits,minilm   # activation quantizers, W/A
+
+`--act` measures activation quantization instead: uniform WxAy with the baseline and each seed
+quantizer preset, and mixed weights at the size and BOPs of uniform W4A8 and W4A4
+(`match=W4A8`). `digits` is the small ViT of bench/train_digits_vit.py, trained first if its
+weights are missing.
 
 For each model one `Workbench` is prepared (load, layer table, calibration statistics), each
 method's cost table is computed once, and every budget is a re-solve of that table. Prints
@@ -22,17 +28,31 @@ from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from train_digits_vit import MODEL_REF as DIGITS_REF  # noqa: E402
+from train_digits_vit import train as train_digits  # noqa: E402
+
+from allocator.act_plan import (  # noqa: E402
+    ACT_QUANTIZERS,
+    CANDIDATES,
+    PROBS_ACT_BITS,
+    quantizers,
+)
 from allocator.apply import apply  # noqa: E402
 from allocator.budget import parse_budget  # noqa: E402
 from allocator.pipeline import JobSpec, Workbench, prepare  # noqa: E402
 from allocator.plan import BitPlan  # noqa: E402
-from allocator.solve import solve  # noqa: E402
+from allocator.quant.activation import ACT_BITS  # noqa: E402
+from allocator.solve import solve, uniform_bits_for  # noqa: E402
 
 DATA = Path(os.environ.get("BITPLAN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 METHODS = ("lrp", "fisher", "hessian", "measured", "lrp+fisher")
 UNIFORM_BITS = (8, 6, 5, 4, 3)
 SWEEP = (2.25, 2.5, 3.0, 3.5, 4.0, 5.0)
+UNIFORM_WA = ((8, 8), (6, 6), (4, 8), (4, 4))
+MATCHED = ("W4A8", "W4A4")
+DIGITS = ROOT / "bench" / "out" / "digits"
 
 
 def model_specs(eval_samples: int | None) -> dict[str, JobSpec]:
@@ -40,6 +60,14 @@ def model_specs(eval_samples: int | None) -> dict[str, JobSpec]:
     stsb = DATA / "stsb"
     common = {"eval_samples": eval_samples}
     return {
+        "digits": JobSpec(
+            model=DIGITS_REF,
+            weights=str(DIGITS / "vit.safetensors"),
+            calib=str(DIGITS / "train.npz"),
+            eval=str(DIGITS / "test.npz"),
+            calib_samples=256,
+            **common,
+        ),
         "resnet20": JobSpec(
             model="zoo:cifar_resnet20",
             weights=str(cifar / "resnet20-12fca82f.th"),
@@ -181,23 +209,112 @@ def run_model(name: str, spec: JobSpec, methods: list[str], budgets: list[float]
     return "\n".join(out)
 
 
+def act_section(name: str, spec: JobSpec, method: str) -> str:
+    """Uniform WxAy per activation-quantizer preset, mixed weights at matched size and BOPs,
+    and which quantizer `auto` picks per role."""
+    started = time.perf_counter()
+    bench = prepare(spec, budget=parse_budget("match=W4A8"))
+    acts = bench.activations
+    primary = bench.evalset.primary_metric
+    fp32 = bench.evaluate()[primary]
+    presets = list(ACT_QUANTIZERS)
+    lines = [
+        f"### {name} activations ({spec.model}, {primary} on {bench.evalset.size} eval samples, "
+        f"{len(acts.sites)} activation sites), FP32 {fp32:.2f}",
+        "",
+        "| weights / activations | " + " | ".join(presets) + " |",
+        "|---|" + "---|" * len(presets),
+    ]
+    for w, a in UNIFORM_WA:
+        module = bench.quantize(bench.uniform_plan(w))
+        cells = [
+            bench.evaluate(module, quantizers(acts.assign(a, preset)))[primary]
+            for preset in presets
+        ]
+        lines.append(f"| uniform W{w}A{a} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    cost, _sens, _timings = bench.cost_table(method)
+    errors = {key: choice.output_error for key, choice in bench.choices.items()}
+    joint_cost = acts.joint_cost(cost, bench.spec.bits, errors, ACT_BITS, "auto")
+    lines += [
+        "",
+        f"| budget ({method}, auto quantizers) | uniform | mixed weights, fixed A "
+        "| joint W/A | joint avg weight bits | joint activation widths (sites) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for match in MATCHED:
+        budget = parse_budget(f"match={match}")
+        act_bits = budget.match[1]
+        resolved = budget.resolve(bench.table)
+        fixed_acts = quantizers(acts.assign(act_bits, "auto"))
+        uniform_w = uniform_bits_for(bench.table, bench.spec.bits, resolved, act_bits=act_bits)
+        uniform = bench.evaluate(bench.quantize(bench.uniform_plan(uniform_w)), fixed_acts)
+        fixed = solve(bench.table, bench.spec.bits, cost, resolved, act_bits=act_bits)
+        mixed = bench.evaluate(bench.quantize(bench.plan(fixed.bits, {})), fixed_acts)
+        joint = solve(bench.table, bench.spec.bits, joint_cost, resolved, act_bits=ACT_BITS)
+        widths = {
+            site.name: joint.act_bits[site.layer] if site.layer else PROBS_ACT_BITS
+            for site in acts.sites
+        }
+        joint_acts = quantizers(acts.assign(widths, "auto"))
+        joint_metric = bench.evaluate(bench.quantize(bench.plan(joint.bits, {})), joint_acts)
+        counts = ", ".join(
+            f"A{a}: {list(widths.values()).count(a)}" for a in sorted(set(widths.values()))
+        )
+        lines.append(
+            f"| match={match} | {uniform[primary]:.2f} (W{uniform_w}A{act_bits}) | "
+            f"{mixed[primary]:.2f} | {joint_metric[primary]:.2f} | "
+            f"{avg_bits(bench, joint.bits):.2f} | {counts} |"
+        )
+    lines += [
+        "",
+        "Quantizer `auto` picks per role (sites), by calibration error at the layer output:",
+        "",
+    ]
+    lines += [
+        "| act bits | role | "
+        + " | ".join(sorted({k for c in CANDIDATES.values() for k in c}))
+        + " |"
+    ]
+    kinds = sorted({k for c in CANDIDATES.values() for k in c})
+    lines += ["|---|---|" + "---|" * len(kinds)]
+    for a in sorted({a for _, a in UNIFORM_WA}, reverse=True):
+        chosen = acts.assign(a, "auto")
+        for role in CANDIDATES:
+            picked = [
+                x.quantizer.kind for x in chosen if x.site.role == role and x.quantizer.bits == a
+            ]
+            if picked:
+                lines.append(
+                    f"| {a} | {role} | " + " | ".join(str(picked.count(k)) for k in kinds) + " |"
+                )
+    lines += ["", f"_{time.perf_counter() - started:.0f} s in all_", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="resnet20,resnet56,minilm")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--budgets", default="4,3,2.5")
     parser.add_argument("--eval-samples", type=int, default=None)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "quality.md"))
+    parser.add_argument("--act", action="store_true", help="activation quantization tables")
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
     specs = model_specs(args.eval_samples)
     budgets = [float(b) for b in args.budgets.split(",")]
+    out = args.out or str(ROOT / "bench" / "out" / ("act_quality.md" if args.act else "quality.md"))
+    if args.act and "digits" in args.models and not (DIGITS / "vit.safetensors").exists():
+        print(f"training the digits ViT first: {train_digits(DIGITS):.2f} % test top-1")
     sections = []
     for name in args.models.split(","):
-        section = run_model(name, specs[name], args.methods.split(","), budgets)
+        if args.act:
+            section = act_section(name, specs[name], "lrp+fisher")
+        else:
+            section = run_model(name, specs[name], args.methods.split(","), budgets)
         print(section, flush=True)
         sections.append(section)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(sections))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text("\n".join(sections))
 
 
 if __name__ == "__main__":

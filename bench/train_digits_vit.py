@@ -35,8 +35,8 @@ MODEL_REF = (
     "&mlp_ratio=2&num_classes=10"
 )
 TEST_FRACTION = 0.25
-EPOCHS = 40
-BATCH = 64
+EPOCHS = 60
+BATCH = 32
 SEED = 0
 
 
@@ -70,11 +70,7 @@ def train(out: Path, epochs: int = EPOCHS) -> float:
     model.train()
     for _epoch in range(epochs):
         for batch in torch.randperm(len(targets), generator=generator).split(BATCH):
-            x = inputs[batch]
-            # Random one-pixel shifts: the only augmentation 8x8 digits tolerate.
-            dx, dy = torch.randint(-1, 2, (2,), generator=generator).tolist()
-            x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
-            loss = loss_fn(model(x), targets[batch])
+            loss = loss_fn(model(inputs[batch]), targets[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -62,6 +62,16 @@ def _parse_bits(text: str) -> tuple[int, ...]:
         ) from None
 
 
+def _parse_act_bits(text: str | None) -> int | str | None:
+    """`--act-bits 8` or `--act-bits auto`."""
+    if text is None or text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise BitplanError(f"--act-bits takes 4, 6, 8, 16 or auto, got {text!r}") from None
+
+
 @contextmanager
 def _user_errors() -> Iterator[None]:
     try:
@@ -105,7 +115,9 @@ ModelOpt = Annotated[str, typer.Option(help="timm:<name>, hf:<dir> or hf:minilm,
 CalibOpt = Annotated[str, typer.Option(help=".npz images or STS-B style .csv/.tsv")]
 WeightsOpt = Annotated[str | None, typer.Option(help=".safetensors or .pth/.th")]
 EvalOpt = Annotated[str | None, typer.Option("--eval", help="evaluation data")]
-BudgetOpt = Annotated[str, typer.Option(help="avg-bits=, size-mb=, compression=, bops=")]
+BudgetOpt = Annotated[
+    str, typer.Option(help="avg-bits=, size-mb=, compression=, bops=, match=W4A8")
+]
 MethodOpt = Annotated[str, typer.Option(help="lrp, fisher, hessian, measured, or a+b")]
 BitsOpt = Annotated[str, typer.Option(help="candidate weight bit-widths")]
 CalibSamplesOpt = Annotated[int, typer.Option()]
@@ -119,6 +131,11 @@ SeedOpt = Annotated[int, typer.Option()]
 ReportWidthsOpt = Annotated[
     bool, typer.Option(help="also measure uniform W3..W8 for the report (one eval pass each)")
 ]
+ActBitsOpt = Annotated[
+    str | None,
+    typer.Option(help="activation bits 4, 6, 8, 16, or auto to allocate them (default: float)"),
+]
+ActQuantizersOpt = Annotated[str, typer.Option(help="auto, baseline, repq, isvit or log2")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object")]
 DEFAULT_BITS_TEXT = ",".join(map(str, DEFAULTS.bits))
 
@@ -141,6 +158,8 @@ def _spec(
     time_limit: float,
     seed: int,
     report_widths: bool,
+    act_bits: int | None,
+    act_quantizers: str,
 ) -> JobSpec:
     """The validated spec the options of `run` and `submit` describe."""
     spec = JobSpec(
@@ -160,6 +179,8 @@ def _spec(
         time_limit=time_limit,
         seed=seed,
         report_widths=report_widths,
+        act_bits=_parse_act_bits(act_bits),
+        act_quantizers=act_quantizers,
     )
     spec.validate()
     return spec
@@ -183,6 +204,8 @@ def run_command(
     time_limit: TimeLimitOpt = DEFAULTS.time_limit,
     seed: SeedOpt = DEFAULTS.seed,
     report_widths: ReportWidthsOpt = DEFAULTS.report_widths,
+    act_bits: ActBitsOpt = DEFAULTS.act_bits,
+    act_quantizers: ActQuantizersOpt = DEFAULTS.act_quantizers,
     as_json: JsonOpt = False,
 ) -> None:
     """Find and apply the bit allocation for one model and budget, on this machine."""
@@ -204,6 +227,8 @@ def run_command(
             time_limit=time_limit,
             seed=seed,
             report_widths=report_widths,
+            act_bits=act_bits,
+            act_quantizers=act_quantizers,
         )
         with tempfile.TemporaryDirectory(prefix="bitplan-") as workdir:
             with _progress_bars(sys.stderr.isatty()) as progress:
@@ -390,6 +415,8 @@ def submit_command(
     time_limit: TimeLimitOpt = DEFAULTS.time_limit,
     seed: SeedOpt = DEFAULTS.seed,
     report_widths: ReportWidthsOpt = DEFAULTS.report_widths,
+    act_bits: ActBitsOpt = DEFAULTS.act_bits,
+    act_quantizers: ActQuantizersOpt = DEFAULTS.act_quantizers,
     queue: Annotated[str | None, typer.Option(help="interactive or batch")] = None,
     priority: Annotated[int, typer.Option(help="higher runs first")] = 0,
     not_before: Annotated[str | None, typer.Option(help="ISO time, e.g. 2025-01-01T22:00Z")] = None,
@@ -415,6 +442,8 @@ def submit_command(
             time_limit=time_limit,
             seed=seed,
             report_widths=report_widths,
+            act_bits=act_bits,
+            act_quantizers=act_quantizers,
         )
         with _client(server, key) as client:
             job = client.submit(

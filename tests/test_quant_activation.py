@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from allocator.act_plan import CANDIDATES, ActivationBench
 from allocator.activations import collect, find_sites, quantized_activations
-from allocator.errors import UnknownMethod
-from allocator.layers import build_layer_table
+from allocator.budget import parse_budget
+from allocator.errors import BadBudget, UnknownMethod
+from allocator.layers import LayerTable, build_layer_table
+from allocator.pipeline import JobSpec, run
 from allocator.quant.activation import ActQuantizer, calibrate, logsqrt2_by_shifts
 from allocator.quant.reparam import fold
 from allocator.zoo import load_model
@@ -170,3 +174,93 @@ def test_quantized_activations_change_outputs_and_16_bits_do_not() -> None:
     torch.testing.assert_close(after, reference)
     fused_after = [m.fused_attn for m in model.module.modules() if hasattr(m, "fused_attn")]
     assert fused_after == fused_before
+
+
+TINY_VIT = (
+    "timm:vit_tiny_patch16_224?img_size=16&patch_size=4&embed_dim=32&depth=2&num_heads=2"
+    "&num_classes=10"
+)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> str:
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("acts") / "images.npz"
+    np.savez(
+        path,
+        images=rng.integers(0, 256, size=(24, 16, 16, 3), dtype=np.uint8),
+        labels=rng.integers(0, 10, size=24),
+    )
+    return str(path)
+
+
+def test_a_job_with_match_budget_quantizes_activations(images: str) -> None:
+    preset = "repq"
+    spec = JobSpec(
+        model=TINY_VIT,
+        calib=images,
+        budget="match=W4A8",
+        calib_samples=16,
+        batch_size=8,
+        act_quantizers=preset,
+    )
+    result = run(spec)
+    payload = result.to_json()
+    sites = {a["site"]: a for a in payload["act_allocation"]}
+    assert sites["blocks.0.attn.probs"]["role"] == "post-softmax"
+    assert sites["blocks.1.attn.qkv"]["act_bits"] == 8
+    assert sites["head"]["act_bits"] == 8
+    assert sites["blocks.0.attn.probs"]["quantizer"] == "logsqrt2"
+    assert sites["blocks.0.mlp.fc1"]["quantizer"] == "channel"
+    assert payload["metrics"]["uniform"]["act_bits"] == 8
+    assert payload["metrics"]["uniform"]["bits"] == 4
+    budget = parse_budget("match=W4A8")
+    assert 0 < payload["bops"] <= budget.resolve(prepare_table(spec)).bops
+    stored = result.plan.activations["blocks.0.attn.probs"]
+    assert stored["quantizer"] == "logsqrt2" and stored["params"]["bits"] == 8
+
+
+def prepare_table(spec: JobSpec) -> LayerTable:
+    model = load_model(spec.model)
+    return build_layer_table(model, torch.zeros(1, 3, 16, 16))
+
+
+def test_bad_activation_settings_are_refused_before_loading() -> None:
+    with pytest.raises(BadBudget, match="4, 6, 8, 16"):
+        JobSpec(model="x", calib="y", act_bits=5).validate()
+    with pytest.raises(UnknownMethod, match="repq"):
+        JobSpec(model="x", calib="y", act_bits=8, act_quantizers="magic").validate()
+    with pytest.raises(BadBudget, match="match=W4A8"):
+        JobSpec(model="x", calib="y", budget="match=4/8").validate()
+
+
+def test_auto_picks_the_least_output_error_candidate_of_each_role() -> None:
+    model, images, table = vit()
+    acts = ActivationBench(model, [images], table)
+    chosen = acts.assign(4, "auto")
+    for assignment in chosen:
+        site = assignment.site
+        assert assignment.quantizer.kind in CANDIDATES[site.role]
+        bits = assignment.quantizer.bits
+        best = min(acts.error(site, kind, bits) for kind in CANDIDATES[site.role])
+        assert acts.error(site, assignment.quantizer.kind, bits) == best
+    assert {a.quantizer.bits for a in chosen if a.site.layer in ("patch_embed.proj", "head")} == {8}
+
+
+def test_joint_allocation_chooses_activation_widths_within_the_matched_bops(images: str) -> None:
+    spec = JobSpec(
+        model=TINY_VIT,
+        calib=images,
+        budget="match=W4A6",
+        calib_samples=16,
+        batch_size=8,
+        act_bits="auto",
+    )
+    payload = run(spec).to_json()
+    widths = {a["site"]: a["act_bits"] for a in payload["act_allocation"]}
+    assert set(widths.values()) <= {4, 6, 8, 16}
+    assert widths["blocks.0.attn.probs"] == 8
+    assert payload["metrics"]["uniform"]["act_bits"] == 6
+    budget = parse_budget("match=W4A6").resolve(prepare_table(spec))
+    assert payload["bops"] <= budget.bops
+    assert payload["weight_bytes"] * 8 <= budget.size_bits
