@@ -195,15 +195,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_a_job_with_match_budget_quantizes_activations(images: str) -> None:
-    preset = "repq"
-    spec = JobSpec(
-        model=TINY_VIT,
-        calib=images,
-        budget="match=W4A8",
-        calib_samples=16,
-        batch_size=8,
-        act_quantizers=preset,
-    )
+    spec = tiny_job(images, budget="match=W4A8", act_quantizers="repq")
     result = run(spec)
     payload = result.to_json()
     sites = {a["site"]: a for a in payload["act_allocation"]}
@@ -218,6 +210,10 @@ def test_a_job_with_match_budget_quantizes_activations(images: str) -> None:
     assert 0 < payload["bops"] <= budget.resolve(prepare_table(spec)).bops
     stored = result.plan.activations["blocks.0.attn.probs"]
     assert stored["quantizer"] == "logsqrt2" and stored["params"]["bits"] == 8
+
+
+def tiny_job(images: str, **options: object) -> JobSpec:
+    return JobSpec(model=TINY_VIT, calib=images, calib_samples=16, batch_size=8, **options)
 
 
 def prepare_table(spec: JobSpec) -> LayerTable:
@@ -248,14 +244,7 @@ def test_auto_picks_the_least_output_error_candidate_of_each_role() -> None:
 
 
 def test_joint_allocation_chooses_activation_widths_within_the_matched_bops(images: str) -> None:
-    spec = JobSpec(
-        model=TINY_VIT,
-        calib=images,
-        budget="match=W4A6",
-        calib_samples=16,
-        batch_size=8,
-        act_bits="auto",
-    )
+    spec = tiny_job(images, budget="match=W4A6", act_bits="auto")
     payload = run(spec).to_json()
     widths = {a["site"]: a["act_bits"] for a in payload["act_allocation"]}
     assert set(widths.values()) <= {4, 6, 8, 16}
