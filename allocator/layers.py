@@ -62,15 +62,33 @@ class LayerTable:
         return sum(layer.storage_bits(bits[layer.name]) for layer in self.layers)
 
     def uniform_storage_bits(self, bits: float) -> float:
-        """Storage with every free layer at `bits` (fractional allowed) and pinned layers at their
+        """Storage with every free layer at `bits` (fractional allowed) and pinned groups at their
         pin: the meaning of `avg-bits=`, so that the uniform plan of the same width, which keeps
         the same pins, fits it exactly."""
+        pinned = self.pinned_widths()
         return sum(
-            layer.storage_bits(layer.pinned_bits)
-            if layer.pinned_bits is not None
+            layer.storage_bits(pinned[layer.name])
+            if layer.name in pinned
             else layer.params * bits + (layer.out_channels * SCALE_BITS if bits < 16 else 0)
             for layer in self.layers
         )
+
+    def pinned_widths(self) -> dict[str, int]:
+        """Layer name -> width for every layer whose tied group has a pinned member (a tie makes
+        the pin hold for the whole group)."""
+        pins: dict[str, set[int]] = {}
+        for layer in self.layers:
+            if layer.pinned_bits is not None:
+                pins.setdefault(layer.group, set()).add(layer.pinned_bits)
+        conflicts = {group: sorted(widths) for group, widths in pins.items() if len(widths) > 1}
+        if conflicts:
+            raise ValueError(f"tied layers pinned to different widths: {conflicts}")
+        return {layer.name: min(pins[layer.group]) for layer in self.layers if layer.group in pins}
+
+    def uniform(self, bits: int) -> dict[str, int]:
+        """The uniform plan: every layer at `bits` but pinned groups at their pin."""
+        pinned = self.pinned_widths()
+        return {layer.name: pinned.get(layer.name, bits) for layer in self.layers}
 
     def pin(self, pins: Mapping[str, int]) -> LayerTable:
         """Return a table with the given layers fixed to a bit-width (name -> bits)."""

@@ -263,8 +263,7 @@ class Workbench:
 
     def uniform_plan(self, bits: int, meta: Mapping[str, Any] | None = None) -> BitPlan:
         """Every free layer at `bits` with the same quantizer choices as the mixed plans."""
-        widths = {layer.name: layer.pinned_bits or bits for layer in self.table}
-        return self.plan(widths, {**(meta or {}), "uniform_bits": bits})
+        return self.plan(self.table.uniform(bits), {**(meta or {}), "uniform_bits": bits})
 
     def evaluate(
         self,

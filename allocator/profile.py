@@ -50,25 +50,18 @@ class CostTable:
         plans that share the pins compare.
         """
         column = {width: j for j, width in enumerate(self.bits)}
-        pins = self.group_pins()
+        pinned = self.table.pinned_widths()
         return float(
             sum(
                 self.cost[i, column[plan[layer.name]]]
                 for i, layer in enumerate(self.table)
-                if layer.group not in pins
+                if layer.name not in pinned
             )
         )
 
     def uniform_plan(self, width: int) -> dict[str, int]:
         """Every free layer at `width`, pinned groups at their pin: the uniform baseline."""
-        pins = self.group_pins()
-        return {layer.name: pins.get(layer.group, width) for layer in self.table}
-
-    def group_pins(self) -> dict[str, int]:
-        """Group -> the width its pinned member fixes for the whole group."""
-        return {
-            layer.group: layer.pinned_bits for layer in self.table if layer.pinned_bits is not None
-        }
+        return self.table.uniform(width)
 
 
 def file_sha256(path: Path) -> str:

@@ -305,7 +305,7 @@ def uniform_bits_for(
 
     This is the baseline a mixed plan is compared with at the same size.
     """
-    fixed = _fixed_bits(table)
+    fixed = table.pinned_widths()
     for width in sorted(set(bits), reverse=True):
         plan = {layer.name: fixed.get(layer.name, width) for layer in table}
         storage, bops = _plan_usage(table, plan, _widest(act_bits))
@@ -314,18 +314,6 @@ def uniform_bits_for(
         ):
             return width
     return None
-
-
-def _fixed_bits(table: LayerTable) -> dict[str, int]:
-    """Layer name -> width for every layer whose group has a pinned member."""
-    pins: dict[str, set[int]] = {}
-    for layer in table:
-        if layer.pinned_bits is not None:
-            pins.setdefault(layer.group, set()).add(layer.pinned_bits)
-    conflicts = {group: sorted(widths) for group, widths in pins.items() if len(widths) > 1}
-    if conflicts:
-        raise ValueError(f"tied layers pinned to different widths: {conflicts}")
-    return {layer.name: next(iter(pins[layer.group])) for layer in table if layer.group in pins}
 
 
 def _plan_usage(
@@ -351,7 +339,7 @@ def _build_program(
         raise ValueError(f"cost has shape {cost.shape}, expected {(len(table), len(choices))}")
     if np.isnan(cost).any() or np.isneginf(cost).any():
         raise ValueError("cost must not hold NaN or -inf (np.inf forbids a choice)")
-    fixed = _fixed_bits(table)
+    fixed = table.pinned_widths()
     fixed_use = np.zeros(2)
     rows: list[int] = []
     names: dict[str, list[str]] = {}

@@ -453,3 +453,16 @@ def test_joint_allocation_trades_activation_bits_for_weight_bits_under_bops() ->
     assert solution.bits == {"cheap_act": 8, "dear_act": 4}
     assert solution.bops <= bops
     assert solution.storage_bits <= budget.size_bits
+
+
+def test_a_pin_holds_for_its_whole_tied_group_in_every_uniform_plan() -> None:
+    table = LayerTable(
+        (layer("emb", group="tied", pinned=8), layer("head", group="tied"), layer("x"))
+    )
+    assert table.pinned_widths() == {"emb": 8, "head": 8}
+    assert table.uniform(3) == {"emb": 8, "head": 8, "x": 3}
+    assert table.uniform_storage_bits(3) == table.storage_bits(table.uniform(3))
+    budget = ResolvedBudget(size_bits=table.uniform_storage_bits(3))
+    assert uniform_bits_for(table, BITS, budget) == 2
+    solution = solve(table, BITS, convex_costs(3), budget)
+    assert solution.bits["head"] == 8 and solution.storage_bits <= budget.size_bits
