@@ -70,6 +70,8 @@ class Point:
     predicted: float
     quality: float | None = None
     metrics: Mapping[str, float] | None = None
+    bops: float | None = None
+    """Bit operations per sample, for jobs that quantize activations (None otherwise)."""
 
 
 @dataclass(frozen=True)
@@ -117,16 +119,36 @@ def measured_points(result: Result, costs: CostTable) -> list[Point]:
     primary = metrics["primary"]
     table = costs.table
     fp32_mb = FP32_BITS * table.total_params / BITS_PER_MB
+    with_acts = result.act_allocation is not None
+    macs = sum(layer.macs for layer in table)
+    fp32_bops = float(macs * FP32_BITS * FP32_BITS) if with_acts else None
     points = [
-        Point("FP32", "fp32", fp32_mb, FP32_BITS, 0.0, metrics["fp32"][primary], metrics["fp32"])
+        Point(
+            "FP32",
+            "fp32",
+            fp32_mb,
+            FP32_BITS,
+            0.0,
+            metrics["fp32"][primary],
+            metrics["fp32"],
+            fp32_bops,
+        )
     ]
     for uniform in sorted(_uniform_metrics(metrics), key=lambda entry: entry["bits"]):
         plan = costs.uniform_plan(uniform["bits"])
         values = {k: uniform[k] for k in metrics["fp32"] if k in uniform}
-        points.append(_point(f"W{uniform['bits']}", "uniform", costs, plan, values, primary))
+        act = uniform.get("act_bits")
+        label = f"W{uniform['bits']}" + (f"A{act}" if act else "")
+        bops = _bops(table, plan, act) if with_acts and act else None
+        points.append(_point(label, "uniform", costs, plan, values, primary, bops))
     mixed = {entry["layer"]: entry["weight_bits"] for entry in result.allocation}
-    points.append(_point("mixed", "mixed", costs, mixed, metrics["quantized"], primary))
+    mixed_bops = result.bops if with_acts else None
+    points.append(_point("mixed", "mixed", costs, mixed, metrics["quantized"], primary, mixed_bops))
     return points
+
+
+def _bops(table: LayerTable, plan: Mapping[str, int], act_bits: int) -> float:
+    return float(sum(layer.macs * plan[layer.name] * act_bits for layer in table))
 
 
 def _uniform_metrics(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -143,6 +165,7 @@ def _point(
     plan: Mapping[str, int],
     metrics: Mapping[str, float],
     primary: str,
+    bops: float | None = None,
 ) -> Point:
     table = costs.table
     return Point(
@@ -153,6 +176,7 @@ def _point(
         predicted=costs.plan_cost(plan),
         quality=metrics[primary],
         metrics=metrics,
+        bops=bops,
     )
 
 
@@ -268,6 +292,42 @@ def pareto_png(report: Report) -> bytes:
     return _png(figure)
 
 
+def bops_png(report: Report) -> bytes:
+    """Measured quality against bit operations per sample, for jobs that quantize activations:
+    the BOPs budget is the other half of `match=WxAy`."""
+    figure = Figure(figsize=(7.5, 3.5), layout="constrained", dpi=DPI)
+    axes = figure.subplots()
+    fp32, uniform, mixed = _split(report.measured)
+    axes.axhline(fp32.quality, color="0.6", linestyle="--", linewidth=1, label="FP32")
+    shown = [p for p in uniform if p.bops is not None]
+    axes.plot(
+        [p.bops / 1e9 for p in shown],
+        [p.quality for p in shown],
+        "o",
+        color="tab:blue",
+        label="uniform",
+    )
+    for point in shown:
+        axes.annotate(
+            point.label,
+            (point.bops / 1e9, point.quality),
+            xytext=(4, -12),
+            textcoords="offset points",
+            fontsize=8,
+        )
+    if mixed.bops is not None:
+        axes.plot(
+            [mixed.bops / 1e9], [mixed.quality], "D", color="tab:red", markersize=8, label="mixed"
+        )
+    axes.set_xscale("log")
+    axes.set_xlabel("GBOPs per sample (MACs x weight bits x activation bits; log scale)")
+    axes.set_ylabel(f"{report.primary} (measured)")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(loc="lower right", fontsize=8)
+    axes.set_title("Quality against bit operations")
+    return _png(figure)
+
+
 def layers_png(allocation: Sequence[Mapping[str, Any]]) -> bytes:
     """Chosen bits per layer (bars, pinned layers grey) with each method's sensitivity as a
     share of its total (markers, right axis), in network order."""
@@ -378,6 +438,7 @@ def render_html(result: Result, report: Report, images: Mapping[str, bytes]) -> 
         f"<h1>{_e(title)}</h1>",
         _summary(result, report),
         _image(images["pareto"], "Quality and predicted loss against weight size"),
+        *([_image(images["bops"], "Quality against bit operations")] if "bops" in images else []),
         "<h2>Plans</h2>",
         _points_table(report),
         "<h2>Predicted vs measured degradation</h2>",
@@ -419,13 +480,16 @@ def _summary(result: Result, report: Report) -> str:
 
 def _points_table(report: Report) -> str:
     keys = list(report.fp32.metrics or {})
-    head = ["plan", "avg bits", "weight MB", *keys, f"{report.primary} loss", "predicted loss"]
+    with_bops = any(p.bops is not None for p in report.measured)
+    head = ["plan", "avg bits", "weight MB", *(["GBOPs"] if with_bops else []), *keys]
+    head += [f"{report.primary} loss", "predicted loss"]
     rows = []
     for point in report.measured:
         cells = [
             point.label,
             f"{point.avg_bits:.3f}",
             f"{point.weight_mb:.4g}",
+            *([_number(None if point.bops is None else point.bops / 1e9)] if with_bops else []),
             *(_number((point.metrics or {}).get(key)) for key in keys),
             _number(report.degradation(point)),
             _number(point.predicted),
@@ -526,6 +590,8 @@ def write_report(workdir: Path, result: Result) -> dict[str, str]:
         "layers": layers_png(result.allocation),
         "degradation": degradation_png(report),
     }
+    if any(p.bops is not None for p in report.measured):
+        images["bops"] = bops_png(report)
     workdir.mkdir(parents=True, exist_ok=True)
     pareto_path = workdir / PARETO_FILE
     pareto_path.write_bytes(images["pareto"])

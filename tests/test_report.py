@@ -165,3 +165,20 @@ def test_a_width_the_table_forbids_leaves_its_plans_out_but_still_reports(
     assert report.rank_correlation == pytest.approx(1.0)  # W4, W8 and mixed still rank
     page = Path(write_report(tmp_path, result)["report"]).read_text()
     assert "<b>1.000</b>" in page
+
+
+def test_a_job_with_activations_reports_bops(result: Result, tmp_path: Path) -> None:
+    """With activations quantized the points carry BOPs and the page adds a quality/BOPs chart."""
+    metrics = {
+        **result.metrics,
+        "uniform_widths": [{**u, "act_bits": 8} for u in result.metrics["uniform_widths"]],
+    }
+    acts = replace(result, metrics=metrics, act_allocation=[{"site": "body"}], bops=123_000.0)
+    points = {p.label: p for p in build(acts).measured}
+    assert points["W4A8"].bops == (1000 * 8 + 9000 * 4 + 500 * 4) * 8
+    assert points["mixed"].bops == 123_000.0
+    assert points["FP32"].bops == 10_500 * 32 * 32
+    page = Path(write_report(tmp_path, acts)["report"]).read_text()
+    assert "GBOPs" in page
+    assert page.count("data:image/png;base64,") == 4
+    assert all(p.bops is None for p in build(result).measured)
