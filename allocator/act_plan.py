@@ -48,7 +48,7 @@ PROBS_ACT_BITS = 8
 so the integer program does not choose it."""
 REFERENCE_WEIGHT_BITS = 4
 ERROR_ROWS = 4096
-"""Sampled rows (already a random subset of the calibration tokens) each error is measured on."""
+"""Rows (spread over all calibration batches) each candidate's error is measured on."""
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ class ActivationBench:
             x = self.samples[site.name]
             quantizer = calibrate(kind, x, bits)
             # Calibration sees every sampled row; the error that ranks candidates needs fewer.
-            rows = x[:ERROR_ROWS]
+            rows = x[:: max(1, len(x) // ERROR_ROWS)][:ERROR_ROWS]
             self._cache[key] = (quantizer, self._relative_error(site, rows, quantizer(rows) - rows))
         return self._cache[key]
 
