@@ -229,9 +229,10 @@ def test_crashes_retry_until_max_attempts_and_keep_the_last_error(
     assert len(pipeline.calls) == 3
 
 
-def test_cancel_stops_the_job_in_the_phase_it_was_asked_in(
+def running_in_sensitivity(
     sessions: sessionmaker[Session], store: ArtifactStore
-) -> None:
+) -> tuple[str, threading.Thread, list[JobStatus | None]]:
+    """A job whose runner thread is inside a long sensitivity phase; `outcome` gets its status."""
     job_id = submit(sessions)
     pipeline = ScriptedPipeline({"sensitivity": keeps_reporting(10.0)})
     outcome: list[JobStatus | None] = []
@@ -240,6 +241,13 @@ def test_cancel_stops_the_job_in_the_phase_it_was_asked_in(
     )
     thread.start()
     assert pipeline.entered["sensitivity"].wait(10)
+    return job_id, thread, outcome
+
+
+def test_cancel_stops_the_job_in_the_phase_it_was_asked_in(
+    sessions: sessionmaker[Session], store: ArtifactStore
+) -> None:
+    job_id, thread, outcome = running_in_sensitivity(sessions, store)
 
     asked = time.monotonic()
     with sessions() as session:
@@ -292,14 +300,7 @@ def test_heartbeats_keep_the_lease_through_a_silent_phase(
 def test_a_worker_that_lost_its_lease_stops_and_records_nothing(
     sessions: sessionmaker[Session], store: ArtifactStore
 ) -> None:
-    job_id = submit(sessions)
-    pipeline = ScriptedPipeline({"sensitivity": keeps_reporting(10.0)})
-    outcome: list[JobStatus | None] = []
-    thread = threading.Thread(
-        target=lambda: outcome.append(runner(sessions, store, pipeline).run(job_id))
-    )
-    thread.start()
-    assert pipeline.entered["sensitivity"].wait(10)
+    job_id, thread, outcome = running_in_sensitivity(sessions, store)
 
     with sessions() as session:  # as a sweeper would, had this worker stalled past its lease
         swept = repo.requeue_expired_leases(session, now=utcnow() + timedelta(hours=1))
