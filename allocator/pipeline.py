@@ -89,6 +89,9 @@ class JobSpec:
     report_widths: bool = True
     """Also evaluate uniform W3..W8 (those in `bits`) for the report's predicted-vs-measured
     ranking: one quantization and one evaluation pass each."""
+    report: bool = True
+    """Draw report.html and pareto.png with the artifacts (about a second of plotting); bulk
+    jobs that only need the plan turn it off."""
     act_bits: int | str | None = None
     """Activation width of every site, or "auto" to allocate them with the weights (joint
     integer program). None: float activations, unless the budget is `match=WxAy`, which sets y."""
@@ -492,7 +495,7 @@ def write_artifacts(workdir: Path, mixed: torch.nn.Module, plan: BitPlan, result
         "model": str(packed),
         "bitplan": str(plan_path),
         "profile": str(profile_path),
-        **write_report(workdir, result),
+        **(write_report(workdir, result) if result.spec.report else {}),
     }
 
 

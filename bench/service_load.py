@@ -1,9 +1,9 @@
 """The service under load on loopback: the figures issue 3's "Benchmarks" section asks for.
 
 The unit tests prove the API and the workers are correct; this script says how fast the
-distributed deployment is, with everything real: the API (uvicorn on `service.app:create_app`
-with `BITPLAN_EXECUTOR=celery`, one process), PostgreSQL, Redis and two Celery worker processes
-started the way `bitplan worker` does. It measures:
+distributed deployment is, with everything real: the API (`bitplan serve --processes N` with
+`BITPLAN_EXECUTOR=celery`), PostgreSQL, Redis and two Celery worker processes started the way
+`bitplan worker` does. It measures:
 
 - GET /v1/jobs/{id} latency at an offered load of 50 and 200 requests/s (open loop: requests
   are scheduled at fixed intervals whether or not earlier ones answered, so a slow server shows
@@ -11,12 +11,11 @@ started the way `bitplan worker` does. It measures:
   from the scheduled send time, so it includes any lag of this (Python) client on a busy box.
 - POST /v1/jobs submission throughput over the drain's jobs (workers not yet running).
 - The drain: those queued jobs (a tiny CNN registered through a throwaway `bitplan.models` entry
-  point, 32 4x4 images, one width) run by 2 worker processes; lost = not succeeded, duplicated =
+  point, 32 4x4 images, one width, no report drawn) run by 2 worker processes; lost = not succeeded, duplicated =
   run more than once (attempts > 1) or more than one result row.
 - POST /v1/profiles/{id}/solve at a new budget each time on a synthetic 100-layer profile.
 
-`bitplan serve` is not used: it forces the inline executor. Every process, the throwaway
-PostgreSQL database and the Redis database it uses are removed at the end, even on failure.
+Every process, the throwaway PostgreSQL database and the Redis database it uses are removed at the end, even on failure.
 
 Run: `.venv/bin/python bench/service_load.py [--jobs 1000]`; tables also go to
 bench/out/service_load.md. Needs PostgreSQL and Redis on 127.0.0.1 (see --postgres, --redis).
@@ -216,6 +215,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--submit-concurrency", type=_positive_int, default=4, help="POST /v1/jobs in flight"
     )
     parser.add_argument("--workers", type=_positive_int, default=2, help="Celery processes")
+    parser.add_argument(
+        "--api-processes", type=_positive_int, default=2, help="bitplan serve --processes"
+    )
     parser.add_argument("--drain-timeout", type=float, default=180.0, help="seconds")
     parser.add_argument(
         "--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres", help="admin URL"
@@ -378,6 +380,8 @@ def tiny_spec(plugins: Path) -> dict[str, Any]:
         "batch_size": 8,
         "pin_first_last": False,
         "bias_correction": False,
+        "report_widths": False,
+        "report": False,
     }
 
 
@@ -412,7 +416,7 @@ class Deployment:
         self.processes.append(process)
         return process
 
-    def start_api(self, timeout: float = 120) -> str:
+    def start_api(self, processes: int, timeout: float = 120) -> str:
         import httpx
 
         port = _free_port()
@@ -420,9 +424,8 @@ class Deployment:
         log = self.folder / "api.log"
         process = self._spawn(
             [
-                *(sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory"),
-                *("--host", "127.0.0.1", "--port", str(port)),
-                *("--log-level", "warning", "--no-access-log"),
+                *(sys.executable, "-m", "service.cli", "serve", "--processes", str(processes)),
+                *("--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"),
             ],
             log,
         )
@@ -664,7 +667,7 @@ def run(args: argparse.Namespace) -> str:
         deployment = Deployment(folder, database_url, broker_url, plugins)
         stack.callback(deployment.close)
 
-        url = deployment.start_api()
+        url = deployment.start_api(args.api_processes)
         key = deployment.create_key()
         headers = {"Authorization": f"Bearer {key}"}
 

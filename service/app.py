@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from db.session import default_url, init_db, make_session_factory
 from db.store import ArtifactStore
 from service.api.routes import ROUTERS
+from service.auth import KeyCache
 from service.errors import STATUS_BY_ERROR, error_body, status_for
 from service.middleware import BodyLimit, Metrics
 from service.settings import Settings
@@ -66,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = store
     app.state.executor = executor
     app.state.notifier = notifier
+    app.state.key_cache = KeyCache(settings.key_cache_seconds)
     app.state.registry = CollectorRegistry()
 
     for error_class in STATUS_BY_ERROR:

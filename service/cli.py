@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -131,6 +132,7 @@ SeedOpt = Annotated[int, typer.Option()]
 ReportWidthsOpt = Annotated[
     bool, typer.Option(help="also measure uniform W3..W8 for the report (one eval pass each)")
 ]
+ReportOpt = Annotated[bool, typer.Option(help="draw report.html and pareto.png")]
 ActBitsOpt = Annotated[
     str | None,
     typer.Option(help="activation bits 4, 6, 8, 16, or auto to allocate them (default: float)"),
@@ -158,6 +160,7 @@ def _spec(
     time_limit: float,
     seed: int,
     report_widths: bool,
+    report: bool,
     act_bits: int | None,
     act_quantizers: str,
 ) -> JobSpec:
@@ -179,6 +182,7 @@ def _spec(
         time_limit=time_limit,
         seed=seed,
         report_widths=report_widths,
+        report=report,
         act_bits=_parse_act_bits(act_bits),
         act_quantizers=act_quantizers,
     )
@@ -204,6 +208,7 @@ def run_command(
     time_limit: TimeLimitOpt = DEFAULTS.time_limit,
     seed: SeedOpt = DEFAULTS.seed,
     report_widths: ReportWidthsOpt = DEFAULTS.report_widths,
+    report: ReportOpt = DEFAULTS.report,
     act_bits: ActBitsOpt = DEFAULTS.act_bits,
     act_quantizers: ActQuantizersOpt = DEFAULTS.act_quantizers,
     as_json: JsonOpt = False,
@@ -227,6 +232,7 @@ def run_command(
             time_limit=time_limit,
             seed=seed,
             report_widths=report_widths,
+            report=report,
             act_bits=act_bits,
             act_quantizers=act_quantizers,
         )
@@ -234,12 +240,13 @@ def run_command(
             with _progress_bars(sys.stderr.isatty()) as progress:
                 result = run(spec, progress, workdir)
             payload = _record(spec, result)
-        report = _keep_report(payload)
+        kept = _keep_report(payload) if report else None
     if as_json:
         typer.echo(json.dumps(payload))
     else:
         _print_summary(payload)
-        Console().print(f"open the report in a browser: {report}", soft_wrap=True)
+        if kept is not None:
+            Console().print(f"open the report in a browser: {kept}", soft_wrap=True)
 
 
 def _record(spec: JobSpec, result) -> dict:
@@ -338,30 +345,36 @@ def _client(server: str, key: str) -> BitplanClient:
 def serve_command(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
-    workers: Annotated[int, typer.Option(help="job threads in this process")] = 1,
+    workers: Annotated[
+        int, typer.Option(help="job threads per process, with the inline executor")
+    ] = 1,
+    processes: Annotated[
+        int, typer.Option(min=1, help="API processes: more answer more requests per second")
+    ] = 1,
     allow_path: Annotated[
         list[Path] | None,
         typer.Option(help="a server folder jobs may name files in, repeatable"),
     ] = None,
     log_level: Annotated[str, typer.Option()] = "info",
 ) -> None:
-    """The API and its workers in one process, on SQLite under $BITPLAN_HOME: no servers."""
+    """The API. By default it runs the jobs too (inline executor, SQLite under $BITPLAN_HOME: no
+    servers); with BITPLAN_EXECUTOR=celery it queues them for `bitplan worker`."""
     import uvicorn
 
-    from service.app import create_app
     from service.settings import Settings
-    from workers.settings import ExecutorKind
 
-    settings = Settings()
-    settings = settings.model_copy(
-        update={
-            "workers": replace(
-                settings.workers, executor=ExecutorKind.INLINE, inline_workers=workers
-            ),
-            "allowed_input_roots": [*settings.allowed_input_roots, *(allow_path or [])],
-        }
+    # Options travel to the API processes through the environment they inherit.
+    os.environ["BITPLAN_INLINE_WORKERS"] = str(workers)
+    roots = [*Settings().allowed_input_roots, *(allow_path or [])]
+    os.environ["BITPLAN_ALLOWED_INPUT_ROOTS"] = json.dumps([str(root) for root in roots])
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=processes,
+        log_level=log_level,
     )
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
 
 
 @app.command("worker")
@@ -415,6 +428,7 @@ def submit_command(
     time_limit: TimeLimitOpt = DEFAULTS.time_limit,
     seed: SeedOpt = DEFAULTS.seed,
     report_widths: ReportWidthsOpt = DEFAULTS.report_widths,
+    report: ReportOpt = DEFAULTS.report,
     act_bits: ActBitsOpt = DEFAULTS.act_bits,
     act_quantizers: ActQuantizersOpt = DEFAULTS.act_quantizers,
     queue: Annotated[str | None, typer.Option(help="interactive or batch")] = None,
@@ -442,6 +456,7 @@ def submit_command(
             time_limit=time_limit,
             seed=seed,
             report_widths=report_widths,
+            report=report,
             act_bits=act_bits,
             act_quantizers=act_quantizers,
         )

@@ -59,6 +59,13 @@ class Settings(BaseSettings):
     webhook_backoff_seconds: float = Field(default=1.0, ge=0)
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
 
+    key_cache_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="How long an API process trusts a verified key without asking the database; "
+        "a revoked key stops working within this time. 0 turns the cache off.",
+    )
+
     solve_time_limit: float = Field(
         default=10.0, gt=0, description="Upper bound on a profile re-solve's solver time."
     )

@@ -118,6 +118,33 @@ def test_missing_or_wrong_key_is_401(client: TestClient, acme: dict[str, str]) -
     assert client.get("/v1/jobs", headers=acme).status_code == 200
 
 
+def _revoke(client: TestClient, headers: dict[str, str], tenant: str) -> None:
+    prefix = headers["Authorization"].split("_")[1]
+    with client.app.state.session_factory() as session:
+        assert repositories.revoke_api_key(session, tenant=tenant, prefix=prefix)
+        session.commit()
+
+
+def test_a_revoked_key_is_refused_once_its_cache_entry_expires(
+    client: TestClient, acme: dict[str, str]
+) -> None:
+    assert client.get("/v1/jobs", headers=acme).status_code == 200
+    _revoke(client, acme, "acme")
+    # Within the cache window the process still trusts the key it verified a moment ago...
+    assert client.get("/v1/jobs", headers=acme).status_code == 200
+    client.app.state.key_cache.ttl = 0
+    # ...and asks the database again once the entry is gone.
+    assert client.get("/v1/jobs", headers=acme).status_code == 401
+
+
+def test_without_the_key_cache_revocation_is_immediate(settings: Settings) -> None:
+    with TestClient(create_app(settings.model_copy(update={"key_cache_seconds": 0}))) as client:
+        acme = _key(client, "acme")
+        assert client.get("/v1/jobs", headers=acme).status_code == 200
+        _revoke(client, acme, "acme")
+        assert client.get("/v1/jobs", headers=acme).status_code == 401
+
+
 def test_a_tenant_sees_only_its_own_objects(
     client: TestClient, acme: dict[str, str], globex: dict[str, str], calib_ref: str
 ) -> None:

@@ -149,6 +149,21 @@ def test_run_stores_the_report_and_keeps_a_copy_browsers_open(finished) -> None:
     assert copy.read_text().startswith("<!DOCTYPE html>")
 
 
+def test_no_report_skips_the_drawing_and_the_extra_widths(
+    home: Path, weights: Path, images: Path
+) -> None:
+    code, out, err = invoke(
+        *base_args(weights, images), "--bits", "4,8", "--no-report", "--no-report-widths", "--json"
+    )
+    assert code == 0, err
+    payload = json.loads(out)
+    assert set(payload["artifacts"]) == {"model", "bitplan", "profile"}
+    assert not (home / "reports" / f"{payload['job_id']}.html").exists()
+    assert [entry["bits"] for entry in payload["metrics"]["uniform_widths"]] == [
+        payload["metrics"]["uniform"]["bits"]
+    ]
+
+
 @pytest.mark.parametrize(
     ("override", "needle"),
     [

@@ -13,6 +13,8 @@ prefork pool, one job at a time) in their own process group, submits jobs the wa
 - A job whose model source kills the worker process: `failed` after max_attempts, then nothing.
 - A running job cancelled: `cancelled` within one phase.
 - A job with a not-before time: sent by a sweep once due, not before.
+- The whole distributed topology: `bitplan serve` with BITPLAN_EXECUTOR=celery on PostgreSQL, a
+  worker, and a CIFAR ResNet20 job submitted over HTTP whose packed model downloads and loads.
 
 Jobs are real pipeline runs. The SIGKILL and cancel tests run CIFAR ResNet20 from
 `../shared/data` (skipped when absent) with small sample counts, long enough to be caught mid-job;
@@ -25,6 +27,7 @@ Leases are 3 s and sweeps every second here, so a dead worker's job is requeued 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -40,13 +43,17 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
+import torch
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from allocator.apply import load_packed
 from allocator.pipeline import PHASES
+from allocator.zoo import load_model
 from db import repositories as repo
 from db.models import Job, JobStatus, Result, utcnow
 from db.session import init_db, make_session_factory
+from tests.serving import bitplan, serving
 from workers.executor import CeleryExecutor
 from workers.settings import ExecutorKind, WorkerSettings
 
@@ -492,3 +499,38 @@ def test_a_not_before_job_is_sent_when_due(
     print(
         f"not-before job: started {(job.started_at - not_before).total_seconds():.1f} s after due"
     )
+
+
+def test_a_job_over_http_runs_on_a_celery_worker_and_its_model_loads(
+    fleet_on: Callable[[str], Fleet], shared_redis: str, cifar: Path, tmp_path: Path
+) -> None:
+    fleet = fleet_on(shared_redis)
+    fleet.start_worker()
+    key = bitplan("keys", "create", "--tenant", TENANT, env=fleet.env).strip()
+    with serving(fleet.env, tmp_path / "serve.log") as server:
+        remote = {**fleet.env, "BITPLAN_SERVER": server, "BITPLAN_API_KEY": key}
+        job_id = bitplan(
+            *("submit", "--model", "zoo:cifar_resnet20"),
+            *("--weights", str(cifar / "resnet20-12fca82f.th")),
+            *("--calib", str(cifar / "calib_train_jpeg.npz")),
+            *("--calib-samples", "32", "--batch-size", "16", "--eval-samples", "64"),
+            *("--bits", "4,8", "--method", "fisher", "--budget", "avg-bits=6"),
+            *("--no-report-widths", "--no-report"),
+            env=remote,
+        ).strip()
+        result = json.loads(bitplan("wait", job_id, "--json", env=remote, timeout=JOB_TIMEOUT))
+        packed = tmp_path / "resnet20.safetensors"
+        bitplan("fetch", job_id, "model", "-o", str(packed), env=remote)
+
+    job = fleet.job(job_id)
+    assert job.status is JobStatus.SUCCEEDED and job.attempts == 1
+    assert "] received" in fleet.workers[0].log_tail(500), "the Celery worker got no task"
+    assert "report" not in result["artifacts"]
+    module, plan = load_packed(packed, load_model("zoo:cifar_resnet20").module)
+    assert plan.weight_bits == {
+        entry["layer"]: entry["weight_bits"] for entry in result["allocation"]
+    }
+    with torch.no_grad():
+        logits = module.eval()(torch.zeros(2, 3, 32, 32))
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    print(f"job over HTTP on a Celery worker: {job.status} in {result['timings']}")

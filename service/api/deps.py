@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from db import repositories
 from db.store import ArtifactStore
+from service.auth import KeyCache
 from service.schemas import ID_PATTERN, ErrorOut
 from service.settings import Settings
 from service.webhooks import JobNotifier
@@ -58,11 +59,19 @@ NotifierDep = Annotated[JobNotifier, Depends(get_notifier)]
 
 
 def get_tenant(
+    request: Request,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> str:
     """The tenant of the presented key; 401 for a missing, malformed, unknown or revoked one."""
-    tenant = repositories.verify_api_key(session, credentials.credentials) if credentials else None
+    tenant = None
+    if credentials is not None:
+        cache: KeyCache = request.app.state.key_cache
+        tenant = cache.get(credentials.credentials)
+        if tenant is None:
+            tenant = repositories.verify_api_key(session, credentials.credentials)
+            if tenant is not None:
+                cache.put(credentials.credentials, tenant)
     if tenant is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
