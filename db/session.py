@@ -91,6 +91,15 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False)
 
 
+def make_read_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for requests that only read: each statement commits on its own, so no BEGIN is
+    sent and returning the connection to the pool needs no ROLLBACK round trip. Status polls,
+    most of the API's traffic, then cost one query (and the pool's ping)."""
+    return sessionmaker(
+        bind=engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False
+    )
+
+
 def alembic_config(engine: Engine | None = None) -> Config:
     """An Alembic config pointing at the migrations inside this package.
 

@@ -8,6 +8,7 @@ one process that serves and works, and a test's `TestClient` block is a whole de
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import version
@@ -16,7 +17,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 
-from db.session import default_url, init_db, make_session_factory
+from db.session import (
+    default_url,
+    init_db,
+    make_read_session_factory,
+    make_session_factory,
+)
 from db.store import ArtifactStore
 from service.api.routes import ROUTERS
 from service.auth import KeyCache
@@ -46,6 +52,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # The process holds torch, matplotlib and their modules: millions of objects that a
+        # full collection would walk mid-request (tens of ms at the p99). Freezing what start-up
+        # made leaves the collector only what requests allocate.
+        gc.collect()
+        gc.freeze()
         executor.start()
         try:
             yield
@@ -64,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = sessions
+    app.state.read_session_factory = make_read_session_factory(engine)
     app.state.store = store
     app.state.executor = executor
     app.state.notifier = notifier

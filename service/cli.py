@@ -17,17 +17,19 @@ an unreachable server 3. The service modules are imported by the commands that u
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -144,27 +146,28 @@ DEFAULT_BITS_TEXT = ",".join(map(str, DEFAULTS.bits))
 
 def _spec(
     *,
-    model: str,
-    calib: str,
-    weights: str | None,
-    eval: str | None,
-    budget: str,
-    method: str,
-    bits: str,
-    calib_samples: int,
-    batch_size: int,
-    eval_samples: int | None,
-    pin: list[str] | None,
-    pin_first_last: bool,
-    bias_correction: bool,
-    time_limit: float,
-    seed: int,
-    report_widths: bool,
-    report: bool,
-    act_bits: int | None,
-    act_quantizers: str,
+    model: ModelOpt,
+    calib: CalibOpt,
+    weights: WeightsOpt = DEFAULTS.weights,
+    eval: EvalOpt = DEFAULTS.eval,
+    budget: BudgetOpt = DEFAULTS.budget,
+    method: MethodOpt = DEFAULTS.method,
+    bits: BitsOpt = DEFAULT_BITS_TEXT,
+    calib_samples: CalibSamplesOpt = DEFAULTS.calib_samples,
+    batch_size: BatchSizeOpt = DEFAULTS.batch_size,
+    eval_samples: EvalSamplesOpt = DEFAULTS.eval_samples,
+    pin: PinOpt = None,
+    pin_first_last: PinFirstLastOpt = DEFAULTS.pin_first_last,
+    bias_correction: BiasCorrectionOpt = DEFAULTS.bias_correction,
+    time_limit: TimeLimitOpt = DEFAULTS.time_limit,
+    seed: SeedOpt = DEFAULTS.seed,
+    report_widths: ReportWidthsOpt = DEFAULTS.report_widths,
+    report: ReportOpt = DEFAULTS.report,
+    act_bits: ActBitsOpt = DEFAULTS.act_bits,
+    act_quantizers: ActQuantizersOpt = DEFAULTS.act_quantizers,
 ) -> JobSpec:
-    """The validated spec the options of `run` and `submit` describe."""
+    """The validated spec the options of `run` and `submit` describe; its parameters are those
+    options (see `spec_options`)."""
     spec = JobSpec(
         model=model,
         weights=weights,
@@ -190,57 +193,43 @@ def _spec(
     return spec
 
 
+SpecFactory = Callable[[], JobSpec]
+"""What a command decorated with `spec_options` receives as `spec`: building the spec validates
+it, so the command calls it inside its own error handling (local or remote)."""
+
+
+def spec_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give `command` every option of `_spec` besides its own, so `run` and `submit` take the
+    same job options from one definition; the command gets them as `spec: SpecFactory`."""
+    spec_params = list(inspect.signature(_spec, eval_str=True).parameters.values())
+    own = [
+        p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "spec"
+    ]
+    names = [p.name for p in spec_params]
+
+    @functools.wraps(command)
+    def with_spec(**options: Any) -> None:
+        chosen = {name: options.pop(name) for name in names}
+        command(spec=functools.partial(_spec, **chosen), **options)
+
+    merged = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in [*spec_params, *own]]
+    merged.sort(key=lambda p: p.default is not inspect.Parameter.empty)  # required ones first
+    with_spec.__signature__ = inspect.Signature(merged)  # type: ignore[attr-defined]
+    with_spec.__annotations__ = {p.name: p.annotation for p in merged}
+    return with_spec
+
+
 @app.command("run")
-def run_command(
-    model: ModelOpt,
-    calib: CalibOpt,
-    weights: WeightsOpt = DEFAULTS.weights,
-    eval: EvalOpt = DEFAULTS.eval,
-    budget: BudgetOpt = DEFAULTS.budget,
-    method: MethodOpt = DEFAULTS.method,
-    bits: BitsOpt = DEFAULT_BITS_TEXT,
-    calib_samples: CalibSamplesOpt = DEFAULTS.calib_samples,
-    batch_size: BatchSizeOpt = DEFAULTS.batch_size,
-    eval_samples: EvalSamplesOpt = DEFAULTS.eval_samples,
-    pin: PinOpt = None,
-    pin_first_last: PinFirstLastOpt = DEFAULTS.pin_first_last,
-    bias_correction: BiasCorrectionOpt = DEFAULTS.bias_correction,
-    time_limit: TimeLimitOpt = DEFAULTS.time_limit,
-    seed: SeedOpt = DEFAULTS.seed,
-    report_widths: ReportWidthsOpt = DEFAULTS.report_widths,
-    report: ReportOpt = DEFAULTS.report,
-    act_bits: ActBitsOpt = DEFAULTS.act_bits,
-    act_quantizers: ActQuantizersOpt = DEFAULTS.act_quantizers,
-    as_json: JsonOpt = False,
-) -> None:
+@spec_options
+def run_command(spec: SpecFactory, as_json: JsonOpt = False) -> None:
     """Find and apply the bit allocation for one model and budget, on this machine."""
     with _user_errors():
-        spec = _spec(
-            model=model,
-            calib=calib,
-            weights=weights,
-            eval=eval,
-            budget=budget,
-            method=method,
-            bits=bits,
-            calib_samples=calib_samples,
-            batch_size=batch_size,
-            eval_samples=eval_samples,
-            pin=pin,
-            pin_first_last=pin_first_last,
-            bias_correction=bias_correction,
-            time_limit=time_limit,
-            seed=seed,
-            report_widths=report_widths,
-            report=report,
-            act_bits=act_bits,
-            act_quantizers=act_quantizers,
-        )
+        job = spec()
         with tempfile.TemporaryDirectory(prefix="bitplan-") as workdir:
             with _progress_bars(sys.stderr.isatty()) as progress:
-                result = run(spec, progress, workdir)
-            payload = _record(spec, result)
-        kept = _keep_report(payload) if report else None
+                result = run(job, progress, workdir)
+            payload = _record(job, result)
+        kept = _keep_report(payload) if job.report else None
     if as_json:
         typer.echo(json.dumps(payload))
     else:
@@ -409,28 +398,11 @@ def keys_create_command(
 
 
 @app.command("submit")
+@spec_options
 def submit_command(
-    model: ModelOpt,
-    calib: CalibOpt,
+    spec: SpecFactory,
     server: ServerOpt,
     key: KeyOpt,
-    weights: WeightsOpt = DEFAULTS.weights,
-    eval: EvalOpt = DEFAULTS.eval,
-    budget: BudgetOpt = DEFAULTS.budget,
-    method: MethodOpt = DEFAULTS.method,
-    bits: BitsOpt = DEFAULT_BITS_TEXT,
-    calib_samples: CalibSamplesOpt = DEFAULTS.calib_samples,
-    batch_size: BatchSizeOpt = DEFAULTS.batch_size,
-    eval_samples: EvalSamplesOpt = DEFAULTS.eval_samples,
-    pin: PinOpt = None,
-    pin_first_last: PinFirstLastOpt = DEFAULTS.pin_first_last,
-    bias_correction: BiasCorrectionOpt = DEFAULTS.bias_correction,
-    time_limit: TimeLimitOpt = DEFAULTS.time_limit,
-    seed: SeedOpt = DEFAULTS.seed,
-    report_widths: ReportWidthsOpt = DEFAULTS.report_widths,
-    report: ReportOpt = DEFAULTS.report,
-    act_bits: ActBitsOpt = DEFAULTS.act_bits,
-    act_quantizers: ActQuantizersOpt = DEFAULTS.act_quantizers,
     queue: Annotated[str | None, typer.Option(help="interactive or batch")] = None,
     priority: Annotated[int, typer.Option(help="higher runs first")] = 0,
     not_before: Annotated[str | None, typer.Option(help="ISO time, e.g. 2025-01-01T22:00Z")] = None,
@@ -439,30 +411,10 @@ def submit_command(
 ) -> None:
     """Queue a job on a bitplan server, uploading local files first; prints the job id."""
     with _remote_errors():
-        spec = _spec(
-            model=model,
-            calib=calib,
-            weights=weights,
-            eval=eval,
-            budget=budget,
-            method=method,
-            bits=bits,
-            calib_samples=calib_samples,
-            batch_size=batch_size,
-            eval_samples=eval_samples,
-            pin=pin,
-            pin_first_last=pin_first_last,
-            bias_correction=bias_correction,
-            time_limit=time_limit,
-            seed=seed,
-            report_widths=report_widths,
-            report=report,
-            act_bits=act_bits,
-            act_quantizers=act_quantizers,
-        )
+        job_spec = spec()
         with _client(server, key) as client:
             job = client.submit(
-                _uploaded(client, spec),
+                _uploaded(client, job_spec),
                 queue=queue,
                 priority=priority,
                 not_before=not_before,

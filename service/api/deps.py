@@ -9,10 +9,11 @@ tenant, which is what keeps tenants from seeing each other's objects.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Path, Request, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -30,46 +31,72 @@ bearer = HTTPBearer(
 )
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.session_factory() as session:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """A session for one request, closed on the event loop rather than in the thread pool.
+
+    A sync teardown needs a free pool thread while its session still holds a connection; under
+    load every thread can be a request waiting for a connection, and nothing is released until
+    the connection pool times out (30 s). Seen at 200 status polls per second: p99 in seconds,
+    read timeouts.
+    """
+    session = request.app.state.session_factory()
+    try:
         yield session
+    finally:
+        session.close()
 
 
-def get_store(request: Request) -> ArtifactStore:
+async def get_read_session(request: Request) -> AsyncIterator[Session]:
+    """As `get_session`, for routes that only read (see `db.session.make_read_session_factory`):
+    closing it sends nothing to the database, so the event loop never waits on it."""
+    session = request.app.state.read_session_factory()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+async def get_store(request: Request) -> ArtifactStore:
     return request.app.state.store
 
 
-def get_executor(request: Request) -> Executor:
+async def get_executor(request: Request) -> Executor:
     return request.app.state.executor
 
 
-def get_notifier(request: Request) -> JobNotifier:
+async def get_notifier(request: Request) -> JobNotifier:
     return request.app.state.notifier
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 ExecutorDep = Annotated[Executor, Depends(get_executor)]
 NotifierDep = Annotated[JobNotifier, Depends(get_notifier)]
 
 
-def get_tenant(
+async def get_tenant(
     request: Request,
-    session: SessionDep,
+    session: ReadSessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> str:
-    """The tenant of the presented key; 401 for a missing, malformed, unknown or revoked one."""
+    """The tenant of the presented key; 401 for a missing, malformed, unknown or revoked one.
+
+    A key verified moments ago is answered on the event loop; only a miss goes to a pool thread
+    for the database (each thread hop costs about as much as the status query itself)."""
     tenant = None
     if credentials is not None:
         cache: KeyCache = request.app.state.key_cache
         tenant = cache.get(credentials.credentials)
         if tenant is None:
-            tenant = repositories.verify_api_key(session, credentials.credentials)
+            tenant = await run_in_threadpool(
+                repositories.verify_api_key, session, credentials.credentials
+            )
             if tenant is not None:
                 cache.put(credentials.credentials, tenant)
     if tenant is None:

@@ -24,6 +24,7 @@ from service.api.deps import (
     ExecutorDep,
     JobId,
     NotifierDep,
+    ReadSessionDep,
     SessionDep,
     SettingsDep,
     StoreDep,
@@ -157,7 +158,7 @@ def create_job(
 
 @router.get("", summary="List jobs, newest first")
 def list_jobs(
-    session: SessionDep,
+    session: ReadSessionDep,
     tenant: TenantDep,
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=repositories.MAX_PAGE_SIZE)] = 50,
@@ -170,7 +171,7 @@ def list_jobs(
 
 
 @router.get("/{job_id}", responses=NOT_FOUND, summary="A job's status, phase and progress")
-def get_job(job_id: JobId, session: SessionDep, tenant: TenantDep) -> JobOut:
+def get_job(job_id: JobId, session: ReadSessionDep, tenant: TenantDep) -> JobOut:
     return JobOut.of(_owned(session, tenant, job_id))
 
 
@@ -204,7 +205,7 @@ def cancel_job(
     },
     summary="The result: the object `bitplan run --json` prints",
 )
-def get_result(job_id: JobId, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+def get_result(job_id: JobId, session: ReadSessionDep, tenant: TenantDep) -> dict[str, Any]:
     result = repositories.get_result(session, tenant=tenant, job_id=job_id)
     if result is None:
         job = _owned(session, tenant, job_id)
@@ -213,7 +214,7 @@ def get_result(job_id: JobId, session: SessionDep, tenant: TenantDep) -> dict[st
 
 
 @router.get("/{job_id}/artifacts", responses=NOT_FOUND, summary="The files a job produced")
-def list_artifacts(job_id: JobId, session: SessionDep, tenant: TenantDep) -> list[ArtifactOut]:
+def list_artifacts(job_id: JobId, session: ReadSessionDep, tenant: TenantDep) -> list[ArtifactOut]:
     _owned(session, tenant, job_id)
     artifacts = repositories.list_artifacts(session, tenant=tenant, job_id=job_id)
     return [ArtifactOut.of(artifact) for artifact in artifacts]
@@ -229,7 +230,7 @@ def list_artifacts(job_id: JobId, session: SessionDep, tenant: TenantDep) -> lis
     summary="Download one artifact (model, bitplan, profile, ...)",
 )
 def get_artifact(
-    job_id: JobId, name: ArtifactName, session: SessionDep, tenant: TenantDep, store: StoreDep
+    job_id: JobId, name: ArtifactName, session: ReadSessionDep, tenant: TenantDep, store: StoreDep
 ) -> FileResponse:
     artifact = repositories.get_artifact(session, tenant=tenant, job_id=job_id, name=name)
     if artifact is None:
