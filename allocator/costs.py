@@ -166,13 +166,35 @@ def quant_choices(
     bias_correction: bool = True,
     on_layer: Callable[[int], None] | None = None,
 ) -> dict[tuple[str, int], QuantChoice]:
-    """For every layer and width, the (clip, rounding) pair with the least output error.
+    """For every layer and width, the (clip, rounding) pair with the least output error."""
+    rules = {"": (tuple(clips), tuple(roundings))}
+    return rule_set_choices(model, table, stats, bits, rules, bias_correction, on_layer)[""]
 
-    With bias correction the error that counts is the centred one (the mean shift is removed by
-    the correction), so GPTQ is given the input covariance rather than the second moment.
+
+RuleSet = tuple[tuple[str, ...], tuple[str, ...]]
+"""Clipping rules x rounding rules a choice may pick from."""
+
+
+def rule_set_choices(
+    model: LoadedModel,
+    table: LayerTable,
+    stats: InputStats,
+    bits: Sequence[int],
+    rule_sets: Mapping[str, RuleSet],
+    bias_correction: bool = True,
+    on_layer: Callable[[int], None] | None = None,
+) -> dict[str, dict[tuple[str, int], QuantChoice]]:
+    """For each rule set, every layer and width's least-output-error choice within the set.
+
+    Each (clip, rounding) pair is quantized once however many sets hold it. With bias
+    correction the error that counts is the centred one (the mean shift is removed by the
+    correction), so GPTQ is given the input covariance rather than the second moment.
     """
     modules = dict(model.module.named_modules())
-    choices: dict[tuple[str, int], QuantChoice] = {}
+    pairs = sorted(
+        {(c, r) for clips, roundings in rule_sets.values() for c in clips for r in roundings}
+    )
+    chosen: dict[str, dict[tuple[str, int], QuantChoice]] = {name: {} for name in rule_sets}
     for index, layer in enumerate(table):
         weight = modules[layer.name].weight.detach()
         moment = stats.second_moment[layer.name]
@@ -181,29 +203,38 @@ def quant_choices(
         signal = max(_output_error(weight, moment), 1e-30)
         widths = set(bits) | ({layer.pinned_bits} if layer.pinned_bits else set())
         for b in sorted(widths):
-            candidates = (
-                [(c, r) for c in clips for r in roundings] if b < 16 else [(clips[0], "nearest")]
-            )
-            best: QuantChoice | None = None
-            for clip, rounding in candidates:
-                quantized = _round(weight, b, clip, rounding, covariance)
-                delta = quantized.dequantize() - weight
-                per_channel = _channel_error(delta, covariance)
-                error = float(per_channel.sum()) / signal
-                if best is None or error < best.output_error:
-                    correction = (
-                        -(delta.reshape(delta.shape[0], -1) @ mean)
-                        if bias_correction and b < 16
-                        else None
-                    )
-                    best = QuantChoice(
-                        clip, rounding, quantized, error, per_channel, delta, correction
-                    )
-            assert best is not None
-            choices[(layer.name, b)] = best
+            candidates = {
+                pair: _choice(weight, b, *pair, covariance, mean, signal, bias_correction)
+                for pair in (pairs if b < 16 else [(pairs[0][0], "nearest")])
+            }
+            for name, (clips, roundings) in rule_sets.items():
+                allowed = [
+                    c
+                    for pair, c in candidates.items()
+                    if b >= 16 or (pair[0] in clips and pair[1] in roundings)
+                ]
+                chosen[name][(layer.name, b)] = min(allowed, key=lambda c: c.output_error)
         if on_layer is not None:
             on_layer(index)
-    return choices
+    return chosen
+
+
+def _choice(
+    weight: torch.Tensor,
+    b: int,
+    clip: str,
+    rounding: str,
+    covariance: torch.Tensor,
+    mean: torch.Tensor,
+    signal: float,
+    bias_correction: bool,
+) -> QuantChoice:
+    quantized = _round(weight, b, clip, rounding, covariance)
+    delta = quantized.dequantize() - weight
+    per_channel = _channel_error(delta, covariance)
+    correction = -(delta.reshape(delta.shape[0], -1) @ mean) if bias_correction and b < 16 else None
+    error = float(per_channel.sum()) / signal
+    return QuantChoice(clip, rounding, quantized, error, per_channel, delta, correction)
 
 
 def _table(

@@ -29,7 +29,13 @@ from allocator.act_plan import ACT_QUANTIZERS, PROBS_ACT_BITS, ActivationBench, 
 from allocator.activations import quantized_activations
 from allocator.apply import apply, pack
 from allocator.budget import Budget, parse_budget
-from allocator.data import EvalSet, calibration_batches, evaluate, load_dataset
+from allocator.data import (
+    EvalSet,
+    calibration_batches,
+    evaluate,
+    holdout_batches,
+    load_dataset,
+)
 from allocator.errors import BadBudget, BadDataset, UnknownMethod
 from allocator.layers import LayerTable, build_layer_table
 from allocator.plan import BitPlan, LayerPlan
@@ -42,6 +48,7 @@ from allocator.sensitivity import (
     sensitivity_costs,
 )
 from allocator.solve import Solution, check_budget, solve, uniform_bits_for
+from allocator.weight_rules import RULE_SETS, RuleSelection, select_rules
 from allocator.zoo import load_model
 from allocator.zoo.base import Inputs, LoadedModel
 
@@ -229,6 +236,8 @@ class Workbench:
     choices: dict[tuple[str, int], costs.QuantChoice]
     activations: ActivationBench | None = None
     """Activation sites and their calibration samples, when the job quantizes activations."""
+    rules: RuleSelection | None = None
+    """The clipping/rounding rule set each width uses, and why (see allocator.weight_rules)."""
     _reference: torch.Tensor | None = None
 
     @property
@@ -306,16 +315,20 @@ def prepare(spec: JobSpec, clock: _Clock | None = None, budget: Budget | None = 
         stats = costs.input_stats(
             model, batches, table, on_batch=lambda i: tick((i + 1) / len(batches), "inputs")
         )
-        choices = costs.quant_choices(
-            model, table, stats, spec.bits, bias_correction=spec.bias_correction
+        candidates = costs.rule_set_choices(
+            model, table, stats, spec.bits, RULE_SETS, bias_correction=spec.bias_correction
         )
+        tick(0.7, "weight rules")
+        holdout = holdout_batches(calib, model, spec.calib_samples, spec.batch_size, spec.seed)
+        choices, rules = select_rules(model, table, candidates, holdout)
+        del candidates
         tick(1.0, "activations")
         activations = (
             ActivationBench(model, batches, table)
             if act_bits_for(spec, budget or parse_budget(spec.budget)) is not None
             else None
         )
-    return Workbench(spec, model, batches, evalset, table, choices, activations)
+    return Workbench(spec, model, batches, evalset, table, choices, activations, rules)
 
 
 def act_bits_for(spec: JobSpec, budget: Budget) -> int | tuple[int, ...] | None:
@@ -409,6 +422,7 @@ def run(spec: JobSpec, progress: Progress = _silent, workdir: str | Path | None 
         tick(0.8, "uniform")
         metrics["uniform_widths"] = _uniform_widths(bench, metrics["uniform"], meta, uniform_acts)
         metrics["primary"] = bench.evalset.primary_metric
+        metrics["weight_rules"] = bench.rules.to_dict() if bench.rules else {}
         metrics["predicted_cost"] = solution.objective
     result = Result(
         spec=spec,

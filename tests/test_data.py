@@ -18,6 +18,7 @@ from allocator.data import (
     SentencePairs,
     calibration_batches,
     evaluate,
+    holdout_batches,
     load_dataset,
 )
 from allocator.data.evaluate import kl_divergence, top1
@@ -219,6 +220,23 @@ def test_calibration_takes_all_samples_when_asked_for_more() -> None:
     dataset = ImageSet(images_brightest_in([0, 1, 2]))
     batches = calibration_batches(dataset, image_model(), n=100, batch_size=64)
     assert sum(len(batch) for batch in batches) == 3
+
+
+def test_holdout_samples_are_the_ones_calibration_did_not_draw() -> None:
+    model = image_model()
+    dataset = ImageSet(images_brightest_in([0, 1, 2] * 4))
+
+    def drawn(batches: list[torch.Tensor]) -> set[int]:
+        return set((torch.cat(batches)[:, 0, 0, 0] * 255).round().int().tolist())
+
+    calibration = drawn(calibration_batches(dataset, model, n=5, batch_size=2, seed=3))
+    holdout = drawn(holdout_batches(dataset, model, n=5, batch_size=2, seed=3))
+    assert len(holdout) == 5 and not calibration & holdout
+    rest = drawn(holdout_batches(dataset, model, n=10, batch_size=4, seed=3))
+    assert rest == set(range(12)) - drawn(
+        calibration_batches(dataset, model, n=10, batch_size=4, seed=3)
+    )
+    assert holdout_batches(dataset, model, n=12, batch_size=4) == []
 
 
 def test_calibration_on_sentence_pairs_uses_both_columns() -> None:

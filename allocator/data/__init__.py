@@ -5,7 +5,7 @@ seeded sample the model has prepared; `EvalSet` + `evaluate` score any function 
 (the FP32 model or a quantized variant). Never imports a model source beyond `zoo.base`.
 """
 
-from allocator.data.batches import calibration_batches, check_compatible
+from allocator.data.batches import calibration_batches, check_compatible, holdout_batches
 from allocator.data.evaluate import HIGHER_IS_BETTER, EvalSet, evaluate
 from allocator.data.readers import Dataset, ImageSet, SentencePairs, load_dataset
 
@@ -18,5 +18,6 @@ __all__ = [
     "calibration_batches",
     "check_compatible",
     "evaluate",
+    "holdout_batches",
     "load_dataset",
 ]

@@ -42,9 +42,25 @@ def calibration_batches(
         raise ValueError(f"n and batch_size must be positive, got n={n}, batch_size={batch_size}")
     check_compatible(dataset, model)
     samples = pool(dataset)
-    rng = np.random.default_rng(seed)
-    picked = rng.choice(len(samples), size=min(n, len(samples)), replace=False)
-    return prepare_batches(model, take(samples, picked), batch_size)
+    return prepare_batches(
+        model, take(samples, _calibration_indices(len(samples), n, seed)), batch_size
+    )
+
+
+def holdout_batches(
+    dataset: Dataset, model: LoadedModel, n: int, batch_size: int, seed: int = 0
+) -> list[Inputs]:
+    """Up to `n` samples the calibration draw of the same (n, seed) did not pick, for choices
+    that must be judged on data they were not fitted to; empty when the dataset has no others."""
+    samples = pool(dataset)
+    rest = np.setdiff1d(np.arange(len(samples)), _calibration_indices(len(samples), n, seed))
+    rng = np.random.default_rng(seed + 1)
+    picked = rng.choice(rest, size=min(n, len(rest)), replace=False)
+    return prepare_batches(model, take(samples, np.sort(picked)), batch_size) if len(picked) else []
+
+
+def _calibration_indices(size: int, n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).choice(size, size=min(n, size), replace=False)
 
 
 def pool(dataset: Dataset) -> Samples:
