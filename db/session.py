@@ -30,6 +30,8 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Alembic's command API swaps module-global proxies (`alembic.context`, `alembic.op`) in and out,
 # so two threads migrating at once corrupt each other; processes are serialised in env.py.
 _MIGRATION_THREAD_LOCK = threading.Lock()
+POOL_SIZE = 20
+POOL_OVERFLOW = 20
 
 
 def default_url(home: Path) -> str:
@@ -63,7 +65,12 @@ def make_engine(url: str | URL | None = None, *, echo: bool = False) -> Engine:
     parsed = normalize_url(url if url is not None else database_url())
     if parsed.get_backend_name() != "sqlite":
         # pool_pre_ping: long-lived workers survive a PostgreSQL restart without a failed job.
-        return create_engine(parsed, echo=echo, pool_pre_ping=True)
+        # A connection opened above the pool size is closed again on return, and PostgreSQL
+        # forks a backend for each new one: a pool well above the default 5 keeps a burst of
+        # status polls from spending its time connecting.
+        return create_engine(
+            parsed, echo=echo, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW
+        )
     database = parsed.database
     if database and database != ":memory:" and not database.startswith("file:"):
         Path(database).parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from service.api.deps import (
     ExecutorDep,
     JobId,
     NotifierDep,
-    ReadSessionDep,
+    ReaderDep,
     SessionDep,
     SettingsDep,
     StoreDep,
@@ -157,22 +157,27 @@ def create_job(
 
 
 @router.get("", summary="List jobs, newest first")
-def list_jobs(
-    session: ReadSessionDep,
+async def list_jobs(
+    read: ReaderDep,
     tenant: TenantDep,
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=repositories.MAX_PAGE_SIZE)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> JobPageOut:
-    page = repositories.list_jobs(
-        session, tenant=tenant, status=status_filter, limit=limit, cursor=cursor
-    )
-    return JobPageOut(jobs=[JobOut.of(job) for job in page.jobs], next_cursor=page.next_cursor)
+    def page(session: Session) -> JobPageOut:
+        found = repositories.list_jobs(
+            session, tenant=tenant, status=status_filter, limit=limit, cursor=cursor
+        )
+        return JobPageOut(
+            jobs=[JobOut.of(job) for job in found.jobs], next_cursor=found.next_cursor
+        )
+
+    return await read(page)
 
 
 @router.get("/{job_id}", responses=NOT_FOUND, summary="A job's status, phase and progress")
-def get_job(job_id: JobId, session: ReadSessionDep, tenant: TenantDep) -> JobOut:
-    return JobOut.of(_owned(session, tenant, job_id))
+async def get_job(job_id: JobId, read: ReaderDep, tenant: TenantDep) -> JobOut:
+    return await read(lambda session: JobOut.of(_owned(session, tenant, job_id)))
 
 
 @router.post(
@@ -205,19 +210,24 @@ def cancel_job(
     },
     summary="The result: the object `bitplan run --json` prints",
 )
-def get_result(job_id: JobId, session: ReadSessionDep, tenant: TenantDep) -> dict[str, Any]:
-    result = repositories.get_result(session, tenant=tenant, job_id=job_id)
-    if result is None:
-        job = _owned(session, tenant, job_id)
-        raise NotReady(_not_ready(job))
-    return {key: value for key, value in result.result.items() if key != "profile"}
+async def get_result(job_id: JobId, read: ReaderDep, tenant: TenantDep) -> dict[str, Any]:
+    def result(session: Session) -> dict[str, Any]:
+        found = repositories.get_result(session, tenant=tenant, job_id=job_id)
+        if found is None:
+            raise NotReady(_not_ready(_owned(session, tenant, job_id)))
+        return {key: value for key, value in found.result.items() if key != "profile"}
+
+    return await read(result)
 
 
 @router.get("/{job_id}/artifacts", responses=NOT_FOUND, summary="The files a job produced")
-def list_artifacts(job_id: JobId, session: ReadSessionDep, tenant: TenantDep) -> list[ArtifactOut]:
-    _owned(session, tenant, job_id)
-    artifacts = repositories.list_artifacts(session, tenant=tenant, job_id=job_id)
-    return [ArtifactOut.of(artifact) for artifact in artifacts]
+async def list_artifacts(job_id: JobId, read: ReaderDep, tenant: TenantDep) -> list[ArtifactOut]:
+    def artifacts(session: Session) -> list[ArtifactOut]:
+        _owned(session, tenant, job_id)
+        found = repositories.list_artifacts(session, tenant=tenant, job_id=job_id)
+        return [ArtifactOut.of(artifact) for artifact in found]
+
+    return await read(artifacts)
 
 
 @router.get(
@@ -229,10 +239,12 @@ def list_artifacts(job_id: JobId, session: ReadSessionDep, tenant: TenantDep) ->
     },
     summary="Download one artifact (model, bitplan, profile, ...)",
 )
-def get_artifact(
-    job_id: JobId, name: ArtifactName, session: ReadSessionDep, tenant: TenantDep, store: StoreDep
+async def get_artifact(
+    job_id: JobId, name: ArtifactName, read: ReaderDep, tenant: TenantDep, store: StoreDep
 ) -> FileResponse:
-    artifact = repositories.get_artifact(session, tenant=tenant, job_id=job_id, name=name)
+    artifact = await read(
+        lambda session: repositories.get_artifact(session, tenant=tenant, job_id=job_id, name=name)
+    )
     if artifact is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} has no artifact {name!r}")
     media_type, suffix = ARTIFACT_MEDIA.get(artifact.kind, ("application/octet-stream", ""))

@@ -1,7 +1,7 @@
 """`/v1/profiles/{id}`: new budgets answered from a cached cost table in milliseconds.
 
 A profile is stored when a job succeeds (its id is the result's `profile_id`); re-solving needs
-only the integer program, so these routes answer synchronously, in a worker thread.
+only the integer program, so these routes answer synchronously, in a pool thread.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from db import repositories
 from db.models import Profile
-from service.api.deps import UNAUTHORIZED, ProfileId, SessionDep, SettingsDep, TenantDep
+from service.api.deps import UNAUTHORIZED, ProfileId, ReaderDep, SettingsDep, TenantDep
 from service.profiles import solve_budgets
 from service.schemas import ErrorOut, ParetoOut, ParetoRequest, ProfileOut, SolveOut, SolveRequest
 from service.settings import Settings
@@ -28,36 +28,43 @@ RESPONSES = {
 
 
 @router.get("/{profile_id}", responses=RESPONSES, summary="What a cached cost table covers")
-def get_profile(profile_id: ProfileId, session: SessionDep, tenant: TenantDep) -> ProfileOut:
-    return ProfileOut.of(_owned(session, tenant, profile_id))
+async def get_profile(profile_id: ProfileId, read: ReaderDep, tenant: TenantDep) -> ProfileOut:
+    return await read(lambda session: ProfileOut.of(_owned(session, tenant, profile_id)))
 
 
 @router.post("/{profile_id}/solve", responses=RESPONSES, summary="Solve one new budget")
-def solve(
+async def solve(
     profile_id: ProfileId,
     request: SolveRequest,
-    session: SessionDep,
+    read: ReaderDep,
     tenant: TenantDep,
     settings: SettingsDep,
 ) -> SolveOut:
-    profile = _owned(session, tenant, profile_id)
     time_limit = _time_limit(request.time_limit, settings)
-    return solve_budgets(profile.cost_table, [request.budget], time_limit)[0]
+    return await read(
+        lambda session: solve_budgets(
+            _owned(session, tenant, profile_id).cost_table, [request.budget], time_limit
+        )[0]
+    )
 
 
 @router.post("/{profile_id}/pareto", responses=RESPONSES, summary="Solve a sweep of budgets")
-def pareto(
+async def pareto(
     profile_id: ProfileId,
     request: ParetoRequest,
-    session: SessionDep,
+    read: ReaderDep,
     tenant: TenantDep,
     settings: SettingsDep,
 ) -> ParetoOut:
     """One plan per budget, in the order given; the solver model is built once for all."""
-    profile = _owned(session, tenant, profile_id)
     time_limit = _time_limit(request.time_limit, settings)
-    points = solve_budgets(profile.cost_table, request.budgets, time_limit)
-    return ParetoOut(profile_id=profile.id, points=points)
+
+    def sweep(session: Session) -> ParetoOut:
+        profile = _owned(session, tenant, profile_id)
+        points = solve_budgets(profile.cost_table, request.budgets, time_limit)
+        return ParetoOut(profile_id=profile.id, points=points)
+
+    return await read(sweep)
 
 
 def _owned(session: Session, tenant: str, profile_id: str) -> Profile:
