@@ -156,9 +156,24 @@ def mixed_rows(
     return rows, seconds, rho
 
 
+def rules_table(bench: Workbench) -> str:
+    """Each width's rule set and the held-out divergence from FP32 of every set tried."""
+    if bench.rules is None or not bench.rules.divergence:
+        return "(no held-out samples: per-layer rules everywhere)"
+    names = list(next(iter(bench.rules.divergence.values())))
+    lines = [
+        "| bits | " + " | ".join(f"{n} divergence" for n in names) + " | chosen |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
+    for b, measured in sorted(bench.rules.divergence.items()):
+        cells = " | ".join(f"{measured[n]:.4g}" for n in names)
+        lines.append(f"| {b} | {cells} | {bench.rules.chosen[b]} |")
+    return "\n".join(lines)
+
+
 def clip_table(bench: Workbench) -> str:
-    """How often each clipping and rounding rule won, by width (least output error on calibration
-    data)."""
+    """How often each clipping and rounding rule is used, by width, once the width's rule set
+    is chosen (within a set, the least output error on calibration data wins per layer)."""
     lines = ["| bits | max | mse | nearest | gptq |", "|---|---|---|---|---|"]
     for b in bench.spec.bits:
         won = [bench.choices[(layer.name, b)] for layer in bench.table]
@@ -199,7 +214,11 @@ def run_model(name: str, spec: JobSpec, methods: list[str], budgets: list[float]
         "",
         *method_lines,
         "",
-        "Clipping rule chosen per layer (by output error):",
+        "Rule set per width, by held-out divergence from FP32 (allocator/weight_rules.py):",
+        "",
+        rules_table(bench),
+        "",
+        "Clipping and rounding per layer within the chosen set:",
         "",
         clip_table(bench),
         "",
