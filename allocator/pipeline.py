@@ -47,8 +47,8 @@ from allocator.sensitivity import (
     parse_method,
     sensitivity_costs,
 )
-from allocator.solve import Solution, check_budget, solve, uniform_bits_for
-from allocator.weight_rules import RULE_SETS, RuleSelection, select_rules
+from allocator.solve import Solution, check_budget, fixed_plan, solve, uniform_bits_for
+from allocator.weight_rules import RULE_SETS, RuleSelection, divergence_from_fp32, select_rules
 from allocator.zoo import load_model
 from allocator.zoo.base import Inputs, LoadedModel
 
@@ -238,6 +238,10 @@ class Workbench:
     """Activation sites and their calibration samples, when the job quantizes activations."""
     rules: RuleSelection | None = None
     """The clipping/rounding rule set each width uses, and why (see allocator.weight_rules)."""
+    holdout: list[Inputs] = field(default_factory=list)
+    """Calibration samples the statistics were not gathered on, for checks that must not be
+    judged on what they were fitted to."""
+    _holdout_reference: list[torch.Tensor] | None = None
     _reference: torch.Tensor | None = None
 
     @property
@@ -276,6 +280,39 @@ class Workbench:
     def uniform_plan(self, bits: int, meta: Mapping[str, Any] | None = None) -> BitPlan:
         """Every free layer at `bits` with the same quantizer choices as the mixed plans."""
         return self.plan(self.table.uniform(bits), {**(meta or {}), "uniform_bits": bits})
+
+    def holdout_divergence(self, bits: Mapping[str, int]) -> float:
+        """How far the plan's outputs move from FP32 on the held-out samples."""
+        if self._holdout_reference is None:
+            with torch.inference_mode():
+                self._holdout_reference = [self.model(inputs) for inputs in self.holdout]
+        layers = {name: self.choices[(name, b)] for name, b in bits.items()}
+        return divergence_from_fp32(self.model, self.holdout, self._holdout_reference, layers)
+
+    def check_against_uniform(
+        self, solution: Solution, cost: np.ndarray, uniform_bits: int | None
+    ) -> tuple[Solution, dict[str, Any] | None]:
+        """The solver's plan, or the uniform plan of the same budget when that one stays closer
+        to FP32 on held-out samples.
+
+        The cost table adds per-layer estimates; errors compound across layers in ways a sum
+        cannot see, and on CIFAR ResNet20 at avg 3 bits every method's mixed plan measured about
+        0.5 points below uniform W3 with the same quantizer. Two forward passes over the
+        held-out samples make sure a job never returns a plan its own check finds worse than
+        the uniform one it is compared with. Weight-only plans; None when nothing was checked.
+        """
+        if uniform_bits is None or not self.holdout or not solution.bits:
+            return solution, None
+        uniform = self.table.uniform(uniform_bits)
+        if uniform == solution.bits:
+            return solution, None
+        mixed_divergence = self.holdout_divergence(solution.bits)
+        uniform_divergence = self.holdout_divergence(uniform)
+        kept = "uniform" if uniform_divergence < mixed_divergence else "mixed"
+        check = {"mixed": mixed_divergence, "uniform": uniform_divergence, "kept": kept}
+        if kept == "mixed":
+            return solution, check
+        return fixed_plan(self.table, uniform, self.spec.bits, cost, solution), check
 
     def evaluate(
         self,
@@ -328,7 +365,7 @@ def prepare(spec: JobSpec, clock: _Clock | None = None, budget: Budget | None = 
             if act_bits_for(spec, budget or parse_budget(spec.budget)) is not None
             else None
         )
-    return Workbench(spec, model, batches, evalset, table, choices, activations, rules)
+    return Workbench(spec, model, batches, evalset, table, choices, activations, rules, holdout)
 
 
 def act_bits_for(spec: JobSpec, budget: Budget) -> int | tuple[int, ...] | None:
@@ -378,6 +415,11 @@ def run(spec: JobSpec, progress: Progress = _silent, workdir: str | Path | None 
         solution = solve(
             table, spec.bits, solve_cost, resolved, act_bits=bops_act, time_limit=spec.time_limit
         )
+        plan_check = None
+        if act_bits is None:
+            solution, plan_check = bench.check_against_uniform(
+                solution, cost, uniform_bits_for(table, spec.bits, resolved, act_bits=bops_act)
+            )
     meta: dict[str, Any] = {"model": spec.model, "budget": spec.budget, "method": spec.method}
     act_quantizers: dict[str, ActQuantizer] = {}
     act_allocation = None
@@ -423,6 +465,7 @@ def run(spec: JobSpec, progress: Progress = _silent, workdir: str | Path | None 
         metrics["uniform_widths"] = _uniform_widths(bench, metrics["uniform"], meta, uniform_acts)
         metrics["primary"] = bench.evalset.primary_metric
         metrics["weight_rules"] = bench.rules.to_dict() if bench.rules else {}
+        metrics["plan_check"] = plan_check
         metrics["predicted_cost"] = solution.objective
     result = Result(
         spec=spec,

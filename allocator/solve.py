@@ -69,7 +69,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -296,6 +296,30 @@ def pareto(
             _solution(table, program, outcome, name, act_bits, time.perf_counter() - started)
         )
     return solutions
+
+
+def fixed_plan(
+    table: LayerTable,
+    widths: Mapping[str, int],
+    bits: Sequence[int],
+    cost: np.ndarray,
+    like: Solution,
+    *,
+    act_bits: ActBits = 32,
+) -> Solution:
+    """A full plan chosen outside the program (the uniform one, when the held-out check in
+    allocator.pipeline prefers it), priced as the program prices its own plans; the solver's
+    report (name, status, gap, time) stays `like`'s."""
+    plan = dict(widths)
+    storage, bops = _plan_usage(table, plan, _widest(act_bits))
+    columns = list(bits)
+    pinned = table.pinned_widths()
+    objective = sum(
+        float(cost[i, columns.index(plan[layer.name])])
+        for i, layer in enumerate(table)
+        if layer.name not in pinned and plan[layer.name] in columns
+    )
+    return replace(like, bits=plan, objective=objective, storage_bits=storage, bops=bops)
 
 
 def uniform_bits_for(

@@ -72,7 +72,9 @@ def select_rules(
         for b in widths:
             plan = table.uniform(b)
             divergences[b] = {
-                name: _divergence(model, holdout, reference, _uniform(plan, b, choices, default))
+                name: divergence_from_fp32(
+                    model, holdout, reference, _uniform(plan, b, choices, default)
+                )
                 for name, choices in candidates.items()
                 if all((layer, b) in choices for layer in plan)
             }
@@ -88,12 +90,14 @@ def _uniform(plan: Mapping[str, int], b: int, choices: Choices, default: Choices
     }
 
 
-def _divergence(
+def divergence_from_fp32(
     model: LoadedModel,
     batches: Sequence[Inputs],
     reference: Sequence[torch.Tensor],
     layers: Mapping[str, QuantChoice],
 ) -> float:
+    """Mean divergence over `batches` of the model with `layers` quantized from its FP32
+    `reference` outputs (the model is restored afterwards)."""
     modules = dict(model.module.named_modules())
     with ExitStack() as stack, torch.inference_mode():
         for name, choice in layers.items():

@@ -141,12 +141,15 @@ def mixed_rows(
     for b in sorted(set(budgets) | (set(SWEEP) if sweep else set()), reverse=True):
         resolved = parse_budget(f"avg-bits={b}").resolve(bench.table)
         solution = solve(bench.table, bench.spec.bits, cost, resolved)
+        uniform_bits = uniform_bits_for(bench.table, bench.spec.bits, resolved)
+        solution, check = bench.check_against_uniform(solution, cost, uniform_bits)
         metric = metric_of(bench, bench.plan(solution.bits, {"method": method}))
         points.append((solution.objective, fp32 - metric))
+        kept = " (uniform kept)" if check and check["kept"] == "uniform" else ""
         if b in budgets:
             rows.append(
                 Row(
-                    f"mixed {method} @ avg {b}",
+                    f"mixed {method} @ avg {b}{kept}",
                     avg_bits(bench, solution.bits),
                     metric,
                     solution.objective,

@@ -229,6 +229,22 @@ def test_pins_hold_including_a_width_outside_bits() -> None:
     assert solution.objective == 0.0
 
 
+def test_a_fixed_plan_is_priced_as_the_program_prices_its_own() -> None:
+    table = LayerTable((layer("stem", pinned=8), layer("a"), layer("b")))
+    cost = np.array([[0.0, 0.0, 0.0], [9.0, 3.0, 1.0], [7.0, 2.0, 0.5]])
+    budget = ResolvedBudget(size_bits=table.uniform_storage_bits(4))
+    solved = solve(table, BITS, cost, budget)
+    uniform = solve_module.fixed_plan(table, table.uniform(4), BITS, cost, solved)
+    assert uniform.bits == {"stem": 8, "a": 4, "b": 4}
+    assert uniform.storage_bits == table.uniform_storage_bits(4)
+    assert uniform.objective == 5.0  # the pinned stem adds nothing, as in the program
+    assert (uniform.solver, uniform.status, uniform.gap) == (
+        solved.solver,
+        solved.status,
+        solved.gap,
+    )
+
+
 def test_tied_layers_pinned_to_different_widths_are_refused() -> None:
     table = LayerTable((layer("a", group="t", pinned=8), layer("b", group="t", pinned=4)))
     with pytest.raises(ValueError, match="pinned to different widths"):

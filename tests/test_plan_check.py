@@ -1,0 +1,62 @@
+"""A job's plan is checked against the uniform plan of its budget on held-out samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from allocator import costs
+from allocator.budget import ResolvedBudget
+from allocator.layers import build_layer_table
+from allocator.pipeline import JobSpec, Workbench
+from allocator.solve import solve, uniform_bits_for
+from allocator.zoo.base import LoadedModel
+
+BITS = (2, 4, 8)
+
+
+def _bench() -> Workbench:
+    torch.manual_seed(0)
+    module = nn.Sequential(
+        nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5)
+    )
+    model = LoadedModel(ref="mlp", module=module.eval(), task="classification", input_kind="image")
+    batches = [torch.randn(64, 16)]
+    table = build_layer_table(model, batches[0][:1], pin_first_last=False)
+    stats = costs.input_stats(model, batches, table)
+    choices = costs.quant_choices(model, table, stats, BITS)
+    spec = JobSpec(model="mlp", calib="none", bits=BITS)
+    return Workbench(spec, model, batches, None, table, choices, holdout=[torch.randn(64, 16)])  # type: ignore[arg-type]
+
+
+def test_a_plan_worse_than_uniform_on_held_out_samples_gives_way_to_it() -> None:
+    bench = _bench()
+    budget = ResolvedBudget(size_bits=bench.table.uniform_storage_bits(4))
+    # A cost table that calls the widest layer free to crush: the program sends it to 2 bits.
+    cost = np.array([[1.0, 0.5, 0.0]] * len(bench.table))
+    cost[bench.table.names.index("2")] = [0.0, 0.0, 0.0]
+    solution = solve(bench.table, BITS, cost, budget)
+    assert solution.bits != bench.table.uniform(4)
+
+    checked, check = bench.check_against_uniform(solution, cost, 4)
+
+    assert check is not None
+    uniform = bench.table.uniform(4)
+    assert check["mixed"] == bench.holdout_divergence(solution.bits)
+    assert check["uniform"] == bench.holdout_divergence(uniform)
+    best = "uniform" if check["uniform"] < check["mixed"] else "mixed"
+    assert check["kept"] == best == "uniform"  # 2-bit weights in the widest layer hurt most
+    assert checked.bits == (uniform if best == "uniform" else solution.bits)
+    assert checked.storage_bits <= budget.size_bits
+
+
+def test_nothing_is_checked_without_holdout_or_a_uniform_plan() -> None:
+    bench = _bench()
+    budget = ResolvedBudget(size_bits=bench.table.uniform_storage_bits(3))
+    cost = np.tile([1.0, 0.5, 0.0], (len(bench.table), 1))
+    solution = solve(bench.table, BITS, cost, budget)
+    assert bench.check_against_uniform(solution, cost, None) == (solution, None)
+    assert uniform_bits_for(bench.table, BITS, budget) == 2
+    bench.holdout = []
+    assert bench.check_against_uniform(solution, cost, 2) == (solution, None)
