@@ -48,7 +48,13 @@ from allocator.sensitivity import (
     sensitivity_costs,
 )
 from allocator.solve import Solution, check_budget, fixed_plan, solve, uniform_bits_for
-from allocator.weight_rules import RULE_SETS, RuleSelection, divergence_from_fp32, select_rules
+from allocator.weight_rules import (
+    RULE_SETS,
+    RuleSelection,
+    divergence_from_fp32,
+    fp32_outputs,
+    select_rules,
+)
 from allocator.zoo import load_model
 from allocator.zoo.base import Inputs, LoadedModel
 
@@ -241,7 +247,8 @@ class Workbench:
     holdout: list[Inputs] = field(default_factory=list)
     """Calibration samples the statistics were not gathered on, for checks that must not be
     judged on what they were fitted to."""
-    _holdout_reference: list[torch.Tensor] | None = None
+    holdout_reference: list[torch.Tensor] = field(default_factory=list)
+    """FP32 outputs on `holdout`."""
     _reference: torch.Tensor | None = None
 
     @property
@@ -283,11 +290,8 @@ class Workbench:
 
     def holdout_divergence(self, bits: Mapping[str, int]) -> float:
         """How far the plan's outputs move from FP32 on the held-out samples."""
-        if self._holdout_reference is None:
-            with torch.inference_mode():
-                self._holdout_reference = [self.model(inputs) for inputs in self.holdout]
         layers = {name: self.choices[(name, b)] for name, b in bits.items()}
-        return divergence_from_fp32(self.model, self.holdout, self._holdout_reference, layers)
+        return divergence_from_fp32(self.model, self.holdout, self.holdout_reference, layers)
 
     def check_against_uniform(
         self, solution: Solution, cost: np.ndarray, uniform_bits: int | None
@@ -357,7 +361,8 @@ def prepare(spec: JobSpec, clock: _Clock | None = None, budget: Budget | None = 
         )
         tick(0.7, "weight rules")
         holdout = holdout_batches(calib, model, spec.calib_samples, spec.batch_size, spec.seed)
-        choices, rules = select_rules(model, table, candidates, holdout)
+        reference = fp32_outputs(model, holdout)
+        choices, rules = select_rules(model, table, candidates, holdout, reference)
         del candidates
         tick(1.0, "activations")
         activations = (
@@ -365,7 +370,9 @@ def prepare(spec: JobSpec, clock: _Clock | None = None, budget: Budget | None = 
             if act_bits_for(spec, budget or parse_budget(spec.budget)) is not None
             else None
         )
-    return Workbench(spec, model, batches, evalset, table, choices, activations, rules, holdout)
+    return Workbench(
+        spec, model, batches, evalset, table, choices, activations, rules, holdout, reference
+    )
 
 
 def act_bits_for(spec: JobSpec, budget: Budget) -> int | tuple[int, ...] | None:

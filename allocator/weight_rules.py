@@ -60,15 +60,15 @@ def select_rules(
     table: LayerTable,
     candidates: Mapping[str, Choices],
     holdout: Sequence[Inputs],
+    reference: Sequence[torch.Tensor],
 ) -> tuple[Choices, RuleSelection]:
-    """Per width, the rule set whose uniform model stays closest to FP32 on `holdout`; returns
-    the merged choices (every key from its width's set) and what was measured."""
+    """Per width, the rule set whose uniform model stays closest to the FP32 `reference`
+    outputs on `holdout`; returns the merged choices (every key from its width's set) and what
+    was measured."""
     default = candidates[PER_LAYER]
     widths = sorted({b for _, b in default if b < 16})
     divergences: dict[int, dict[str, float]] = {}
     if holdout and len(candidates) > 1:
-        with torch.inference_mode():
-            reference = [model(inputs) for inputs in holdout]
         for b in widths:
             plan = table.uniform(b)
             divergences[b] = {
@@ -88,6 +88,11 @@ def _uniform(plan: Mapping[str, int], b: int, choices: Choices, default: Choices
     return {
         layer: (choices if width == b else default)[(layer, width)] for layer, width in plan.items()
     }
+
+
+def fp32_outputs(model: LoadedModel, batches: Sequence[Inputs]) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        return [model(inputs) for inputs in batches]
 
 
 def divergence_from_fp32(

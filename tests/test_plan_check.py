@@ -11,6 +11,7 @@ from allocator.budget import ResolvedBudget
 from allocator.layers import build_layer_table
 from allocator.pipeline import JobSpec, Workbench
 from allocator.solve import solve, uniform_bits_for
+from allocator.weight_rules import fp32_outputs
 from allocator.zoo.base import LoadedModel
 
 BITS = (2, 4, 8)
@@ -27,7 +28,17 @@ def _bench() -> Workbench:
     stats = costs.input_stats(model, batches, table)
     choices = costs.quant_choices(model, table, stats, BITS)
     spec = JobSpec(model="mlp", calib="none", bits=BITS)
-    return Workbench(spec, model, batches, None, table, choices, holdout=[torch.randn(64, 16)])  # type: ignore[arg-type]
+    holdout = [torch.randn(64, 16)]
+    return Workbench(
+        spec,
+        model,
+        batches,
+        None,  # type: ignore[arg-type]  # no evaluation set: nothing here evaluates
+        table,
+        choices,
+        holdout=holdout,
+        holdout_reference=fp32_outputs(model, holdout),
+    )
 
 
 def test_a_plan_worse_than_uniform_on_held_out_samples_gives_way_to_it() -> None:

@@ -7,7 +7,7 @@ from torch import nn
 
 from allocator import costs
 from allocator.layers import build_layer_table
-from allocator.weight_rules import PER_LAYER, RULE_SETS, select_rules
+from allocator.weight_rules import PER_LAYER, RULE_SETS, fp32_outputs, select_rules
 from allocator.zoo.base import LoadedModel
 
 
@@ -26,7 +26,9 @@ def test_each_width_takes_the_set_that_diverges_least_and_every_key_follows_it()
     stats = costs.input_stats(model, batches, table)
     candidates = costs.rule_set_choices(model, table, stats, (2, 4, 8), RULE_SETS)
 
-    choices, selection = select_rules(model, table, candidates, holdout)
+    choices, selection = select_rules(
+        model, table, candidates, holdout, fp32_outputs(model, holdout)
+    )
 
     assert set(selection.chosen) == {2, 4, 8}
     for b, measured in selection.divergence.items():
@@ -49,7 +51,9 @@ def test_a_worse_default_loses_to_the_set_that_keeps_the_outputs() -> None:
     real = costs.quant_choices(model, table, stats, (2, 4))
     # A default that quietly uses its 2-bit weights for 4 bits must lose at 4 bits.
     broken = {(layer, b): real[(layer, 2)] for layer, b in real}
-    choices, selection = select_rules(model, table, {PER_LAYER: broken, "honest": real}, holdout)
+    choices, selection = select_rules(
+        model, table, {PER_LAYER: broken, "honest": real}, holdout, fp32_outputs(model, holdout)
+    )
     assert selection.chosen[4] == "honest"
     assert all(choices[(layer, 4)] is real[(layer, 4)] for layer in table.names)
 
@@ -59,6 +63,6 @@ def test_without_holdout_samples_the_per_layer_rules_stand() -> None:
     table = build_layer_table(model, batches[0][:1], pin_first_last=False)
     stats = costs.input_stats(model, batches, table)
     candidates = costs.rule_set_choices(model, table, stats, (4,), RULE_SETS)
-    choices, selection = select_rules(model, table, candidates, [])
+    choices, selection = select_rules(model, table, candidates, [], [])
     assert selection.chosen == {} and selection.divergence == {}
     assert choices == candidates[PER_LAYER]
