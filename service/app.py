@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             executor.stop()
             notifier.close()
             engine.dispose()
+            gc.unfreeze()  # a process that builds many apps (tests) may collect them again
 
     app = FastAPI(
         title="bitplan",
