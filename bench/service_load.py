@@ -11,11 +11,12 @@ distributed deployment is, with everything real: the API (`bitplan serve --proce
   from the scheduled send time, so it includes any lag of this (Python) client on a busy box.
 - POST /v1/jobs submission throughput over the drain's jobs (workers not yet running).
 - The drain: those queued jobs (a tiny CNN registered through a throwaway `bitplan.models` entry
-  point, 32 4x4 images, one width, no report drawn) run by 2 worker processes; lost = not succeeded, duplicated =
-  run more than once (attempts > 1) or more than one result row.
+  point, 32 4x4 images, one width, no report drawn) run by 2 worker processes; lost = not
+  succeeded, duplicated = run more than once (attempts > 1) or more than one result row.
 - POST /v1/profiles/{id}/solve at a new budget each time on a synthetic 100-layer profile.
 
-Every process, the throwaway PostgreSQL database and the Redis database it uses are removed at the end, even on failure.
+Every process, the throwaway PostgreSQL database and the Redis database it uses are removed at
+the end, even on failure.
 
 Run: `.venv/bin/python bench/service_load.py [--jobs 1000]`; tables also go to
 bench/out/service_load.md. Needs PostgreSQL and Redis on 127.0.0.1 (see --postgres, --redis).
