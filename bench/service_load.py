@@ -32,7 +32,6 @@ import math
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,31 +42,14 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from tests.serving import free_port, tiny_spec, write_plugins  # noqa: E402
+
 OUT = Path(__file__).parent / "out" / "service_load.md"
 TENANT = "bench"
 GET_TARGET_P99_MS = 20.0
 BITS = (2, 4, 8)
-
-TINY_MODELS = '''
-"""A tiny model source for bitplan's service load bench, loaded through `bitplan.models`."""
-
-import torch
-from torch import nn
-
-from allocator.zoo.base import LoadedModel
-
-
-def tiny(name, weights):
-    torch.manual_seed(0)
-    module = nn.Sequential(
-        nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 10)
-    )
-    return LoadedModel(
-        ref=f"tiny:{name}", module=module, task="classification", input_kind="image",
-        image_size=4, num_classes=10,
-    )
-'''
-
 
 # --- pure helpers (smoke-tested) -----------------------------------------------------------------
 
@@ -285,12 +267,6 @@ def synthetic_cost_table(layers: int, bits: Sequence[int] = BITS, seed: int = 0)
 # --- the deployment ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -347,43 +323,9 @@ def flushed_redis(url: str) -> Iterator[str]:
         client.close()
 
 
-def write_plugins(root: Path) -> Path:
-    """An installed-looking distribution registering `tiny:` models, and a tiny image set."""
-    import numpy as np
-
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "bitplan_bench_models.py").write_text(TINY_MODELS)
-    dist_info = root / "bitplan_bench_models-0.dist-info"
-    dist_info.mkdir(exist_ok=True)
-    (dist_info / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: bitplan-bench-models\nVersion: 0\n"
-    )
-    (dist_info / "entry_points.txt").write_text(
-        "[bitplan.models]\ntiny = bitplan_bench_models:tiny\n"
-    )
-    rng = np.random.default_rng(0)
-    np.savez(
-        root / "tiny.npz",
-        images=rng.integers(0, 256, (32, 4, 4, 3), dtype=np.uint8),
-        labels=rng.integers(0, 10, 32),
-    )
-    return root
-
-
-def tiny_spec(plugins: Path) -> dict[str, Any]:
-    return {
-        "model": "tiny:cnn",
-        "calib": str(plugins / "tiny.npz"),
-        "budget": "avg-bits=8",
-        "method": "fisher",
-        "bits": [8],
-        "calib_samples": 8,
-        "batch_size": 8,
-        "pin_first_last": False,
-        "bias_correction": False,
-        "report_widths": False,
-        "report": False,
-    }
+def bench_spec(plugins: Path) -> dict[str, Any]:
+    """The drain's job: one width, no report, so a job costs the service, not the model."""
+    return tiny_spec(plugins, budget="avg-bits=8", bits=[8], report_widths=False, report=False)
 
 
 class Deployment:
@@ -420,7 +362,7 @@ class Deployment:
     def start_api(self, processes: int, timeout: float = 120) -> str:
         import httpx
 
-        port = _free_port()
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         log = self.folder / "api.log"
         process = self._spawn(
@@ -683,7 +625,7 @@ def run(args: argparse.Namespace) -> str:
             ).id
         engine.dispose()
 
-        body = {"spec": tiny_spec(plugins), "queue": "batch"}
+        body = {"spec": bench_spec(plugins), "queue": "batch"}
         ids, submit_seconds, submit_latencies = asyncio.run(
             submit_jobs(url, headers, body, args.jobs, args.submit_concurrency)
         )

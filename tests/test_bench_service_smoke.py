@@ -106,10 +106,13 @@ def test_synthetic_cost_table_shape(bench: ModuleType) -> None:
     assert bench.synthetic_cost_table(100) == table  # seeded
 
 
-def test_tiny_spec_is_a_valid_job_spec(bench: ModuleType, tmp_path: Path) -> None:
+def test_bench_spec_is_a_valid_one_width_job_without_report(
+    bench: ModuleType, tmp_path: Path
+) -> None:
     from allocator.pipeline import JobSpec
 
-    spec = JobSpec.from_dict(bench.tiny_spec(tmp_path))
+    spec = JobSpec.from_dict(bench.bench_spec(tmp_path))
     spec.validate()
     assert tuple(spec.bits) == (8,)
     assert spec.model == "tiny:cnn"
+    assert not spec.report and not spec.report_widths

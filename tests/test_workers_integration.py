@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,7 +39,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import redis
 import torch
@@ -53,7 +51,7 @@ from allocator.zoo import load_model
 from db import repositories as repo
 from db.models import Job, JobStatus, Result, utcnow
 from db.session import init_db, make_session_factory
-from tests.serving import bitplan, serving
+from tests.serving import bitplan, free_port, serving, tiny_spec, write_plugins
 from workers.executor import CeleryExecutor
 from workers.settings import ExecutorKind, WorkerSettings
 
@@ -71,54 +69,10 @@ FAULT_JOBS = int(os.environ.get("BITPLAN_FAULT_JOBS", "50"))
 WORKER_START_TIMEOUT = 120.0
 JOB_TIMEOUT = 240.0
 
-FAULT_MODELS = '''
-"""Model sources for bitplan's worker fault tests, loaded through `bitplan.models`."""
-
-import os
-
-import torch
-from torch import nn
-
-from allocator.zoo.base import LoadedModel
-
-
-def crash(name, weights):
-    os._exit(70)
-
-
-def tiny(name, weights):
-    torch.manual_seed(0)
-    module = nn.Sequential(
-        nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 10)
-    )
-    return LoadedModel(
-        ref=f"tiny:{name}", module=module, task="classification", input_kind="image",
-        image_size=4, num_classes=10,
-    )
-'''
-
 
 @pytest.fixture(scope="module")
 def plugins(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder holding an installed-looking distribution with the fault-test model sources
-    and a tiny image set for them."""
-    root = tmp_path_factory.mktemp("plugins")
-    (root / "bitplan_fault_models.py").write_text(FAULT_MODELS)
-    dist_info = root / "bitplan_fault_models-0.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: bitplan-fault-models\nVersion: 0\n"
-    )
-    (dist_info / "entry_points.txt").write_text(
-        "[bitplan.models]\ncrash = bitplan_fault_models:crash\ntiny = bitplan_fault_models:tiny\n"
-    )
-    rng = np.random.default_rng(0)
-    np.savez(
-        root / "tiny.npz",
-        images=rng.integers(0, 256, (32, 4, 4, 3), dtype=np.uint8),
-        labels=rng.integers(0, 10, 32),
-    )
-    return root
+    return write_plugins(tmp_path_factory.mktemp("plugins"))
 
 
 @pytest.fixture(scope="module")
@@ -152,9 +106,7 @@ class RedisServer:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -362,20 +314,6 @@ def resnet20_spec(cifar: Path, calib_samples: int) -> dict[str, Any]:
         "calib_samples": calib_samples,
         "batch_size": 8,
         "eval_samples": 32,
-        "bias_correction": False,
-    }
-
-
-def tiny_spec(plugins: Path, model: str = "tiny:cnn") -> dict[str, Any]:
-    return {
-        "model": model,
-        "calib": str(plugins / "tiny.npz"),
-        "budget": "avg-bits=6",
-        "method": "fisher",
-        "bits": [4, 8],
-        "calib_samples": 8,
-        "batch_size": 8,
-        "pin_first_last": False,
         "bias_correction": False,
     }
 
