@@ -116,3 +116,43 @@ def test_bench_spec_is_a_valid_one_width_job_without_report(
     assert tuple(spec.bits) == (8,)
     assert spec.model == "tiny:cnn"
     assert not spec.report and not spec.report_widths
+
+
+def test_keep_alive_client_reads_whole_responses_over_one_connection(bench: ModuleType) -> None:
+    """The load generator times a GET until its body is read; a misparsed response would time
+    the wrong thing or poison the next GET on the same connection."""
+    import asyncio
+    import contextlib
+
+    connections = 0
+    paths: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError):  # the client hung up
+            while request := await reader.readuntil(b"\r\n\r\n"):
+                paths.append(request.split(b" ")[1])
+                if b"Authorization: Bearer k" not in request:
+                    writer.write(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n")
+                elif request.startswith(b"GET /bare"):
+                    writer.write(b"HTTP/1.1 200 OK\r\n\r\n")
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n{..}\n")
+                await writer.drain()
+
+    async def scenario() -> list[int]:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = bench.KeepAliveClient(f"http://127.0.0.1:{port}", {"Authorization": "Bearer k"})
+        statuses = [await client.get(f"/v1/jobs/{index}") for index in range(3)]
+        with pytest.raises(ConnectionError):
+            await client.get("/bare")
+        statuses.append(await client.get("/after"))
+        client.close()
+        server.close()
+        return statuses
+
+    assert asyncio.run(scenario()) == [200, 200, 200, 200]
+    assert paths == [b"/v1/jobs/0", b"/v1/jobs/1", b"/v1/jobs/2", b"/bare", b"/after"]
+    assert connections == 2  # kept alive; the failed exchange's connection was not reused
