@@ -5,12 +5,24 @@ Presets (`--act-quantizers`):
 - `baseline`: per-tensor min-max everywhere (what the papers compare with);
 - `repq`: RepQ-ViT, per-channel (reparameterized) post-LayerNorm and log-sqrt2 post-Softmax;
 - `isvit`: I&S-ViT's shift-uniform-log2 post-Softmax, per-channel post-LayerNorm;
+- `dopq`: DopQ-ViT's TanQ post-Softmax, per-channel post-LayerNorm (its median target, MOSF,
+  only differs from RepQ's mean once folded: `allocator.quant.reparam`);
 - `log2`: per-channel post-LayerNorm and plain log2 post-Softmax (the ablation's middle step);
-- `auto` (default): every site takes the candidate of its role with the least calibration error
-  at the consuming layer's output, ||W (x^ - x)||^2 for a linear layer's input (a conv input
-  or the probabilities: the activation's own squared error). Weighting by W is what matters:
-  a channel the next layer ignores may be clipped hard.
-The first and last layers' inputs stay at 8 bits or more, as their weights do.
+- `auto` (default): per width, each role's quantizer is the candidate whose model (every site
+  quantized at that width) diverges least from FP32 on held-out calibration samples; a role
+  may also keep "per-site", where each site takes its candidate with the least calibration
+  error at the consuming layer's output, ||W (x^ - x)||^2 for a linear layer's input (a conv
+  input or the probabilities: the activation's own squared error). Without held-out samples,
+  per-site is all there is.
+Why both: the per-site error ranks well within a role (weighting by W matters: a channel the
+next layer ignores may be clipped hard) but not across a role's kinds. On MiniLM at W6A6 it
+picked SULQ for the attention probabilities (least squared error), and the model reached 85.85
+Spearman where plain log2, whose squared error is ten times larger, reached 86.17: the
+probabilities' error is not the output's, and small probabilities over many keys add up. The
+held-out selection is the same lesson as the weights' (`allocator.weight_rules`), at the
+granularity that fixed it there: one choice per role and width, measured on the whole network.
+The first and last layers' inputs stay at 8 bits or more, as their weights do, with their
+per-site choice.
 """
 
 from __future__ import annotations
@@ -22,15 +34,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from allocator.activations import Site, collect, find_sites
+from allocator.activations import Site, collect, find_sites, quantized_activations
 from allocator.errors import UnknownMethod
 from allocator.layers import LayerTable
 from allocator.quant.activation import NOT_QUANTIZED, ActQuantizer, calibrate
+from allocator.sensitivity.measured import mean_divergence
 from allocator.zoo.base import Inputs, LoadedModel
 
 CANDIDATES: dict[str, tuple[str, ...]] = {
     "post-ln": ("minmax", "percentile", "mse", "channel"),
-    "post-softmax": ("minmax", "log2", "logsqrt2", "sulq"),
+    "post-softmax": ("minmax", "log2", "logsqrt2", "sulq", "tanq"),
     "post-gelu": ("minmax", "percentile", "mse"),
     "input": ("minmax", "percentile", "mse"),
     "other": ("minmax", "percentile", "mse"),
@@ -39,9 +52,12 @@ PRESETS: dict[str, dict[str, str]] = {
     "baseline": {},
     "repq": {"post-ln": "channel", "post-softmax": "logsqrt2"},
     "isvit": {"post-ln": "channel", "post-softmax": "sulq"},
+    "dopq": {"post-ln": "channel", "post-softmax": "tanq"},
     "log2": {"post-ln": "channel", "post-softmax": "log2"},
 }
 ACT_QUANTIZERS = (*PRESETS, "auto")
+PER_SITE = "per-site"
+"""`auto`'s option of keeping, for a role, each site's least-error candidate."""
 PINNED_ACT_BITS = 8
 PROBS_ACT_BITS = 8
 """Width of attention probabilities under joint allocation: they feed no layer of the table,
@@ -70,15 +86,31 @@ class ActAssignment:
 
 class ActivationBench:
     """A model's activation sites with their calibration samples, ready to quantize at any
-    widths with any preset; built once per job, like the weight statistics."""
+    widths with any preset; built once per job, like the weight statistics.
 
-    def __init__(self, model: LoadedModel, batches: Sequence[Inputs], table: LayerTable) -> None:
+    `holdout` and its FP32 `reference` outputs (disjoint from `batches`) let `auto` choose each
+    role's quantizer on the whole network; without them `auto` is per-site."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        batches: Sequence[Inputs],
+        table: LayerTable,
+        holdout: Sequence[Inputs] = (),
+        reference: Sequence[torch.Tensor] = (),
+    ) -> None:
         self.table = table
+        self.model = model
         self.sites = find_sites(model, batches[0], table)
         self.samples = collect(model, batches, self.sites)
+        self.holdout = list(holdout)
+        self.reference = list(reference)
+        self.role_divergence: dict[int, dict[str, dict[str, float]]] = {}
+        """Per width and role, the held-out divergence of every option `auto` measured."""
         self._modules = dict(model.module.named_modules())
         self._pinned = {layer.name for layer in table if layer.pinned_bits is not None}
         self._cache: dict[tuple[str, str, int], tuple[ActQuantizer, float]] = {}
+        self._role_kinds: dict[int, dict[str, str]] = {}
 
     def assign(self, widths: int | Mapping[str, int], preset: str = "auto") -> list[ActAssignment]:
         """Each site's quantizer at its width (one width for all, or per site name)."""
@@ -130,9 +162,60 @@ class ActivationBench:
         """Calibration error of `kind` at `bits` on `site`, relative to the clean output energy."""
         return self._fit(site, kind, bits)[1]
 
+    def role_kinds(self, bits: int) -> dict[str, str]:
+        """The roles whose `auto` quantizer at `bits` is one kind for all their sites (the
+        others are per-site), chosen on held-out samples the first time a width is asked."""
+        if bits >= NOT_QUANTIZED or not self.holdout:
+            return {}
+        if bits not in self._role_kinds:
+            self._role_kinds[bits] = self._select_roles(bits)
+        return self._role_kinds[bits]
+
+    def rules_to_dict(self) -> dict[str, dict[str, object]]:
+        """Per width `auto` chose at: each role's kind (or per-site) and what was measured."""
+        return {
+            str(b): {
+                "chosen": {
+                    role: self._role_kinds[b].get(role, PER_SITE)
+                    for role in self.role_divergence[b]
+                },
+                "divergence": self.role_divergence[b],
+            }
+            for b in sorted(self.role_divergence)
+        }
+
+    def _select_roles(self, bits: int) -> dict[str, str]:
+        """One role at a time, in `CANDIDATES` order, each option measured with the roles
+        before it at their chosen kinds; per-site goes first and wins ties."""
+        chosen: dict[str, str] = {}
+        measured: dict[str, dict[str, float]] = {}
+        roles = [role for role in CANDIDATES if any(site.role == role for site in self.sites)]
+        for role in roles:
+            options = {PER_SITE: chosen, **{k: {**chosen, role: k} for k in CANDIDATES[role]}}
+            measured[role] = {
+                name: self._holdout_divergence(bits, kinds) for name, kinds in options.items()
+            }
+            best = min(measured[role], key=measured[role].__getitem__)
+            chosen = options[best]
+        self.role_divergence[bits] = measured
+        return chosen
+
+    def _holdout_divergence(self, bits: int, kinds: Mapping[str, str]) -> float:
+        active = {}
+        for site in self.sites:
+            width = max(bits, PINNED_ACT_BITS) if site.layer in self._pinned else bits
+            kind = kinds.get(site.role) if site.layer not in self._pinned else None
+            active[site.name] = self._fit(site, kind or self._per_site(site, width), width)[0]
+        with quantized_activations(self.model.module, self.sites, active):
+            return mean_divergence(self.model, self.holdout, self.reference)
+
+    def _per_site(self, site: Site, bits: int) -> str:
+        return min(CANDIDATES[site.role], key=lambda k: self.error(site, k, bits))
+
     def _choose(self, site: Site, bits: int, preset: str) -> ActQuantizer:
         if preset == "auto":
-            kind = min(CANDIDATES[site.role], key=lambda k: self.error(site, k, bits))
+            role_kind = None if site.layer in self._pinned else self.role_kinds(bits).get(site.role)
+            kind = role_kind or self._per_site(site, bits)
         else:
             kind = PRESETS[preset].get(site.role, "minmax")
         return self._fit(site, kind, bits)[0]

@@ -366,7 +366,7 @@ def prepare(spec: JobSpec, clock: _Clock | None = None, budget: Budget | None = 
         del candidates
         tick(1.0, "activations")
         activations = (
-            ActivationBench(model, batches, table)
+            ActivationBench(model, batches, table, holdout, reference)
             if act_bits_for(spec, budget or parse_budget(spec.budget)) is not None
             else None
         )
@@ -472,6 +472,8 @@ def run(spec: JobSpec, progress: Progress = _silent, workdir: str | Path | None 
         metrics["uniform_widths"] = _uniform_widths(bench, metrics["uniform"], meta, uniform_acts)
         metrics["primary"] = bench.evalset.primary_metric
         metrics["weight_rules"] = bench.rules.to_dict() if bench.rules else {}
+        if bench.activations is not None:
+            metrics["act_rules"] = bench.activations.rules_to_dict()
         metrics["plan_check"] = plan_check
         metrics["predicted_cost"] = solution.objective
     result = Result(

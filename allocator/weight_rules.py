@@ -28,7 +28,7 @@ import torch
 from allocator.costs import ROUNDINGS, QuantChoice, RuleSet
 from allocator.layers import LayerTable
 from allocator.quant.weight import CLIP_RULES
-from allocator.sensitivity.measured import divergence, quantized_layer
+from allocator.sensitivity.measured import mean_divergence, quantized_layer
 from allocator.zoo.base import Inputs, LoadedModel
 
 PER_LAYER = "per-layer"
@@ -105,11 +105,7 @@ def divergence_from_fp32(
     """Mean divergence over `batches` of the model with `layers` quantized from its FP32
     `reference` outputs (the model is restored afterwards)."""
     modules = dict(model.module.named_modules())
-    with ExitStack() as stack, torch.inference_mode():
+    with ExitStack() as stack:
         for name, choice in layers.items():
             stack.enter_context(quantized_layer(modules[name], choice))
-        total = sum(
-            float(divergence(model.task, ref, model(inputs)).sum())
-            for inputs, ref in zip(batches, reference, strict=True)
-        )
-    return total / sum(ref.shape[0] for ref in reference)
+        return mean_divergence(model, batches, reference)

@@ -18,6 +18,7 @@ extra for MiniLM).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -36,6 +37,7 @@ from train_digits_vit import train as train_digits  # noqa: E402
 from allocator.act_plan import (  # noqa: E402
     ACT_QUANTIZERS,
     CANDIDATES,
+    PER_SITE,
     PROBS_ACT_BITS,
     quantizers,
 )
@@ -231,6 +233,11 @@ def run_model(name: str, spec: JobSpec, methods: list[str], budgets: list[float]
     return "\n".join(out)
 
 
+def act_options() -> list[str]:
+    """`auto`'s options for a role: per-site, then every candidate kind of any role."""
+    return [PER_SITE, *sorted({k for kinds in CANDIDATES.values() for k in kinds})]
+
+
 def act_section(name: str, spec: JobSpec, method: str) -> str:
     """Uniform WxAy per activation-quantizer preset, mixed weights at matched size and BOPs,
     and which quantizer `auto` picks per role."""
@@ -247,16 +254,32 @@ def act_section(name: str, spec: JobSpec, method: str) -> str:
         "| weights / activations | " + " | ".join(presets) + " |",
         "|---|" + "---|" * len(presets),
     ]
+    uniform_wa: dict[tuple[int, int, str], float] = {}
     for w, a in UNIFORM_WA:
         module = bench.quantize(bench.uniform_plan(w))
-        cells = [
-            bench.evaluate(module, quantizers(acts.assign(a, preset)))[primary]
-            for preset in presets
-        ]
-        lines.append(f"| uniform W{w}A{a} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+        for preset in presets:
+            activations = quantizers(acts.assign(a, preset))
+            uniform_wa[w, a, preset] = bench.evaluate(module, activations)[primary]
+        cells = " | ".join(f"{uniform_wa[w, a, preset]:.2f}" for preset in presets)
+        lines.append(f"| uniform W{w}A{a} | {cells} |")
     cost, _sens, _timings = bench.cost_table(method)
     errors = {key: choice.output_error for key, choice in bench.choices.items()}
-    joint_cost = acts.joint_cost(cost, bench.spec.bits, errors, ACT_BITS, "auto")
+
+    @functools.cache
+    def joint(preset: str, match: str) -> tuple[float, dict[str, int], dict[str, int]]:
+        """The joint W/A plan at the size and BOPs of uniform `match`, with `preset`'s
+        quantizers: its metric, weight widths and activation widths per site."""
+        joint_cost = acts.joint_cost(cost, bench.spec.bits, errors, ACT_BITS, preset)
+        resolved = parse_budget(f"match={match}").resolve(bench.table)
+        solution = solve(bench.table, bench.spec.bits, joint_cost, resolved, act_bits=ACT_BITS)
+        widths = {
+            site.name: solution.act_bits[site.layer] if site.layer else PROBS_ACT_BITS
+            for site in acts.sites
+        }
+        module = bench.quantize(bench.plan(solution.bits, {}))
+        metric = bench.evaluate(module, quantizers(acts.assign(widths, preset)))[primary]
+        return metric, solution.bits, widths
+
     lines += [
         "",
         f"| budget ({method}, auto quantizers) | uniform | mixed weights, fixed A "
@@ -272,33 +295,46 @@ def act_section(name: str, spec: JobSpec, method: str) -> str:
         uniform = bench.evaluate(bench.quantize(bench.uniform_plan(uniform_w)), fixed_acts)
         fixed = solve(bench.table, bench.spec.bits, cost, resolved, act_bits=act_bits)
         mixed = bench.evaluate(bench.quantize(bench.plan(fixed.bits, {})), fixed_acts)
-        joint = solve(bench.table, bench.spec.bits, joint_cost, resolved, act_bits=ACT_BITS)
-        widths = {
-            site.name: joint.act_bits[site.layer] if site.layer else PROBS_ACT_BITS
-            for site in acts.sites
-        }
-        joint_acts = quantizers(acts.assign(widths, "auto"))
-        joint_metric = bench.evaluate(bench.quantize(bench.plan(joint.bits, {})), joint_acts)
+        joint_metric, joint_bits, widths = joint("auto", match)
         counts = ", ".join(
             f"A{a}: {list(widths.values()).count(a)}" for a in sorted(set(widths.values()))
         )
         lines.append(
             f"| match={match} | {uniform[primary]:.2f} (W{uniform_w}A{act_bits}) | "
-            f"{mixed[primary]:.2f} | {joint_metric[primary]:.2f} | "
-            f"{avg_bits(bench, joint.bits):.2f} | {counts} |"
+            f"{mixed[primary]:.2f} | {joint_metric:.2f} | "
+            f"{avg_bits(bench, joint_bits):.2f} | {counts} |"
         )
     lines += [
         "",
-        "Quantizer `auto` picks per role (sites), by calibration error at the layer output:",
+        f"Joint W/A at the size and BOPs of uniform W4A4, each preset's quantizers on both sides "
+        f"({method}):",
+        "",
+        "| quantizers | uniform W4A4 | joint W/A | gain |",
+        "|---|---|---|---|",
+    ]
+    for preset in presets:
+        metric = joint(preset, "W4A4")[0]
+        base = uniform_wa[4, 4, preset]
+        lines.append(f"| {preset} | {base:.2f} | {metric:.2f} | {metric - base:+.2f} |")
+    lines += [
+        "",
+        "`auto`, per width and role: held-out divergence from FP32 of each option (all sites at "
+        "that width; roles in order, each measured with the earlier ones at their choice):",
+        "",
+        "| act bits | role | chosen | " + " | ".join(f"{k}" for k in act_options()) + " |",
+        "|---|---|---|" + "---|" * len(act_options()),
+    ]
+    for b, rules in sorted(acts.rules_to_dict().items(), key=lambda item: -int(item[0])):
+        for role, measured in rules["divergence"].items():
+            cells = " | ".join(f"{measured[k]:.4f}" if k in measured else "" for k in act_options())
+            lines.append(f"| {b} | {role} | {rules['chosen'][role]} | {cells} |")
+    lines += [
+        "",
+        "Quantizer `auto` picks per role (sites):",
         "",
     ]
-    lines += [
-        "| act bits | role | "
-        + " | ".join(sorted({k for c in CANDIDATES.values() for k in c}))
-        + " |"
-    ]
-    kinds = sorted({k for c in CANDIDATES.values() for k in c})
-    lines += ["|---|---|" + "---|" * len(kinds)]
+    kinds = act_options()[1:]
+    lines += ["| act bits | role | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
     for a in sorted({a for _, a in UNIFORM_WA}, reverse=True):
         chosen = acts.assign(a, "auto")
         for role in CANDIDATES:

@@ -139,7 +139,7 @@ ActBitsOpt = Annotated[
     str | None,
     typer.Option(help="activation bits 4, 6, 8, 16, or auto to allocate them (default: float)"),
 ]
-ActQuantizersOpt = Annotated[str, typer.Option(help="auto, baseline, repq, isvit or log2")]
+ActQuantizersOpt = Annotated[str, typer.Option(help="auto, baseline, repq, isvit, dopq or log2")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object")]
 DEFAULT_BITS_TEXT = ",".join(map(str, DEFAULTS.bits))
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from allocator.act_plan import CANDIDATES, ActivationBench
+from allocator.act_plan import CANDIDATES, PER_SITE, ActivationBench
 from allocator.activations import collect, find_sites, quantized_activations
 from allocator.budget import parse_budget
 from allocator.errors import BadBudget, UnknownMethod
@@ -15,6 +15,7 @@ from allocator.layers import LayerTable, build_layer_table
 from allocator.pipeline import JobSpec, run
 from allocator.quant.activation import ActQuantizer, calibrate, logsqrt2_by_shifts
 from allocator.quant.reparam import fold
+from allocator.weight_rules import fp32_outputs
 from allocator.zoo import load_model
 
 
@@ -97,6 +98,17 @@ def test_logsqrt2_reparameterized_to_shifts_is_identical() -> None:
 def test_logsqrt2_has_finer_steps_than_log2() -> None:
     p = power_law()
     assert mse(calibrate("logsqrt2", p, 6)(p), p) < mse(calibrate("log2", p, 6)(p), p)
+
+
+def test_tanq_keeps_strong_attention_that_log2_rounds_to_a_half() -> None:
+    """TanQ's reason to exist: values near 1 (a token attending mostly to one other) get
+    levels of their own, where log2's nearest are 1 and 1/2."""
+    strong = torch.tensor([0.7, 0.75, 0.8, 0.85, 0.9])
+    p = torch.cat([power_law().flatten(), strong])
+    log2, tanq = calibrate("log2", p, 4), calibrate("tanq", p, 4)
+    assert mse(tanq(strong), strong) < mse(log2(strong), strong) / 4
+    assert tanq(torch.tensor([0.0, 1.0])).tolist() == pytest.approx([0.0, 1.0], abs=1e-3)
+    assert len(torch.unique(tanq(torch.linspace(0, 1, 10001)))) <= 16
 
 
 def test_unknown_kind_names_the_choices() -> None:
@@ -230,9 +242,10 @@ def test_bad_activation_settings_are_refused_before_loading() -> None:
         JobSpec(model="x", calib="y", budget="match=4/8").validate()
 
 
-def test_auto_picks_the_least_output_error_candidate_of_each_role() -> None:
+def test_without_held_out_samples_auto_picks_each_sites_least_output_error_candidate() -> None:
     model, images, table = vit()
     acts = ActivationBench(model, [images], table)
+    assert acts.role_kinds(4) == {}
     chosen = acts.assign(4, "auto")
     for assignment in chosen:
         site = assignment.site
@@ -241,6 +254,34 @@ def test_auto_picks_the_least_output_error_candidate_of_each_role() -> None:
         best = min(acts.error(site, kind, bits) for kind in CANDIDATES[site.role])
         assert acts.error(site, assignment.quantizer.kind, bits) == best
     assert {a.quantizer.bits for a in chosen if a.site.layer in ("patch_embed.proj", "head")} == {8}
+
+
+def test_auto_chooses_each_roles_kind_by_held_out_divergence() -> None:
+    """Greedy over roles with per-site as each role's first option: every step can only lower
+    the held-out divergence, and the sites of a role that was given one kind all use it."""
+    model, images, table = vit()
+    holdout = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))]
+    reference = fp32_outputs(model, holdout)
+    acts = ActivationBench(model, [images], table, holdout, reference)
+    kinds = acts.role_kinds(4)
+    measured = acts.role_divergence[4]
+    roles = list(measured)
+    assert roles == [role for role in CANDIDATES if role in {s.role for s in acts.sites}]
+    previous = None
+    for role in roles:
+        options = measured[role]
+        assert set(options) == {PER_SITE, *CANDIDATES[role]}
+        picked = kinds.get(role, PER_SITE)
+        assert options[picked] == min(options.values())
+        if previous is not None:  # per-site now is the state the previous role left
+            assert options[PER_SITE] == pytest.approx(previous)
+        previous = options[picked]
+    pinned = {"patch_embed.proj", "head"}
+    for assignment in acts.assign(4, "auto"):
+        site = assignment.site
+        if site.role in kinds and site.layer not in pinned:
+            assert assignment.quantizer.kind == kinds[site.role]
+    assert acts.rules_to_dict()["4"]["chosen"] == {r: kinds.get(r, PER_SITE) for r in roles}
 
 
 def test_joint_allocation_chooses_activation_widths_within_the_matched_bops(images: str) -> None:
@@ -253,3 +294,4 @@ def test_joint_allocation_chooses_activation_widths_within_the_matched_bops(imag
     budget = parse_budget("match=W4A6").resolve(prepare_table(spec))
     assert payload["bops"] <= budget.bops
     assert payload["weight_bytes"] * 8 <= budget.size_bits
+    assert set(payload["metrics"]["act_rules"]) >= {"4", "6"}  # auto chose on held-out samples

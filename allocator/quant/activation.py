@@ -16,6 +16,10 @@ Why each exists
   is re-parameterized to log2 with a parity bit (`logsqrt2_by_shifts`, tested equal).
 - `sulq`: I&S-ViT's shift-uniform-log2: shift by eta, take log2, quantize that uniformly over
   [log2 eta, 0], undo; eta is calibrated, so the levels cover the whole [0, 1] range smoothly.
+- `tanq`: DopQ-ViT's Tan Quantizer, as we read it: levels uniform in tan(pi (x - 1/2)) over
+  [-T, T], the two end levels being exactly 0 and 1, so they crowd towards both 0 (the mass of
+  the power law) and 1 (the few strong attentions that log2, with levels 1 and 1/2 there,
+  rounds coarsely); T is calibrated by least squared error, the way sulq's eta is.
 - bits 16: not quantized.
 
 Imports torch only.
@@ -36,12 +40,14 @@ ACT_BITS = (4, 6, 8, 16)
 """Activation widths a site may take; 16 means kept in floating point."""
 NOT_QUANTIZED = 16
 UNIFORM_KINDS = ("minmax", "percentile", "mse", "channel")
-SOFTMAX_KINDS = ("log2", "logsqrt2", "sulq")
+SOFTMAX_KINDS = ("log2", "logsqrt2", "sulq", "tanq")
 KINDS = UNIFORM_KINDS + SOFTMAX_KINDS
 PERCENTILE_TAIL = 1e-4
 """Fraction of values the `percentile` rule leaves outside the range at each end."""
 MSE_RATIOS = torch.linspace(0.3, 1.0, 29)
 SULQ_SHIFTS = torch.logspace(-6, -1, 21)
+TANQ_RANGES = torch.logspace(0, 4, 25)
+"""Candidate T of tanq: |tan(pi (x - 1/2))| <= T keeps x within 1 / (pi T) of 0 and 1."""
 SAMPLE_LIMIT = 1 << 18
 """Values (or rows, for `channel`) a calibration looks at; quantile() refuses 16M+ inputs."""
 
@@ -55,7 +61,7 @@ class ActQuantizer:
     lo: Tensor = field(default_factory=lambda: torch.zeros(()))
     hi: Tensor = field(default_factory=lambda: torch.ones(()))
     shift: float = 0.0
-    """sulq's eta."""
+    """sulq's eta; tanq's T."""
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.bits >= NOT_QUANTIZED:
@@ -93,8 +99,8 @@ def calibrate(kind: str, samples: Tensor, bits: int, clip: float = 1.0) -> ActQu
         return ActQuantizer(kind, bits, lo, torch.maximum(hi, lo + 1e-8))
     flat = samples.reshape(-1)
     flat = flat[_subsample(flat.numel(), SAMPLE_LIMIT)]
-    if kind == "sulq":
-        return _calibrate_sulq(flat, bits)
+    if kind in _SEARCHED:
+        return _calibrate_searched(kind, flat, bits)
     if kind in SOFTMAX_KINDS:
         return ActQuantizer(kind, bits)
     lo, hi = flat.min(), flat.max()
@@ -141,17 +147,33 @@ def _sulq(x: Tensor, bits: int, shift: float) -> Tensor:
     return torch.clamp(torch.pow(2.0, -torch.round(t / step) * step) - shift, min=0.0)
 
 
+def _tanq(x: Tensor, bits: int, limit: float) -> Tensor:
+    # In float64: tan(pi (x - 1/2)) of a float32 x of 1e-8 lands on the wrong side of the pole.
+    step = 2 * limit / (2**bits - 1)
+    t = torch.clamp(torch.tan(math.pi * (x.double().clamp(0, 1) - 0.5)), -limit, limit)
+    level = torch.round((t + limit) / step) * step - limit
+    # The end levels stand for everything beyond the range: exactly 0 and exactly 1.
+    x_hat = torch.atan(level) / math.pi + 0.5
+    x_hat = torch.where(level <= -limit, 0.0, torch.where(level >= limit, 1.0, x_hat))
+    return x_hat.to(x.dtype)
+
+
 _SOFTMAX: dict[str, Callable[[Tensor, int, float], Tensor]] = {
     "log2": _log2,
     "logsqrt2": _logsqrt2,
     "sulq": _sulq,
+    "tanq": _tanq,
 }
+_SEARCHED: dict[str, Tensor] = {"sulq": SULQ_SHIFTS, "tanq": TANQ_RANGES}
+"""Softmax quantizers with one calibrated parameter, and the grid it is searched on."""
 
 
-def _calibrate_sulq(flat: Tensor, bits: int) -> ActQuantizer:
-    errors = [float(((_sulq(flat, bits, float(eta)) - flat) ** 2).sum()) for eta in SULQ_SHIFTS]
-    best = float(SULQ_SHIFTS[min(range(len(errors)), key=errors.__getitem__)])
-    return ActQuantizer("sulq", bits, shift=best)
+def _calibrate_searched(kind: str, flat: Tensor, bits: int) -> ActQuantizer:
+    grid = _SEARCHED[kind]
+    quantize = _SOFTMAX[kind]
+    errors = [float(((quantize(flat, bits, float(v)) - flat) ** 2).sum()) for v in grid]
+    best = float(grid[min(range(len(errors)), key=errors.__getitem__)])
+    return ActQuantizer(kind, bits, shift=best)
 
 
 def _mse_range(flat: Tensor, lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:

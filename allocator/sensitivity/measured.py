@@ -30,6 +30,19 @@ def divergence(task: str, reference: torch.Tensor, output: torch.Tensor) -> torc
     return 1.0 - F.cosine_similarity(reference, output, dim=-1)
 
 
+def mean_divergence(
+    model: LoadedModel, batches: Sequence[Inputs], reference: Sequence[torch.Tensor]
+) -> float:
+    """Per-sample divergence of `model`, as it is now (quantized by whatever context the caller
+    entered), from its FP32 `reference` outputs on `batches`, averaged over the samples."""
+    with torch.inference_mode():
+        total = sum(
+            float(divergence(model.task, ref, model(inputs)).sum())
+            for inputs, ref in zip(batches, reference, strict=True)
+        )
+    return total / sum(ref.shape[0] for ref in reference)
+
+
 @contextmanager
 def quantized_layer(layer: nn.Module, choice: QuantChoice) -> Iterator[None]:
     """Temporarily give `layer` its quantized weight (and bias correction)."""
