@@ -4,6 +4,10 @@ A site is the input of a layer of the layer table (its role says what produced i
 a GELU, the network input, anything else) or the attention probabilities of an attention module
 (post-Softmax, feeding `probs @ v`). Roles come from tensor identity during one forward pass,
 not from module names, so timm ViT/DeiT/Swin, Hugging Face BERT and CNNs need no per-family list.
+Where identity breaks because the producer's output was only rearranged on its way (Swin's
+window partition and shift: reshape, permute, roll), the layer takes the role of the last
+module that ran before it, provided that module's output had as many values as the layer's
+input and no module but a pass-through (Identity, Dropout) ran in between.
 
 `instrument` is the one mechanism that both collects calibration samples and applies quantizers:
 pre-hooks on layer inputs, and a replacement of scaled dot-product attention (see
@@ -27,6 +31,8 @@ from allocator.quant.activation import ActQuantizer
 from allocator.zoo.base import Inputs, LoadedModel
 
 ROLES = ("post-ln", "post-gelu", "post-softmax", "input", "other")
+PASS_THROUGH = (nn.Identity, nn.Dropout)
+"""Leaf modules that leave a tensor's values as they were (in eval mode)."""
 ROWS_PER_SITE = 4096
 """Calibration rows (or probabilities / 64) kept per site."""
 
@@ -64,10 +70,21 @@ def find_sites(model: LoadedModel, sample: Inputs, table: LayerTable) -> list[Si
 
         return hook
 
+    last: list[tuple[str | None, int]] = [(None, -1)]
+    reshaped: dict[str, tuple[str | None, int]] = {}
+
+    def note(role: str | None):
+        def hook(_module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            if isinstance(out, torch.Tensor):
+                last[0] = (role, out.numel())
+
+        return hook
+
     def record(name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
             keep.append(args[0])
             inputs.setdefault(name, id(args[0]))
+            reshaped.setdefault(name, last[0] if last[0][1] == args[0].numel() else (None, -1))
 
         return hook
 
@@ -75,6 +92,8 @@ def find_sites(model: LoadedModel, sample: Inputs, table: LayerTable) -> list[Si
         role = _producer_role(child)
         if role is not None:
             handles.append(child.register_forward_hook(remember(role)))
+        if not any(child.children()) and not isinstance(child, PASS_THROUGH):
+            handles.append(child.register_forward_hook(note(role)))
     for name in table.names:
         handles.append(modules[name].register_forward_pre_hook(record(name)))
     try:
@@ -84,15 +103,14 @@ def find_sites(model: LoadedModel, sample: Inputs, table: LayerTable) -> list[Si
         for handle in handles:
             handle.remove()
     first = table.layers[0].name
-    sites = [
-        Site(
-            layer.name,
-            "input" if layer.name == first else producers.get(inputs.get(layer.name, -1), "other"),
-            layer.name,
-            layer.macs,
-        )
-        for layer in table
-    ]
+
+    def role(name: str) -> str:
+        if name == first:
+            return "input"
+        produced = producers.get(inputs.get(name, -1))
+        return produced or reshaped.get(name, (None, -1))[0] or "other"
+
+    sites = [Site(layer.name, role(layer.name), layer.name, layer.macs) for layer in table]
     attention = attention_modules(model.module)
     per_module = table.attention_macs // max(2 * len(attention), 1)
     sites += [Site(f"{name}.probs", "post-softmax", None, per_module) for name in attention]

@@ -165,6 +165,29 @@ def test_sites_of_a_vit_have_the_roles_of_the_papers() -> None:
     assert sites["head"].role == "other"  # a pooled token: a slice, not the norm output itself
 
 
+def test_sites_of_a_swin_see_through_window_partition_and_shift() -> None:
+    """Swin rearranges the norm1 output (pad, roll, window partition) before qkv: a new tensor,
+    so tensor identity alone called the qkv input "other" and left it per-tensor."""
+    torch.manual_seed(0)
+    model = load_model(
+        "timm:swin_tiny_patch4_window7_224?img_size=32&patch_size=2&window_size=4&embed_dim=16"
+        "&depths=2,1&num_heads=1,2&num_classes=10"
+    )
+    images = torch.randn(2, 3, 32, 32)
+    table = build_layer_table(model, images[:1])
+    sites = {site.name: site for site in find_sites(model, images, table)}
+    for block in ("layers.0.blocks.0", "layers.0.blocks.1", "layers.1.blocks.0"):
+        assert sites[f"{block}.attn.qkv"].role == "post-ln"
+        assert sites[f"{block}.mlp.fc1"].role == "post-ln"
+        assert sites[f"{block}.mlp.fc2"].role == "post-gelu"
+        assert sites[f"{block}.attn.proj"].role == "other"
+        assert sites[f"{block}.attn.probs"].role == "post-softmax"
+    assert sites["layers.1.downsample.reduction"].role == "post-ln"
+    assert sites["head.fc"].role == "other"
+    samples = collect(model, [images], list(sites.values()))
+    assert samples["layers.0.blocks.1.attn.probs"].max() <= 1.0  # the shifted block's too
+
+
 def test_quantized_activations_change_outputs_and_16_bits_do_not() -> None:
     model, images, table = vit()
     sites = find_sites(model, images, table)

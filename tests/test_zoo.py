@@ -295,6 +295,10 @@ def test_timm_options_are_typed() -> None:
     options = parse_options("a=3&b=false&c=0.5&d=avg&e=none&f=True", "timm:x")
     assert options == {"a": 3, "b": False, "c": 0.5, "d": "avg", "e": None, "f": True}
     assert type(options["a"]) is int
+    assert parse_options("depths=2,2,6&num_heads=3,6,12", "timm:swin") == {
+        "depths": (2, 2, 6),
+        "num_heads": (3, 6, 12),
+    }
 
 
 def test_timm_model_takes_options_and_its_input_config() -> None:

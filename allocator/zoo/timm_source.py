@@ -20,7 +20,7 @@ from allocator.zoo import close_matches, register_source
 from allocator.zoo.base import LoadedModel
 from allocator.zoo.weights import load_weights_file
 
-OptionValue = bool | int | float | str | None
+OptionValue = bool | int | float | str | tuple["OptionValue", ...] | None
 
 
 @register_source("timm")
@@ -53,7 +53,8 @@ def _image_size(option: OptionValue, configured: int) -> int:
 
 
 def parse_options(query: str, ref: str) -> dict[str, OptionValue]:
-    """`a=1&b=false&c=x` -> {"a": 1, "b": False, "c": "x"}: typed, since timm checks types."""
+    """`a=1&b=false&c=x&d=2,2` -> {"a": 1, "b": False, "c": "x", "d": (2, 2)}: typed, since
+    timm checks types."""
     options: dict[str, OptionValue] = {}
     for item in filter(None, query.split("&")):
         key, equals, value = item.partition("=")
@@ -66,6 +67,8 @@ def parse_options(query: str, ref: str) -> dict[str, OptionValue]:
 
 
 def _parse_value(text: str) -> OptionValue:
+    if "," in text:  # Swin's depths=2,2,6,2 and num_heads=3,6,12,24 are tuples
+        return tuple(_parse_value(part) for part in text.split(","))
     lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
