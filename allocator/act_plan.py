@@ -60,8 +60,10 @@ PER_SITE = "per-site"
 """`auto`'s option of keeping, for a role, each site's least-error candidate."""
 PINNED_ACT_BITS = 8
 PROBS_ACT_BITS = 8
-"""Width of attention probabilities under joint allocation: they feed no layer of the table,
-so the integer program does not choose it."""
+"""Width of attention probabilities under joint allocation when the budget names no activation
+width (a plain `bops=` budget): they feed no layer of the table, so the integer program does
+not choose it. A `match=WxAy` budget runs them at y, as the uniform plan it matches does:
+otherwise the joint plan would get 8-bit probabilities that the BOPs budget never paid for."""
 REFERENCE_WEIGHT_BITS = 4
 ERROR_ROWS = 4096
 """Rows (spread over all calibration batches) each candidate's error is measured on."""
@@ -238,6 +240,14 @@ class ActivationBench:
                 (delta @ weight.T).pow(2).sum() / (x @ weight.T).pow(2).sum().clamp_min(1e-30)
             )
         return float(delta.pow(2).sum() / x.pow(2).sum().clamp_min(1e-30))
+
+
+def joint_widths(
+    sites: Sequence[Site], layer_bits: Mapping[str, int], probs_bits: int
+) -> dict[str, int]:
+    """Each site's width under joint allocation: its layer's chosen input width, `probs_bits`
+    for attention probabilities."""
+    return {site.name: layer_bits[site.layer] if site.layer else probs_bits for site in sites}
 
 
 def quantizers(assignments: Sequence[ActAssignment]) -> dict[str, ActQuantizer]:

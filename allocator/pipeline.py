@@ -25,7 +25,13 @@ import numpy as np
 import torch
 
 from allocator import costs
-from allocator.act_plan import ACT_QUANTIZERS, PROBS_ACT_BITS, ActivationBench, quantizers
+from allocator.act_plan import (
+    ACT_QUANTIZERS,
+    PROBS_ACT_BITS,
+    ActivationBench,
+    joint_widths,
+    quantizers,
+)
 from allocator.activations import quantized_activations
 from allocator.apply import apply, pack
 from allocator.budget import Budget, parse_budget
@@ -436,10 +442,9 @@ def run(spec: JobSpec, progress: Progress = _silent, workdir: str | Path | None 
         widths: int | dict[str, int] = (
             act_bits
             if isinstance(act_bits, int)
-            else {
-                site.name: solution.act_bits[site.layer] if site.layer else PROBS_ACT_BITS
-                for site in bench.activations.sites
-            }
+            else joint_widths(
+                bench.activations.sites, solution.act_bits, _baseline_act_bits(act_bits, budget)
+            )
         )
         assignments = bench.activations.assign(widths, spec.act_quantizers)
         act_quantizers = quantizers(assignments)

@@ -38,7 +38,7 @@ from allocator.act_plan import (  # noqa: E402
     ACT_QUANTIZERS,
     CANDIDATES,
     PER_SITE,
-    PROBS_ACT_BITS,
+    joint_widths,
     quantizers,
 )
 from allocator.apply import apply  # noqa: E402
@@ -270,12 +270,10 @@ def act_section(name: str, spec: JobSpec, method: str) -> str:
         """The joint W/A plan at the size and BOPs of uniform `match`, with `preset`'s
         quantizers: its metric, weight widths and activation widths per site."""
         joint_cost = acts.joint_cost(cost, bench.spec.bits, errors, ACT_BITS, preset)
-        resolved = parse_budget(f"match={match}").resolve(bench.table)
+        budget = parse_budget(f"match={match}")
+        resolved = budget.resolve(bench.table)
         solution = solve(bench.table, bench.spec.bits, joint_cost, resolved, act_bits=ACT_BITS)
-        widths = {
-            site.name: solution.act_bits[site.layer] if site.layer else PROBS_ACT_BITS
-            for site in acts.sites
-        }
+        widths = joint_widths(acts.sites, solution.act_bits, budget.match[1])
         module = bench.quantize(bench.plan(solution.bits, {}))
         metric = bench.evaluate(module, quantizers(acts.assign(widths, preset)))[primary]
         return metric, solution.bits, widths
@@ -326,7 +324,7 @@ def act_section(name: str, spec: JobSpec, method: str) -> str:
     ]
     for b, rules in sorted(acts.rules_to_dict().items(), key=lambda item: -int(item[0])):
         for role, measured in rules["divergence"].items():
-            cells = " | ".join(f"{measured[k]:.4f}" if k in measured else "" for k in act_options())
+            cells = " | ".join(f"{measured[k]:.3g}" if k in measured else "" for k in act_options())
             lines.append(f"| {b} | {role} | {rules['chosen'][role]} | {cells} |")
     lines += [
         "",

@@ -57,6 +57,7 @@ def test_more_bits_less_error_and_16_is_exact() -> None:
 
 
 def test_mse_and_percentile_beat_minmax_on_heavy_tails() -> None:
+    torch.manual_seed(0)  # the draw, not the test order, decides how far the tail reaches
     x = torch.distributions.StudentT(2.0).sample((20_000,))
     minmax = mse(calibrate("minmax", x, 4)(x), x)
     assert mse(calibrate("mse", x, 4)(x), x) < minmax
@@ -312,7 +313,7 @@ def test_joint_allocation_chooses_activation_widths_within_the_matched_bops(imag
     payload = run(spec).to_json()
     widths = {a["site"]: a["act_bits"] for a in payload["act_allocation"]}
     assert set(widths.values()) <= {4, 6, 8, 16}
-    assert widths["blocks.0.attn.probs"] == 8
+    assert widths["blocks.0.attn.probs"] == 6  # the A of match=W4A6, as in the uniform plan
     assert payload["metrics"]["uniform"]["act_bits"] == 6
     budget = parse_budget("match=W4A6").resolve(prepare_table(spec))
     assert payload["bops"] <= budget.bops
