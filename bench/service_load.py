@@ -15,6 +15,7 @@ distributed deployment is, with everything real: the API (`bitplan serve --proce
   point, 32 4x4 images, one width, no report drawn) run by 2 worker processes; lost = not
   succeeded, duplicated = run more than once (attempts > 1) or more than one result row.
 - POST /v1/profiles/{id}/solve at a new budget each time on a synthetic 100-layer profile.
+- GET /v1/jobs/{id} again at the highest rate, while the workers start and drain the queue.
 
 Every process, the throwaway PostgreSQL database and the Redis database it uses are removed at
 the end, even on failure.
@@ -38,6 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -704,8 +706,9 @@ def run(args: argparse.Namespace) -> str:
             "Workers not running yet: these jobs (plus one untimed warm-up) are the drain's queue.",
         )
 
+        status_path = f"/v1/jobs/{ids[0]}"
         results = [
-            uvloop.run(open_loop(url, headers, f"/v1/jobs/{ids[0]}", rate, args.seconds))
+            uvloop.run(open_loop(url, headers, status_path, rate, args.seconds))
             for rate in args.rates
         ]
         emit(
@@ -732,7 +735,19 @@ def run(args: argparse.Namespace) -> str:
             f"Widths {list(BITS)}, budgets avg-bits 3..7, sequential over one connection.",
         )
 
-        result = drain(deployment, database_url, ids, args.workers, args.drain_timeout)
+        with ThreadPoolExecutor(1) as polls:
+            # The same polls while the workers start and drain: the machine is then busy.
+            busy = polls.submit(
+                uvloop.run, open_loop(url, headers, status_path, max(args.rates), args.seconds)
+            )
+            result = drain(deployment, database_url, ids, args.workers, args.drain_timeout)
+            busy_result = busy.result()
+        emit(
+            f"GET /v1/jobs/{{id}} latency during the drain, open loop, {args.seconds:g} s",
+            markdown_table(LATENCY_HEADERS, latency_rows([busy_result])),
+            f"Started with the {args.workers} Celery workers: their start-up (imports of torch) "
+            "and then their jobs share the cores with the API, PostgreSQL and this client.",
+        )
         emit(
             f"Drain: {result.jobs} queued tiny jobs, {result.workers} Celery worker processes",
             markdown_table(DRAIN_HEADERS, [drain_row(result)]),
