@@ -42,7 +42,7 @@ from allocator.sensitivity.measured import mean_divergence
 from allocator.zoo.base import Inputs, LoadedModel
 
 CANDIDATES: dict[str, tuple[str, ...]] = {
-    "post-ln": ("minmax", "percentile", "mse", "channel"),
+    "post-ln": ("minmax", "percentile", "mse", "channel", "channel-clip"),
     "post-softmax": ("minmax", "log2", "logsqrt2", "sulq", "tanq"),
     "post-gelu": ("minmax", "percentile", "mse"),
     "input": ("minmax", "percentile", "mse"),

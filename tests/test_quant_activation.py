@@ -76,7 +76,7 @@ def test_channel_quantizer_fixes_outlier_channels() -> None:
 
 def test_clipped_channel_ranges_are_narrower() -> None:
     x = outlier_channels()
-    full, clipped = calibrate("channel", x, 4), calibrate("channel", x, 4, clip=0.99)
+    full, clipped = calibrate("channel", x, 4), calibrate("channel-clip", x, 4)
     assert ((clipped.hi - clipped.lo) < (full.hi - full.lo)).all()
 
 
@@ -118,7 +118,10 @@ def test_unknown_kind_names_the_choices() -> None:
 
 
 @pytest.mark.parametrize("target", ["mean", "median"])
-def test_fold_keeps_the_function_and_matches_per_channel_quantization(target: str) -> None:
+@pytest.mark.parametrize("kind", ["channel", "channel-clip"])
+def test_fold_keeps_the_function_and_matches_per_channel_quantization(
+    target: str, kind: str
+) -> None:
     torch.manual_seed(0)
     channels = 16
     norm = nn.LayerNorm(channels)
@@ -130,7 +133,7 @@ def test_fold_keeps_the_function_and_matches_per_channel_quantization(target: st
     x = torch.randn(512, channels) * 3 + 1
     with torch.no_grad():
         before = [layer(norm(x)) for layer in consumers]
-        channel = calibrate("channel", norm(x), 6)
+        channel = calibrate(kind, norm(x), 6)
         quantized_before = [layer(channel(norm(x))) for layer in consumers]
         per_tensor = fold(norm, consumers, channel, target)
         after = [layer(norm(x)) for layer in consumers]

@@ -9,8 +9,8 @@ Why each exists
   what RepQ-ViT's scale reparameterization computes: per-channel ranges at calibration, turned
   into one per-tensor scale by dividing channel c by r_c = s_c / s~ in the LayerNorm affine and
   multiplying it back into the next layer's input columns (`allocator.quant.reparam` does that
-  fold and its test checks both forms agree). `clip` < 1 clips each channel's range to that
-  quantile first, which is LRP-QViT's clipped channel-wise variant.
+  fold and its test checks both forms agree). `channel-clip` clips each channel's range to its
+  1 % and 99 % quantiles first, LRP-QViT's clipped channel-wise variant; it folds the same way.
 - `log2`, `logsqrt2`: for post-Softmax probabilities, which follow a power law (most near 0, a
   few near 1). log2 spends levels on the small ones; log-sqrt2 (RepQ-ViT) halves the step and
   is re-parameterized to log2 with a parity bit (`logsqrt2_by_shifts`, tested equal).
@@ -39,9 +39,12 @@ from allocator.errors import UnknownMethod
 ACT_BITS = (4, 6, 8, 16)
 """Activation widths a site may take; 16 means kept in floating point."""
 NOT_QUANTIZED = 16
-UNIFORM_KINDS = ("minmax", "percentile", "mse", "channel")
+CHANNEL_KINDS = ("channel", "channel-clip")
+UNIFORM_KINDS = ("minmax", "percentile", "mse", *CHANNEL_KINDS)
 SOFTMAX_KINDS = ("log2", "logsqrt2", "sulq", "tanq")
 KINDS = UNIFORM_KINDS + SOFTMAX_KINDS
+CHANNEL_CLIP = 0.99
+"""Quantile each channel's range is clipped to by `channel-clip`."""
 PERCENTILE_TAIL = 1e-4
 """Fraction of values the `percentile` rule leaves outside the range at each end."""
 MSE_RATIOS = torch.linspace(0.3, 1.0, 29)
@@ -81,19 +84,19 @@ class ActQuantizer:
         }
 
 
-def calibrate(kind: str, samples: Tensor, bits: int, clip: float = 1.0) -> ActQuantizer:
+def calibrate(kind: str, samples: Tensor, bits: int) -> ActQuantizer:
     """A quantizer of `kind` at `bits` fitted to `samples` (rows x channels for `channel`)."""
     if kind not in KINDS:
         raise UnknownMethod(f"unknown activation quantizer {kind!r}; use one of {', '.join(KINDS)}")
     if bits >= NOT_QUANTIZED:
         return ActQuantizer(kind, NOT_QUANTIZED)
     samples = samples.detach().float()
-    if kind == "channel":
+    if kind in CHANNEL_KINDS:
         rows = samples.reshape(-1, samples.shape[-1])
         rows = rows[_subsample(rows.shape[0], SAMPLE_LIMIT // max(rows.shape[1], 1) + 1)]
-        if clip < 1.0:
-            lo = torch.quantile(rows, 1 - clip, dim=0)
-            hi = torch.quantile(rows, clip, dim=0)
+        if kind == "channel-clip":
+            lo = torch.quantile(rows, 1 - CHANNEL_CLIP, dim=0)
+            hi = torch.quantile(rows, CHANNEL_CLIP, dim=0)
         else:
             lo, hi = rows.amin(0), rows.amax(0)
         return ActQuantizer(kind, bits, lo, torch.maximum(hi, lo + 1e-8))
