@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -232,6 +232,18 @@ def profile_dict(
     }
 
 
+@dataclass(frozen=True)
+class UniformCheckActs:
+    """What the plan check of a job that quantizes activations runs each plan with."""
+
+    mixed: Mapping[str, ActQuantizer]
+    uniform: Mapping[str, ActQuantizer]
+    act_bits: int
+    """The uniform plan's activation width."""
+    act_choices: tuple[int, ...] | None
+    """The widths of a joint cost table, None for one fixed width."""
+
+
 @dataclass
 class Workbench:
     """A loaded model with its calibration statistics: everything a budget needs but the solve.
@@ -294,13 +306,25 @@ class Workbench:
         """Every free layer at `bits` with the same quantizer choices as the mixed plans."""
         return self.plan(self.table.uniform(bits), {**(meta or {}), "uniform_bits": bits})
 
-    def holdout_divergence(self, bits: Mapping[str, int]) -> float:
-        """How far the plan's outputs move from FP32 on the held-out samples."""
+    def holdout_divergence(
+        self, bits: Mapping[str, int], activations: Mapping[str, ActQuantizer] | None = None
+    ) -> float:
+        """How far the plan's outputs move from FP32 on the held-out samples, with
+        `activations` quantizing its activation sites when given."""
         layers = {name: self.choices[(name, b)] for name, b in bits.items()}
-        return divergence_from_fp32(self.model, self.holdout, self.holdout_reference, layers)
+        with ExitStack() as stack:
+            if activations and self.activations is not None:
+                stack.enter_context(
+                    quantized_activations(self.model.module, self.activations.sites, activations)
+                )
+            return divergence_from_fp32(self.model, self.holdout, self.holdout_reference, layers)
 
     def check_against_uniform(
-        self, solution: Solution, cost: np.ndarray, uniform_bits: int | None
+        self,
+        solution: Solution,
+        cost: np.ndarray,
+        uniform_bits: int | None,
+        acts: UniformCheckActs | None = None,
     ) -> tuple[Solution, dict[str, Any] | None]:
         """The solver's plan, or the uniform plan of the same budget when that one stays closer
         to FP32 on held-out samples.
@@ -309,20 +333,33 @@ class Workbench:
         cannot see, and on CIFAR ResNet20 at avg 3 bits every method's mixed plan measured about
         0.5 points below uniform W3 with the same quantizer. Two forward passes over the
         held-out samples make sure a job never returns a plan its own check finds worse than
-        the uniform one it is compared with. Weight-only plans; None when nothing was checked.
+        the uniform one it is compared with. With `acts`, each plan runs with its activation
+        quantizers (`cost` is then the table the plan was solved on). None when nothing was
+        checked.
         """
         if uniform_bits is None or not self.holdout or not solution.bits:
             return solution, None
         uniform = self.table.uniform(uniform_bits)
-        if uniform == solution.bits:
+        if uniform == solution.bits and (acts is None or acts.act_choices is None):
             return solution, None
-        mixed_divergence = self.holdout_divergence(solution.bits)
-        uniform_divergence = self.holdout_divergence(uniform)
+        mixed_divergence = self.holdout_divergence(solution.bits, acts and acts.mixed)
+        uniform_divergence = self.holdout_divergence(uniform, acts and acts.uniform)
         kept = "uniform" if uniform_divergence < mixed_divergence else "mixed"
         check = {"mixed": mixed_divergence, "uniform": uniform_divergence, "kept": kept}
         if kept == "mixed":
             return solution, check
-        return fixed_plan(self.table, uniform, self.spec.bits, cost, solution), check
+        if acts is None:
+            return fixed_plan(self.table, uniform, self.spec.bits, cost, solution), check
+        checked = fixed_plan(
+            self.table,
+            uniform,
+            self.spec.bits,
+            cost,
+            solution,
+            act_bits=acts.act_bits,
+            act_choices=acts.act_choices,
+        )
+        return checked, check
 
     def evaluate(
         self,
@@ -424,29 +461,40 @@ def run(spec: JobSpec, progress: Progress = _silent, workdir: str | Path | None 
             solve_cost = bench.activations.joint_cost(
                 cost, spec.bits, errors, act_bits, spec.act_quantizers
             )
+    baseline_act = FLOAT_ACT_BITS if act_bits is None else _baseline_act_bits(act_bits, budget)
+    uniform_bits = uniform_bits_for(table, spec.bits, resolved, act_bits=baseline_act)
+    acts = bench.activations if act_bits is not None else None
+    uniform_acts: dict[str, ActQuantizer] = {}
+    if acts is not None:
+        uniform_acts = quantizers(acts.assign(baseline_act, spec.act_quantizers))
+
+    def site_widths(solution: Solution) -> int | dict[str, int]:
+        if isinstance(act_bits, int) or acts is None:
+            return baseline_act
+        return joint_widths(acts.sites, solution.act_bits, baseline_act)
+
     with clock.phase("solve"):
         solution = solve(
             table, spec.bits, solve_cost, resolved, act_bits=bops_act, time_limit=spec.time_limit
         )
-        plan_check = None
-        if act_bits is None:
-            solution, plan_check = bench.check_against_uniform(
-                solution, cost, uniform_bits_for(table, spec.bits, resolved, act_bits=bops_act)
+        check_acts = None
+        if acts is not None:
+            check_acts = UniformCheckActs(
+                mixed=quantizers(acts.assign(site_widths(solution), spec.act_quantizers)),
+                uniform=uniform_acts,
+                act_bits=baseline_act,
+                act_choices=act_bits if isinstance(act_bits, tuple) else None,
             )
+        solution, plan_check = bench.check_against_uniform(
+            solution, solve_cost, uniform_bits, check_acts
+        )
     meta: dict[str, Any] = {"model": spec.model, "budget": spec.budget, "method": spec.method}
     act_quantizers: dict[str, ActQuantizer] = {}
     act_allocation = None
     # The packed artifact carries what a runtime needs to reproduce the activations.
     plan_activations: dict[str, dict[str, Any]] = {}
-    if act_bits is not None and bench.activations is not None:
-        widths: int | dict[str, int] = (
-            act_bits
-            if isinstance(act_bits, int)
-            else joint_widths(
-                bench.activations.sites, solution.act_bits, _baseline_act_bits(act_bits, budget)
-            )
-        )
-        assignments = bench.activations.assign(widths, spec.act_quantizers)
+    if acts is not None:
+        assignments = acts.assign(site_widths(solution), spec.act_quantizers)
         act_quantizers = quantizers(assignments)
         act_allocation = [a.to_dict() for a in assignments]
         plan_activations = {
@@ -455,17 +503,12 @@ def run(spec: JobSpec, progress: Progress = _silent, workdir: str | Path | None 
     with clock.phase("quantize"):
         plan = replace(bench.plan(solution.bits, meta), activations=plan_activations)
         mixed = bench.quantize(plan)
-        baseline_act = FLOAT_ACT_BITS if act_bits is None else _baseline_act_bits(act_bits, budget)
-        uniform_bits = uniform_bits_for(table, spec.bits, resolved, act_bits=baseline_act)
     with clock.phase("evaluate") as tick:
         metrics: dict[str, Any] = {"fp32": bench.evaluate()}
         tick(0.4, "fp32")
         metrics["quantized"] = bench.evaluate(mixed, act_quantizers)
         tick(0.7, "mixed")
         metrics["uniform"] = None
-        uniform_acts = act_quantizers
-        if isinstance(act_bits, tuple) and bench.activations is not None:
-            uniform_acts = quantizers(bench.activations.assign(baseline_act, spec.act_quantizers))
         if uniform_bits is not None:
             uniform = bench.quantize(bench.uniform_plan(uniform_bits, meta))
             metrics["uniform"] = {

@@ -305,21 +305,35 @@ def fixed_plan(
     cost: np.ndarray,
     like: Solution,
     *,
-    act_bits: ActBits = 32,
+    act_bits: int = 32,
+    act_choices: Sequence[int] | None = None,
 ) -> Solution:
     """A full plan chosen outside the program (the uniform one, when the held-out check in
-    allocator.pipeline prefers it), priced as the program prices its own plans; the solver's
-    report (name, status, gap, time) stays `like`'s."""
+    allocator.pipeline prefers it), every layer's input at `act_bits`, priced as the program
+    prices its own plans; the solver's report (name, status, gap, time) stays `like`'s.
+
+    `act_choices`: the activation widths of a joint cost table (columns weight-major over
+    `bits` x `act_choices`); the plan then records `act_bits` as every layer's choice."""
     plan = dict(widths)
-    storage, bops = _plan_usage(table, plan, _widest(act_bits))
+    storage, bops = _plan_usage(table, plan, act_bits)
     columns = list(bits)
     pinned = table.pinned_widths()
+
+    def column(width: int) -> int:
+        index = columns.index(width)
+        if act_choices is None:
+            return index
+        return index * len(act_choices) + list(act_choices).index(act_bits)
+
     objective = sum(
-        float(cost[i, columns.index(plan[layer.name])])
+        float(cost[i, column(plan[layer.name])])
         for i, layer in enumerate(table)
         if layer.name not in pinned and plan[layer.name] in columns
     )
-    return replace(like, bits=plan, objective=objective, storage_bits=storage, bops=bops)
+    acts = like.act_bits if act_choices is None else dict.fromkeys(plan, act_bits)
+    return replace(
+        like, bits=plan, act_bits=acts, objective=objective, storage_bits=storage, bops=bops
+    )
 
 
 def uniform_bits_for(

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,10 +44,10 @@ from allocator.act_plan import (  # noqa: E402
 )
 from allocator.apply import apply  # noqa: E402
 from allocator.budget import parse_budget  # noqa: E402
-from allocator.pipeline import JobSpec, Workbench, prepare  # noqa: E402
+from allocator.pipeline import JobSpec, UniformCheckActs, Workbench, prepare  # noqa: E402
 from allocator.plan import BitPlan  # noqa: E402
 from allocator.quant.activation import ACT_BITS  # noqa: E402
-from allocator.solve import solve, uniform_bits_for  # noqa: E402
+from allocator.solve import Solution, solve, uniform_bits_for  # noqa: E402
 
 DATA = Path(os.environ.get("BITPLAN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 METHODS = ("lrp", "fisher", "hessian", "measured", "lrp+fisher")
@@ -265,18 +266,42 @@ def act_section(name: str, spec: JobSpec, method: str) -> str:
     cost, _sens, _timings = bench.cost_table(method)
     errors = {key: choice.output_error for key, choice in bench.choices.items()}
 
-    @functools.cache
-    def joint(preset: str, match: str) -> tuple[float, dict[str, int], dict[str, int]]:
-        """The joint W/A plan at the size and BOPs of uniform `match`, with `preset`'s
-        quantizers: its metric, weight widths and activation widths per site."""
-        joint_cost = acts.joint_cost(cost, bench.spec.bits, errors, ACT_BITS, preset)
+    def checked(
+        solution: Solution, table_cost: np.ndarray, match: str, preset: str, joint_table: bool
+    ) -> tuple[float, dict[str, int], dict[str, int], str]:
+        """What a job returns for `solution`: it or, when the held-out check prefers it, the
+        uniform plan it matches; the metric, weight widths, site widths and a row label."""
         budget = parse_budget(f"match={match}")
+        a = budget.match[1]
         resolved = budget.resolve(bench.table)
-        solution = solve(bench.table, bench.spec.bits, joint_cost, resolved, act_bits=ACT_BITS)
-        widths = joint_widths(acts.sites, solution.act_bits, budget.match[1])
+        uniform_w = uniform_bits_for(bench.table, bench.spec.bits, resolved, act_bits=a)
+        widths = (
+            joint_widths(acts.sites, solution.act_bits, a)
+            if joint_table
+            else dict.fromkeys((site.name for site in acts.sites), a)
+        )
+        check_acts = UniformCheckActs(
+            quantizers(acts.assign(widths, preset)),
+            quantizers(acts.assign(a, preset)),
+            act_bits=a,
+            act_choices=ACT_BITS if joint_table else None,
+        )
+        solution, check = bench.check_against_uniform(solution, table_cost, uniform_w, check_acts)
+        kept = check is not None and check["kept"] == "uniform"
+        if kept:
+            widths = dict.fromkeys(widths, a)
         module = bench.quantize(bench.plan(solution.bits, {}))
         metric = bench.evaluate(module, quantizers(acts.assign(widths, preset)))[primary]
-        return metric, solution.bits, widths
+        return metric, solution.bits, widths, " (uniform kept)" if kept else ""
+
+    @functools.cache
+    def joint(preset: str, match: str) -> tuple[float, dict[str, int], dict[str, int], str]:
+        """The joint W/A plan at the size and BOPs of uniform `match` with `preset`'s
+        quantizers, as a job returns it (see `checked`)."""
+        joint_cost = acts.joint_cost(cost, bench.spec.bits, errors, ACT_BITS, preset)
+        resolved = parse_budget(f"match={match}").resolve(bench.table)
+        solution = solve(bench.table, bench.spec.bits, joint_cost, resolved, act_bits=ACT_BITS)
+        return checked(solution, joint_cost, match, preset, joint_table=True)
 
     lines += [
         "",
@@ -292,14 +317,14 @@ def act_section(name: str, spec: JobSpec, method: str) -> str:
         uniform_w = uniform_bits_for(bench.table, bench.spec.bits, resolved, act_bits=act_bits)
         uniform = bench.evaluate(bench.quantize(bench.uniform_plan(uniform_w)), fixed_acts)
         fixed = solve(bench.table, bench.spec.bits, cost, resolved, act_bits=act_bits)
-        mixed = bench.evaluate(bench.quantize(bench.plan(fixed.bits, {})), fixed_acts)
-        joint_metric, joint_bits, widths = joint("auto", match)
+        mixed, _bits, _widths, mixed_kept = checked(fixed, cost, match, "auto", joint_table=False)
+        joint_metric, joint_bits, widths, joint_kept = joint("auto", match)
         counts = ", ".join(
             f"A{a}: {list(widths.values()).count(a)}" for a in sorted(set(widths.values()))
         )
         lines.append(
             f"| match={match} | {uniform[primary]:.2f} (W{uniform_w}A{act_bits}) | "
-            f"{mixed[primary]:.2f} | {joint_metric:.2f} | "
+            f"{mixed:.2f}{mixed_kept} | {joint_metric:.2f}{joint_kept} | "
             f"{avg_bits(bench, joint_bits):.2f} | {counts} |"
         )
     lines += [
@@ -311,9 +336,9 @@ def act_section(name: str, spec: JobSpec, method: str) -> str:
         "|---|---|---|---|",
     ]
     for preset in presets:
-        metric = joint(preset, "W4A4")[0]
+        metric, _bits, _widths, kept = joint(preset, "W4A4")
         base = uniform_wa[4, 4, preset]
-        lines.append(f"| {preset} | {base:.2f} | {metric:.2f} | {metric - base:+.2f} |")
+        lines.append(f"| {preset} | {base:.2f} | {metric:.2f}{kept} | {metric - base:+.2f} |")
     lines += [
         "",
         "`auto`, per width and role: held-out divergence from FP32 of each option (all sites at "

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from allocator import costs
+from allocator.act_plan import ActivationBench, quantizers
 from allocator.budget import ResolvedBudget
 from allocator.layers import build_layer_table
-from allocator.pipeline import JobSpec, Workbench
+from allocator.pipeline import JobSpec, UniformCheckActs, Workbench
 from allocator.solve import solve, uniform_bits_for
 from allocator.weight_rules import fp32_outputs
 from allocator.zoo.base import LoadedModel
@@ -71,3 +72,31 @@ def test_nothing_is_checked_without_holdout_or_a_uniform_plan() -> None:
     assert uniform_bits_for(bench.table, BITS, budget) == 2
     bench.holdout = []
     assert bench.check_against_uniform(solution, cost, 2) == (solution, None)
+
+
+def test_with_activations_each_plan_is_checked_with_its_own_and_uniform_takes_its_width() -> None:
+    """Joint W/A: the mixed plan (a layer crushed to 2 bits, inputs at 4 bits) against uniform
+    W4 with 8-bit inputs; the uniform plan wins and comes back with its activation width."""
+    bench = _bench()
+    acts = ActivationBench(
+        bench.model, bench.batches, bench.table, bench.holdout, bench.holdout_reference
+    )
+    bench.activations = acts
+    widths = (4, 8)
+    budget = ResolvedBudget(size_bits=bench.table.uniform_storage_bits(4))
+    cost = np.tile([1.0, 1.0, 0.5, 0.5, 0.0, 0.0], (len(bench.table), 1))
+    cost[bench.table.names.index("2")] = 0.0
+    solution = solve(bench.table, BITS, cost, budget, act_bits=widths)
+    mixed = quantizers(acts.assign(4, "baseline"))
+    uniform = quantizers(acts.assign(8, "baseline"))
+    check_acts = UniformCheckActs(mixed, uniform, act_bits=8, act_choices=widths)
+
+    checked, check = bench.check_against_uniform(solution, cost, 4, check_acts)
+
+    assert check is not None
+    assert check["mixed"] == bench.holdout_divergence(solution.bits, mixed)
+    assert check["uniform"] == bench.holdout_divergence(bench.table.uniform(4), uniform)
+    assert check["uniform"] != bench.holdout_divergence(bench.table.uniform(4))  # acts applied
+    assert check["kept"] == "uniform"
+    assert checked.bits == bench.table.uniform(4)
+    assert set(checked.act_bits.values()) == {8}

@@ -322,3 +322,5 @@ def test_joint_allocation_chooses_activation_widths_within_the_matched_bops(imag
     assert payload["bops"] <= budget.bops
     assert payload["weight_bytes"] * 8 <= budget.size_bits
     assert set(payload["metrics"]["act_rules"]) >= {"4", "6"}  # auto chose on held-out samples
+    check = payload["metrics"]["plan_check"]  # checked against uniform W4A6, acts included
+    assert check is not None and check["kept"] == min(("mixed", "uniform"), key=check.get)

@@ -245,6 +245,23 @@ def test_a_fixed_plan_is_priced_as_the_program_prices_its_own() -> None:
     )
 
 
+def test_a_fixed_plan_on_a_joint_table_takes_its_activation_width() -> None:
+    table = LayerTable((layer("stem", pinned=8), layer("a"), layer("b")))
+    acts = (4, 8)
+    # Columns weight-major over BITS x acts: (2,4) (2,8) (4,4) (4,8) (8,4) (8,8).
+    cost = np.array([[0.0] * 6, [9.0, 8.0, 3.0, 2.0, 1.0, 0.5], [7.0, 6.0, 2.0, 1.5, 0.5, 0.2]])
+    budget = ResolvedBudget(size_bits=table.uniform_storage_bits(4))
+    solved = solve(table, BITS, cost, budget, act_bits=acts)
+    uniform = solve_module.fixed_plan(
+        table, table.uniform(4), BITS, cost, solved, act_bits=4, act_choices=acts
+    )
+    assert uniform.act_bits == {"stem": 4, "a": 4, "b": 4}
+    assert uniform.objective == 5.0  # the (4, 4) column of a and b
+    assert uniform.bops == sum(
+        entry.macs * width * 4 for entry, width in zip(table, (8, 4, 4), strict=True)
+    )
+
+
 def test_tied_layers_pinned_to_different_widths_are_refused() -> None:
     table = LayerTable((layer("a", group="t", pinned=8), layer("b", group="t", pinned=4)))
     with pytest.raises(ValueError, match="pinned to different widths"):
