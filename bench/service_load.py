@@ -38,9 +38,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -97,6 +98,8 @@ class LoadResult:
     errors: int
     latencies: tuple[float, ...]
     scheduled_latencies: tuple[float, ...]
+    failures: dict[str, int] = field(default_factory=dict)
+    """Failed GETs by HTTP status or exception."""
 
     @property
     def achieved_rps(self) -> float:
@@ -116,7 +119,9 @@ def latency_rows(results: Sequence[LoadResult], target_ms: float = GET_TARGET_P9
             f"{r.offered_rps:g}",
             f"{r.achieved_rps:.1f}",
             r.sent,
-            r.errors,
+            r.errors
+            if not r.failures
+            else f"{r.errors} ({', '.join(f'{k}: {n}' for k, n in sorted(r.failures.items()))})",
             ms(percentile(r.latencies, 50)),
             ms(r.p99),
             ms(percentile(r.scheduled_latencies, 99)),
@@ -496,24 +501,24 @@ async def open_loop(
     count = max(1, int(rate * seconds))
     latencies: list[float] = []
     scheduled_latencies: list[float] = []
-    errors = 0
+    failures: Counter[str] = Counter()
     client = KeepAliveClient(url, headers)
     try:
         await client.get(path)  # warm the connection and the route
 
         async def one(scheduled: float) -> None:
-            nonlocal errors
             sent = time.perf_counter()
             try:
-                ok = await client.get(path) == 200
-            except (TimeoutError, OSError, EOFError, ValueError, IndexError):
-                ok = False
+                status = await client.get(path)
+                failure = None if status == 200 else f"HTTP {status}"
+            except (TimeoutError, OSError, EOFError, ValueError, IndexError) as error:
+                failure = type(error).__name__
             done = time.perf_counter()
-            if ok:
+            if failure is None:
                 latencies.append(done - sent)
                 scheduled_latencies.append(done - scheduled)
             else:
-                errors += 1
+                failures[failure] += 1
 
         start = time.perf_counter() + 0.05
         tasks = []
@@ -527,7 +532,15 @@ async def open_loop(
         elapsed = time.perf_counter() - start
     finally:
         client.close()
-    return LoadResult(rate, elapsed, count, errors, tuple(latencies), tuple(scheduled_latencies))
+    return LoadResult(
+        rate,
+        elapsed,
+        count,
+        failures.total(),
+        tuple(latencies),
+        tuple(scheduled_latencies),
+        dict(failures),
+    )
 
 
 async def submit_jobs(
@@ -566,6 +579,38 @@ async def submit_jobs(
         await asyncio.gather(*(submitter() for _ in range(concurrency)))
         seconds = time.perf_counter() - start
     return ids, seconds, latencies
+
+
+def client_cpu_per_get(url: str, headers: dict[str, str], count: int = 1000) -> dict:
+    """Milliseconds of this process's CPU per GET of /healthz at 200 rps, for httpx's
+    AsyncClient on asyncio and for `KeepAliveClient` on uvloop: why the latency loads use the
+    latter (whatever the client burns, the server's cores lose)."""
+    import httpx
+
+    async def paced(get: Callable[[], Any]) -> float:
+        started = time.process_time()
+        tasks = []
+        for _ in range(count):
+            tasks.append(asyncio.create_task(get()))
+            await asyncio.sleep(1 / 200)
+        await asyncio.gather(*tasks)
+        return (time.process_time() - started) / count * 1000
+
+    async def with_httpx() -> float:
+        async with httpx.AsyncClient(base_url=url, headers=headers) as client:
+            return await paced(lambda: client.get("/healthz"))
+
+    async def with_keep_alive() -> float:
+        client = KeepAliveClient(url, headers)
+        try:
+            return await paced(lambda: client.get("/healthz"))
+        finally:
+            client.close()
+
+    return {
+        "httpx AsyncClient (asyncio)": asyncio.run(with_httpx()),
+        "KeepAliveClient (uvloop)": uvloop.run(with_keep_alive()),
+    }
 
 
 def resolve_latencies(url: str, key: str, profile_id: str, count: int) -> tuple[list[float], int]:
@@ -704,6 +749,15 @@ def run(args: argparse.Namespace) -> str:
                 ],
             ),
             "Workers not running yet: these jobs (plus one untimed warm-up) are the drain's queue.",
+        )
+
+        cpu = client_cpu_per_get(url, headers)
+        emit(
+            "Load client CPU per GET (1,000 GETs of /healthz at 200 rps)",
+            markdown_table(
+                ("client", "CPU ms per GET"), [[name, f"{ms:.2f}"] for name, ms in cpu.items()]
+            ),
+            "The GET loads below use KeepAliveClient.",
         )
 
         status_path = f"/v1/jobs/{ids[0]}"

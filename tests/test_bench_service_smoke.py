@@ -52,11 +52,14 @@ def test_markdown_table_and_row_check(bench: ModuleType) -> None:
 def test_latency_rows_pass_and_fail(bench: ModuleType) -> None:
     fast = bench.LoadResult(50.0, 10.0, 500, 0, (0.002,) * 500, (0.003,) * 500)
     slow = bench.LoadResult(200.0, 10.0, 2000, 0, (0.002,) * 1900 + (0.05,) * 100, (0.05,) * 2000)
-    errored = bench.LoadResult(50.0, 10.0, 500, 1, (0.002,) * 499, (0.002,) * 499)
+    errored = bench.LoadResult(
+        50.0, 10.0, 500, 3, (0.002,) * 497, (0.002,) * 497, {"HTTP 503": 2, "TimeoutError": 1}
+    )
     rows = bench.latency_rows([fast, slow, errored])
     assert all(len(row) == len(bench.LATENCY_HEADERS) for row in rows)
     assert [row[-1] for row in rows] == ["PASS", "FAIL", "FAIL"]
     assert rows[0][1] == "50.0" and rows[0][4] == "2.0"
+    assert rows[2][3] == "3 (HTTP 503: 2, TimeoutError: 1)"  # what failed, not only how many
     assert "| PASS |" in bench.markdown_table(bench.LATENCY_HEADERS, rows)
 
 
