@@ -71,7 +71,7 @@ def find_sites(model: LoadedModel, sample: Inputs, table: LayerTable) -> list[Si
         return hook
 
     last: list[tuple[str | None, int]] = [(None, -1)]
-    reshaped: dict[str, tuple[str | None, int]] = {}
+    reshaped: dict[str, str | None] = {}
 
     def note(role: str | None):
         def hook(_module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
@@ -84,7 +84,8 @@ def find_sites(model: LoadedModel, sample: Inputs, table: LayerTable) -> list[Si
         def hook(_module: nn.Module, args: tuple) -> None:
             keep.append(args[0])
             inputs.setdefault(name, id(args[0]))
-            reshaped.setdefault(name, last[0] if last[0][1] == args[0].numel() else (None, -1))
+            last_role, values = last[0]
+            reshaped.setdefault(name, last_role if values == args[0].numel() else None)
 
         return hook
 
@@ -108,7 +109,7 @@ def find_sites(model: LoadedModel, sample: Inputs, table: LayerTable) -> list[Si
         if name == first:
             return "input"
         produced = producers.get(inputs.get(name, -1))
-        return produced or reshaped.get(name, (None, -1))[0] or "other"
+        return produced or reshaped.get(name) or "other"
 
     sites = [Site(layer.name, role(layer.name), layer.name, layer.macs) for layer in table]
     attention = attention_modules(model.module)
