@@ -438,6 +438,10 @@ class Deployment:
 # --- the measurements ----------------------------------------------------------------------------
 
 
+class StaleConnection(ConnectionError):
+    """A kept-alive connection the server closed before it answered anything."""
+
+
 class KeepAliveClient:
     """GET over a pool of keep-alive HTTP/1.1 connections, written out on asyncio streams.
 
@@ -460,11 +464,31 @@ class KeepAliveClient:
 
     async def get(self, path: str) -> int:
         """The response's status; the connection goes back to the pool only after a whole
-        response was read, so a failure never leaves a half-read stream for the next GET."""
-        if self.idle:
+        response was read, so a failure never leaves a half-read stream for the next GET.
+
+        uvicorn closes a keep-alive connection idle for 5 s, and a pool that grew in a burst
+        holds such connections: one the server has closed is dropped, and a GET whose reused
+        connection closes before a single byte of answer is sent again once on a new one, as
+        HTTP clients do for idempotent requests."""
+        while self.idle:
             reader, writer = self.idle.pop()
+            if not reader.at_eof():
+                break
+            writer.close()
         else:
-            reader, writer = await asyncio.open_connection(self.host, self.port)
+            return await self._on_new_connection(path)
+        try:
+            return await self._over(reader, writer, path)
+        except StaleConnection:
+            return await self._on_new_connection(path)
+
+    async def _on_new_connection(self, path: str) -> int:
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        return await self._over(reader, writer, path)
+
+    async def _over(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str
+    ) -> int:
         try:
             status = await asyncio.wait_for(self._exchange(reader, writer, path), self.timeout)
         except BaseException:
@@ -477,7 +501,10 @@ class KeepAliveClient:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str
     ) -> int:
         writer.write(f"GET {path} HTTP/1.1\r\n{self.head}\r\n".encode())
-        status = int((await reader.readline()).split()[1])
+        status_line = await reader.readline()
+        if not status_line:
+            raise StaleConnection("the server closed the connection before answering")
+        status = int(status_line.split()[1])
         length = None
         while (line := await reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.partition(b":")

@@ -159,3 +159,36 @@ def test_keep_alive_client_reads_whole_responses_over_one_connection(bench: Modu
     assert asyncio.run(scenario()) == [200, 200, 200, 200]
     assert paths == [b"/v1/jobs/0", b"/v1/jobs/1", b"/v1/jobs/2", b"/bare", b"/after"]
     assert connections == 2  # kept alive; the failed exchange's connection was not reused
+
+
+def test_keep_alive_client_resends_a_get_the_server_dropped_on_a_kept_connection(
+    bench: ModuleType,
+) -> None:
+    """uvicorn closes keep-alive connections idle for 5 s; a GET written onto one just as it
+    closes must go out again on a new connection, not count as a server failure."""
+    import asyncio
+    import contextlib
+
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+            await writer.drain()
+            await reader.readuntil(b"\r\n\r\n")  # the next request on this connection: dropped
+        writer.close()
+
+    async def scenario() -> list[int]:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = bench.KeepAliveClient(f"http://127.0.0.1:{port}", {})
+        statuses = [await client.get("/a"), await client.get("/b")]
+        client.close()
+        server.close()
+        return statuses
+
+    assert asyncio.run(scenario()) == [200, 200]
+    assert connections == 2
