@@ -232,18 +232,6 @@ def profile_dict(
     }
 
 
-@dataclass(frozen=True)
-class UniformCheckActs:
-    """What the plan check of a job that quantizes activations runs each plan with."""
-
-    mixed: Mapping[str, ActQuantizer]
-    uniform: Mapping[str, ActQuantizer]
-    act_bits: int
-    """The uniform plan's activation width."""
-    act_choices: tuple[int, ...] | None
-    """The widths of a joint cost table, None for one fixed width."""
-
-
 @dataclass
 class Workbench:
     """A loaded model with its calibration statistics: everything a budget needs but the solve.
@@ -319,12 +307,25 @@ class Workbench:
                 )
             return divergence_from_fp32(self.model, self.holdout, self.holdout_reference, layers)
 
+    def site_widths(
+        self, solution: Solution, act_bits: int | tuple[int, ...], probs_bits: int
+    ) -> int | dict[str, int]:
+        """The activation width of every site under `solution`: `act_bits` when it is one
+        width, else (joint) each layer's chosen input width and `probs_bits` for attention
+        probabilities."""
+        if isinstance(act_bits, int):
+            return act_bits
+        sites = self.activations.sites if self.activations is not None else []
+        return joint_widths(sites, solution.act_bits, probs_bits)
+
     def check_against_uniform(
         self,
         solution: Solution,
         cost: np.ndarray,
         uniform_bits: int | None,
-        acts: UniformCheckActs | None = None,
+        act_bits: int | tuple[int, ...] | None = None,
+        uniform_act_bits: int = FLOAT_ACT_BITS,
+        act_quantizers: str = "auto",
     ) -> tuple[Solution, dict[str, Any] | None]:
         """The solver's plan, or the uniform plan of the same budget when that one stays closer
         to FP32 on held-out samples.
@@ -333,31 +334,36 @@ class Workbench:
         cannot see, and on CIFAR ResNet20 at avg 3 bits every method's mixed plan measured about
         0.5 points below uniform W3 with the same quantizer. Two forward passes over the
         held-out samples make sure a job never returns a plan its own check finds worse than
-        the uniform one it is compared with. With `acts`, each plan runs with its activation
-        quantizers (`cost` is then the table the plan was solved on). None when nothing was
-        checked.
+        the uniform one it is compared with. A job that quantizes activations (`act_bits`: one
+        width, or the widths of a joint `cost` table) runs each plan with its own
+        `act_quantizers`, the uniform one at `uniform_act_bits`, which a kept uniform plan then
+        records for every layer. None when nothing was checked.
         """
         if uniform_bits is None or not self.holdout or not solution.bits:
             return solution, None
+        joint = act_bits if isinstance(act_bits, tuple) else None
         uniform = self.table.uniform(uniform_bits)
-        if uniform == solution.bits and (acts is None or acts.act_choices is None):
+        if uniform == solution.bits and joint is None:
             return solution, None
-        mixed_divergence = self.holdout_divergence(solution.bits, acts and acts.mixed)
-        uniform_divergence = self.holdout_divergence(uniform, acts and acts.uniform)
+        mixed_acts = uniform_acts = None
+        if act_bits is not None and self.activations is not None:
+            widths = self.site_widths(solution, act_bits, uniform_act_bits)
+            mixed_acts = quantizers(self.activations.assign(widths, act_quantizers))
+            uniform_acts = quantizers(self.activations.assign(uniform_act_bits, act_quantizers))
+        mixed_divergence = self.holdout_divergence(solution.bits, mixed_acts)
+        uniform_divergence = self.holdout_divergence(uniform, uniform_acts)
         kept = "uniform" if uniform_divergence < mixed_divergence else "mixed"
         check = {"mixed": mixed_divergence, "uniform": uniform_divergence, "kept": kept}
         if kept == "mixed":
             return solution, check
-        if acts is None:
-            return fixed_plan(self.table, uniform, self.spec.bits, cost, solution), check
         checked = fixed_plan(
             self.table,
             uniform,
             self.spec.bits,
             cost,
             solution,
-            act_bits=acts.act_bits,
-            act_choices=acts.act_choices,
+            act_bits=uniform_act_bits,
+            act_choices=joint,
         )
         return checked, check
 
@@ -467,34 +473,21 @@ def run(spec: JobSpec, progress: Progress = _silent, workdir: str | Path | None 
     uniform_acts: dict[str, ActQuantizer] = {}
     if acts is not None:
         uniform_acts = quantizers(acts.assign(baseline_act, spec.act_quantizers))
-
-    def site_widths(solution: Solution) -> int | dict[str, int]:
-        if isinstance(act_bits, int) or acts is None:
-            return baseline_act
-        return joint_widths(acts.sites, solution.act_bits, baseline_act)
-
     with clock.phase("solve"):
         solution = solve(
             table, spec.bits, solve_cost, resolved, act_bits=bops_act, time_limit=spec.time_limit
         )
-        check_acts = None
-        if acts is not None:
-            check_acts = UniformCheckActs(
-                mixed=quantizers(acts.assign(site_widths(solution), spec.act_quantizers)),
-                uniform=uniform_acts,
-                act_bits=baseline_act,
-                act_choices=act_bits if isinstance(act_bits, tuple) else None,
-            )
         solution, plan_check = bench.check_against_uniform(
-            solution, solve_cost, uniform_bits, check_acts
+            solution, solve_cost, uniform_bits, act_bits, baseline_act, spec.act_quantizers
         )
     meta: dict[str, Any] = {"model": spec.model, "budget": spec.budget, "method": spec.method}
     act_quantizers: dict[str, ActQuantizer] = {}
     act_allocation = None
     # The packed artifact carries what a runtime needs to reproduce the activations.
     plan_activations: dict[str, dict[str, Any]] = {}
-    if acts is not None:
-        assignments = acts.assign(site_widths(solution), spec.act_quantizers)
+    if acts is not None and act_bits is not None:
+        widths = bench.site_widths(solution, act_bits, baseline_act)
+        assignments = acts.assign(widths, spec.act_quantizers)
         act_quantizers = quantizers(assignments)
         act_allocation = [a.to_dict() for a in assignments]
         plan_activations = {

@@ -39,12 +39,11 @@ from allocator.act_plan import (  # noqa: E402
     ACT_QUANTIZERS,
     CANDIDATES,
     PER_SITE,
-    joint_widths,
     quantizers,
 )
 from allocator.apply import apply  # noqa: E402
 from allocator.budget import parse_budget  # noqa: E402
-from allocator.pipeline import JobSpec, UniformCheckActs, Workbench, prepare  # noqa: E402
+from allocator.pipeline import JobSpec, Workbench, prepare  # noqa: E402
 from allocator.plan import BitPlan  # noqa: E402
 from allocator.quant.activation import ACT_BITS  # noqa: E402
 from allocator.solve import Solution, solve, uniform_bits_for  # noqa: E402
@@ -268,34 +267,25 @@ def act_section(name: str, spec: JobSpec, method: str) -> str:
 
     def checked(
         solution: Solution, table_cost: np.ndarray, match: str, preset: str, joint_table: bool
-    ) -> tuple[float, dict[str, int], dict[str, int], str]:
+    ) -> tuple[float, dict[str, int], int | dict[str, int], str]:
         """What a job returns for `solution`: it or, when the held-out check prefers it, the
         uniform plan it matches; the metric, weight widths, site widths and a row label."""
         budget = parse_budget(f"match={match}")
         a = budget.match[1]
         resolved = budget.resolve(bench.table)
         uniform_w = uniform_bits_for(bench.table, bench.spec.bits, resolved, act_bits=a)
-        widths = (
-            joint_widths(acts.sites, solution.act_bits, a)
-            if joint_table
-            else dict.fromkeys((site.name for site in acts.sites), a)
+        act_bits = ACT_BITS if joint_table else a
+        solution, check = bench.check_against_uniform(
+            solution, table_cost, uniform_w, act_bits, a, preset
         )
-        check_acts = UniformCheckActs(
-            quantizers(acts.assign(widths, preset)),
-            quantizers(acts.assign(a, preset)),
-            act_bits=a,
-            act_choices=ACT_BITS if joint_table else None,
-        )
-        solution, check = bench.check_against_uniform(solution, table_cost, uniform_w, check_acts)
-        kept = check is not None and check["kept"] == "uniform"
-        if kept:
-            widths = dict.fromkeys(widths, a)
+        widths = bench.site_widths(solution, act_bits, a)
         module = bench.quantize(bench.plan(solution.bits, {}))
         metric = bench.evaluate(module, quantizers(acts.assign(widths, preset)))[primary]
+        kept = check is not None and check["kept"] == "uniform"
         return metric, solution.bits, widths, " (uniform kept)" if kept else ""
 
     @functools.cache
-    def joint(preset: str, match: str) -> tuple[float, dict[str, int], dict[str, int], str]:
+    def joint(preset: str, match: str) -> tuple[float, dict[str, int], int | dict[str, int], str]:
         """The joint W/A plan at the size and BOPs of uniform `match` with `preset`'s
         quantizers, as a job returns it (see `checked`)."""
         joint_cost = acts.joint_cost(cost, bench.spec.bits, errors, ACT_BITS, preset)

@@ -10,7 +10,7 @@ from allocator import costs
 from allocator.act_plan import ActivationBench, quantizers
 from allocator.budget import ResolvedBudget
 from allocator.layers import build_layer_table
-from allocator.pipeline import JobSpec, UniformCheckActs, Workbench
+from allocator.pipeline import JobSpec, Workbench
 from allocator.solve import solve, uniform_bits_for
 from allocator.weight_rules import fp32_outputs
 from allocator.zoo.base import LoadedModel
@@ -84,14 +84,15 @@ def test_with_activations_each_plan_is_checked_with_its_own_and_uniform_takes_it
     bench.activations = acts
     widths = (4, 8)
     budget = ResolvedBudget(size_bits=bench.table.uniform_storage_bits(4))
-    cost = np.tile([1.0, 1.0, 0.5, 0.5, 0.0, 0.0], (len(bench.table), 1))
-    cost[bench.table.names.index("2")] = 0.0
+    # Columns (w, a) weight-major: 8-bit inputs cost a little more, layer "2" is free to crush.
+    cost = np.tile([1.0, 1.1, 0.5, 0.6, 0.0, 0.1], (len(bench.table), 1))
+    cost[bench.table.names.index("2")] = [0.0, 0.1, 0.0, 0.1, 0.0, 0.1]
     solution = solve(bench.table, BITS, cost, budget, act_bits=widths)
+    assert set(solution.act_bits.values()) == {4}
     mixed = quantizers(acts.assign(4, "baseline"))
     uniform = quantizers(acts.assign(8, "baseline"))
-    check_acts = UniformCheckActs(mixed, uniform, act_bits=8, act_choices=widths)
 
-    checked, check = bench.check_against_uniform(solution, cost, 4, check_acts)
+    checked, check = bench.check_against_uniform(solution, cost, 4, widths, 8, "baseline")
 
     assert check is not None
     assert check["mixed"] == bench.holdout_divergence(solution.bits, mixed)
