@@ -350,11 +350,11 @@ def serve_command(
     servers); with BITPLAN_EXECUTOR=celery it queues them for `bitplan worker`."""
     import uvicorn
 
-    from service.settings import Settings
+    from workers.settings import WorkerSettings
 
     # Options travel to the API processes through the environment they inherit.
     os.environ["BITPLAN_INLINE_WORKERS"] = str(workers)
-    roots = [*Settings().allowed_input_roots, *(allow_path or [])]
+    roots = [*WorkerSettings.from_env().allowed_input_roots, *(allow_path or [])]
     os.environ["BITPLAN_ALLOWED_INPUT_ROOTS"] = json.dumps([str(root) for root in roots])
     uvicorn.run(
         "service.app:create_app",

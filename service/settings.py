@@ -43,12 +43,6 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         default=1 * MIB, ge=1, description="Limit for every body that is not an upload."
     )
-    allowed_input_roots: list[Path] = Field(
-        default_factory=list,
-        description=(
-            "Server folders whose files a job may name by path; anything else must be uploaded."
-        ),
-    )
 
     webhook_secret: SecretStr = SecretStr("")
     webhook_allowed_hosts: list[str] = Field(
@@ -73,3 +67,9 @@ class Settings(BaseSettings):
     @property
     def artifact_root(self) -> Path:
         return self.home / "artifacts"
+
+    @property
+    def allowed_input_roots(self) -> tuple[Path, ...]:
+        """`BITPLAN_ALLOWED_INPUT_ROOTS`, read by the workers' rules: the API refuses at submit
+        what a worker would refuse where it opens the file."""
+        return self.workers.allowed_input_roots

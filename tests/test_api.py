@@ -13,7 +13,7 @@ import pickle
 import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -360,7 +360,7 @@ def test_server_paths_need_an_allowed_root(
     response = client.post("/v1/jobs", headers=acme, json=_job(str(outside)))
     assert response.status_code == 422
     assert "allowed roots" in response.json()["detail"]
-    settings.allowed_input_roots.append(tmp_path)
+    settings.workers = replace(settings.workers, allowed_input_roots=(tmp_path,))
     assert client.post("/v1/jobs", headers=acme, json=_job(str(outside))).status_code == 202
 
 

@@ -9,11 +9,15 @@ Never import FastAPI, torch or Celery here: the service imports this to choose a
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import TypeVar
+
+from allocator.limits import Limits
 
 INTERACTIVE_QUEUE = "interactive"
 BATCH_QUEUE = "batch"
@@ -45,6 +49,18 @@ class WorkerSettings:
     sweep_seconds: float = 10.0
     poll_seconds: float = 1.0
     job_time_limit: float = 6 * 3600.0
+    max_dataset_bytes: int = Limits.max_dataset_bytes
+    max_job_memory_bytes: int = Limits.max_job_memory_bytes
+    allowed_input_roots: tuple[Path, ...] = ()
+    """Server folders whose files a job may name by path (anything else must be uploaded);
+    checked where the file is opened, so a worker refuses what the API would have refused."""
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            max_dataset_bytes=self.max_dataset_bytes,
+            max_job_memory_bytes=self.max_job_memory_bytes,
+        )
 
     @property
     def heartbeat_seconds(self) -> float:
@@ -81,6 +97,15 @@ class WorkerSettings:
             job_time_limit=_parse(
                 environ, "BITPLAN_JOB_TIME_LIMIT", _positive, defaults.job_time_limit
             ),
+            max_dataset_bytes=_parse(
+                environ, "BITPLAN_MAX_DATASET_BYTES", _positive_int, defaults.max_dataset_bytes
+            ),
+            max_job_memory_bytes=_parse(
+                environ, "BITPLAN_MAX_JOB_MEMORY", _positive_int, defaults.max_job_memory_bytes
+            ),
+            allowed_input_roots=_parse(
+                environ, "BITPLAN_ALLOWED_INPUT_ROOTS", _paths, defaults.allowed_input_roots
+            ),
         )
 
 
@@ -96,6 +121,17 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise ValueError("must be at least 1")
     return value
+
+
+def _paths(text: str) -> tuple[Path, ...]:
+    """A JSON list of folders (what `bitplan serve --allow-path` writes), or one folder."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = [text]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError("must be a JSON list of folders")
+    return tuple(Path(item).expanduser().resolve() for item in value)
 
 
 def _parse(environ: Mapping[str, str], name: str, parse: Callable[[str], T], default: T) -> T:
