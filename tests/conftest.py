@@ -21,6 +21,9 @@ from sqlalchemy import make_url
 
 from allocator.zoo import load_model
 
+pytest_plugins = ("tests.api_app",)
+"""The HTTP API fixtures (settings, client, acme, globex, calib_ref) for every test module."""
+
 POSTGRES_ADMIN_URL_ENV = "BITPLAN_TEST_POSTGRES_URL"
 DEFAULT_POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 

@@ -14,7 +14,6 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, replace
-from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ import pytest
 import redis
 import torch
 from fastapi.testclient import TestClient
-from pydantic import SecretStr
 from safetensors.torch import save
 
 from allocator.layers import Layer
@@ -34,76 +32,9 @@ from db.repositories import ProfileKey
 from service.app import create_app
 from service.settings import Settings
 from service.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
+from tests.api_app import LATER, UPLOAD_LIMIT, WEBHOOK_SECRET, job_body, key_for, npz_bytes, upload
 from workers.record import profile_key
 from workers.settings import ExecutorKind, WorkerSettings
-
-WEBHOOK_SECRET = "test-webhook-secret"
-UPLOAD_LIMIT = 64 * 1024
-LATER = (datetime.now(UTC) + timedelta(days=365)).isoformat()
-"""A not-before time that keeps a job queued for the whole test run."""
-
-
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(
-        home=tmp_path / "home",
-        workers=WorkerSettings(poll_seconds=0.2, sweep_seconds=5.0),
-        max_upload_bytes=UPLOAD_LIMIT,
-        max_request_bytes=16 * 1024,
-        webhook_secret=SecretStr(WEBHOOK_SECRET),
-        webhook_backoff_seconds=0.05,
-        webhook_attempts=3,
-    )
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as test_client:
-        yield test_client
-
-
-def _key(client: TestClient, tenant: str) -> dict[str, str]:
-    with client.app.state.session_factory() as session:
-        key = repositories.create_api_key(session, tenant=tenant)
-    return {"Authorization": f"Bearer {key}"}
-
-
-@pytest.fixture
-def acme(client: TestClient) -> dict[str, str]:
-    return _key(client, "acme")
-
-
-@pytest.fixture
-def globex(client: TestClient) -> dict[str, str]:
-    return _key(client, "globex")
-
-
-def _saved_safetensors(tensors: dict[str, torch.Tensor]) -> bytes:
-    return save(tensors)
-
-
-def _npz_bytes(count: int = 4) -> bytes:
-    buffer = io.BytesIO()
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, size=(count, 32, 32, 3), dtype=np.uint8)
-    np.savez(buffer, images=images, labels=np.arange(count) % 10)
-    return buffer.getvalue()
-
-
-def _upload(client: TestClient, headers: dict[str, str], kind: str, name: str, data: bytes) -> Any:
-    return client.post(f"/v1/{kind}", headers=headers, files={"file": (name, data)})
-
-
-@pytest.fixture
-def calib_ref(client: TestClient, acme: dict[str, str]) -> str:
-    response = _upload(client, acme, "datasets", "calib.npz", _npz_bytes())
-    assert response.status_code == 201, response.text
-    return response.json()["ref"]
-
-
-def _job(calib: str, **spec: Any) -> dict[str, Any]:
-    return {"spec": {"model": "zoo:cifar_resnet20", "calib": calib, **spec}, "not_before": LATER}
-
 
 # --- auth and tenants ----------------------------------------------------------------------------
 
@@ -139,7 +70,7 @@ def test_a_revoked_key_is_refused_once_its_cache_entry_expires(
 
 def test_without_the_key_cache_revocation_is_immediate(settings: Settings) -> None:
     with TestClient(create_app(settings.model_copy(update={"key_cache_seconds": 0}))) as client:
-        acme = _key(client, "acme")
+        acme = key_for(client, "acme")
         assert client.get("/v1/jobs", headers=acme).status_code == 200
         _revoke(client, acme, "acme")
         assert client.get("/v1/jobs", headers=acme).status_code == 401
@@ -148,7 +79,7 @@ def test_without_the_key_cache_revocation_is_immediate(settings: Settings) -> No
 def test_a_tenant_sees_only_its_own_objects(
     client: TestClient, acme: dict[str, str], globex: dict[str, str], calib_ref: str
 ) -> None:
-    job = client.post("/v1/jobs", headers=acme, json=_job(calib_ref)).json()
+    job = client.post("/v1/jobs", headers=acme, json=job_body(calib_ref)).json()
     for method, path in (
         ("GET", f"/v1/jobs/{job['id']}"),
         ("POST", f"/v1/jobs/{job['id']}/cancel"),
@@ -159,7 +90,7 @@ def test_a_tenant_sees_only_its_own_objects(
         assert client.request(method, path, headers=globex).status_code == 404, path
     assert client.get("/v1/jobs", headers=globex).json()["jobs"] == []
     # Another tenant's upload cannot be named in a job either.
-    response = client.post("/v1/jobs", headers=globex, json=_job(calib_ref))
+    response = client.post("/v1/jobs", headers=globex, json=job_body(calib_ref))
     assert response.status_code == 422
     assert "upload the file first" in response.json()["detail"]
     assert client.get(f"/v1/jobs/{job['id']}", headers=acme).json()["status"] == "queued"
@@ -169,9 +100,9 @@ def test_a_tenant_sees_only_its_own_objects(
 
 
 def test_uploads_are_deduplicated_by_content(client: TestClient, acme: dict[str, str]) -> None:
-    data = _saved_safetensors({"weight": torch.arange(12, dtype=torch.float32).view(3, 4)})
-    first = _upload(client, acme, "models", "w.safetensors", data)
-    again = _upload(client, acme, "models", "renamed.safetensors", data)
+    data = save({"weight": torch.arange(12, dtype=torch.float32).view(3, 4)})
+    first = upload(client, acme, "models", "w.safetensors", data)
+    again = upload(client, acme, "models", "renamed.safetensors", data)
     assert (first.status_code, again.status_code) == (201, 200)
     assert first.json()["id"] == again.json()["id"]
     assert first.json()["size"] == len(data)
@@ -181,12 +112,12 @@ def test_uploads_are_deduplicated_by_content(client: TestClient, acme: dict[str,
 def test_a_torch_state_dict_is_accepted(client: TestClient, acme: dict[str, str]) -> None:
     buffer = io.BytesIO()
     torch.save({"state_dict": {"weight": torch.ones(2, 2)}}, buffer)
-    response = _upload(client, acme, "models", "w.pth", buffer.getvalue())
+    response = upload(client, acme, "models", "w.pth", buffer.getvalue())
     assert response.status_code == 201, response.text
 
 
 def test_upload_above_the_limit_is_413(client: TestClient, acme: dict[str, str]) -> None:
-    response = _upload(client, acme, "datasets", "big.npz", b"\0" * (UPLOAD_LIMIT + 1))
+    response = upload(client, acme, "datasets", "big.npz", b"\0" * (UPLOAD_LIMIT + 1))
     assert response.status_code == 413
     assert str(UPLOAD_LIMIT) in response.json()["detail"]
 
@@ -233,7 +164,7 @@ def test_a_pickle_that_runs_code_is_refused_and_nothing_runs(
         ("evil.pt", _torch_saved({"weight": _Marker(marker)})),
         ("evil.pkl.pt", pickle.dumps({"weight": _Marker(marker)})),
     ):
-        response = _upload(client, acme, "models", name, data)
+        response = upload(client, acme, "models", name, data)
         assert response.status_code == 415, response.text
         assert response.json()["error"] == "UnsafeWeights"
         assert "safetensors" in response.json()["detail"]
@@ -247,8 +178,8 @@ def _torch_saved(obj: object) -> bytes:
 
 
 def test_corrupt_safetensors_is_422(client: TestClient, acme: dict[str, str]) -> None:
-    data = _saved_safetensors({"weight": torch.ones(64)})
-    response = _upload(client, acme, "models", "cut.safetensors", data[: len(data) // 2])
+    data = save({"weight": torch.ones(64)})
+    response = upload(client, acme, "models", "cut.safetensors", data[: len(data) // 2])
     assert response.status_code == 422
     assert "not a readable .safetensors file" in response.json()["detail"]
 
@@ -256,11 +187,11 @@ def test_corrupt_safetensors_is_422(client: TestClient, acme: dict[str, str]) ->
 def test_unknown_file_types_and_bad_datasets_are_refused(
     client: TestClient, acme: dict[str, str]
 ) -> None:
-    assert _upload(client, acme, "models", "weights.exe", b"MZ").status_code == 415
-    assert _upload(client, acme, "datasets", "data.parquet", b"PAR1").status_code == 415
+    assert upload(client, acme, "models", "weights.exe", b"MZ").status_code == 415
+    assert upload(client, acme, "datasets", "data.parquet", b"PAR1").status_code == 415
     bad = io.BytesIO()
     np.savez(bad, pixels=np.zeros((2, 4)))
-    response = _upload(client, acme, "datasets", "calib.npz", bad.getvalue())
+    response = upload(client, acme, "datasets", "calib.npz", bad.getvalue())
     assert response.status_code == 422
     assert "images" in response.json()["detail"]
     response = client.post("/v1/models", headers=acme, json={"file": "x"})
@@ -273,7 +204,7 @@ def test_unknown_file_types_and_bad_datasets_are_refused(
 def test_submit_answers_202_with_location(
     client: TestClient, acme: dict[str, str], calib_ref: str
 ) -> None:
-    response = client.post("/v1/jobs", headers=acme, json=_job(calib_ref, budget="avg-bits=3"))
+    response = client.post("/v1/jobs", headers=acme, json=job_body(calib_ref, budget="avg-bits=3"))
     assert response.status_code == 202, response.text
     job = response.json()
     assert response.headers["Location"] == f"/v1/jobs/{job['id']}"
@@ -291,14 +222,16 @@ def test_idempotency_key_returns_the_first_job(
     client: TestClient, acme: dict[str, str], calib_ref: str
 ) -> None:
     headers = {**acme, "Idempotency-Key": "nightly-42"}
-    first = client.post("/v1/jobs", headers=headers, json=_job(calib_ref))
-    again = client.post("/v1/jobs", headers=headers, json=_job(calib_ref))
+    first = client.post("/v1/jobs", headers=headers, json=job_body(calib_ref))
+    again = client.post("/v1/jobs", headers=headers, json=job_body(calib_ref))
     assert (first.status_code, again.status_code) == (202, 200)
     assert first.json()["id"] == again.json()["id"]
-    changed = client.post("/v1/jobs", headers=headers, json=_job(calib_ref, budget="avg-bits=3"))
+    changed = client.post(
+        "/v1/jobs", headers=headers, json=job_body(calib_ref, budget="avg-bits=3")
+    )
     assert changed.status_code == 409
     assert "different" in changed.json()["detail"]
-    moved = client.post("/v1/jobs", headers=headers, json={**_job(calib_ref), "priority": 5})
+    moved = client.post("/v1/jobs", headers=headers, json={**job_body(calib_ref), "priority": 5})
     assert moved.status_code == 409
     assert len(client.get("/v1/jobs", headers=acme).json()["jobs"]) == 1
 
@@ -307,7 +240,8 @@ def test_listing_pages_by_cursor_and_filters_by_status(
     client: TestClient, acme: dict[str, str], calib_ref: str
 ) -> None:
     ids = [
-        client.post("/v1/jobs", headers=acme, json=_job(calib_ref)).json()["id"] for _ in range(5)
+        client.post("/v1/jobs", headers=acme, json=job_body(calib_ref)).json()["id"]
+        for _ in range(5)
     ]
     client.post(f"/v1/jobs/{ids[0]}/cancel", headers=acme)
     seen, cursor = [], None
@@ -326,7 +260,7 @@ def test_listing_pages_by_cursor_and_filters_by_status(
 
 
 def test_cancel_a_queued_job(client: TestClient, acme: dict[str, str], calib_ref: str) -> None:
-    job = client.post("/v1/jobs", headers=acme, json=_job(calib_ref)).json()
+    job = client.post("/v1/jobs", headers=acme, json=job_body(calib_ref)).json()
     response = client.post(f"/v1/jobs/{job['id']}/cancel", headers=acme)
     assert response.status_code == 202
     assert response.json()["status"] == "cancelled"
@@ -339,14 +273,14 @@ def test_cancel_a_queued_job(client: TestClient, acme: dict[str, str], calib_ref
 def test_a_bad_budget_is_422_saying_what_to_write(
     client: TestClient, acme: dict[str, str], calib_ref: str
 ) -> None:
-    response = client.post("/v1/jobs", headers=acme, json=_job(calib_ref, budget="avg-bitz=4"))
+    response = client.post("/v1/jobs", headers=acme, json=job_body(calib_ref, budget="avg-bitz=4"))
     assert response.status_code == 422
     body = response.json()
     assert body["error"] == "BadBudget"
     assert "avg-bits=4" in body["detail"] and "size-mb=" in body["detail"]
-    method = client.post("/v1/jobs", headers=acme, json=_job(calib_ref, method="vibes"))
+    method = client.post("/v1/jobs", headers=acme, json=job_body(calib_ref, method="vibes"))
     assert method.status_code == 422 and "lrp" in method.json()["detail"]
-    model = client.post("/v1/jobs", headers=acme, json=_job(calib_ref, model="nope:x"))
+    model = client.post("/v1/jobs", headers=acme, json=job_body(calib_ref, model="nope:x"))
     assert model.status_code == 422 and "zoo" in model.json()["detail"]
     typo = client.post("/v1/jobs", headers=acme, json={"spec": {"model": "zoo:x", "calibb": "y"}})
     assert typo.status_code == 422
@@ -356,12 +290,12 @@ def test_server_paths_need_an_allowed_root(
     client: TestClient, acme: dict[str, str], settings: Settings, tmp_path: Path
 ) -> None:
     outside = tmp_path / "calib.npz"
-    outside.write_bytes(_npz_bytes())
-    response = client.post("/v1/jobs", headers=acme, json=_job(str(outside)))
+    outside.write_bytes(npz_bytes())
+    response = client.post("/v1/jobs", headers=acme, json=job_body(str(outside)))
     assert response.status_code == 422
     assert "allowed roots" in response.json()["detail"]
     settings.workers = replace(settings.workers, allowed_input_roots=(tmp_path,))
-    assert client.post("/v1/jobs", headers=acme, json=_job(str(outside))).status_code == 202
+    assert client.post("/v1/jobs", headers=acme, json=job_body(str(outside))).status_code == 202
 
 
 def _layer(name: str, params: int, pinned: int | None = None) -> dict[str, Any]:
@@ -404,14 +338,14 @@ def test_an_infeasible_budget_is_422_naming_the_smallest_size(
         )
     _profile(client, "acme", profile_key(spec, None, upload.sha256))
     response = client.post(
-        "/v1/jobs", headers=acme, json=_job(calib_ref, method="fisher", budget="avg-bits=1.5")
+        "/v1/jobs", headers=acme, json=job_body(calib_ref, method="fisher", budget="avg-bits=1.5")
     )
     assert response.status_code == 422
     body = response.json()
     assert body["error"] == "InfeasibleBudget"
     assert "smallest feasible size" in body["detail"]
     assert body["smallest_feasible_bits"] == 100 * 8 + 4400 * 2 + 3 * 4 * 16
-    feasible = _job(calib_ref, method="fisher", budget="avg-bits=4")
+    feasible = job_body(calib_ref, method="fisher", budget="avg-bits=4")
     assert client.post("/v1/jobs", headers=acme, json=feasible).status_code == 202
 
 
@@ -522,7 +456,7 @@ def test_webhook_is_signed_and_retried(
     client: TestClient, acme: dict[str, str], calib_ref: str, receiver: ThreadingHTTPServer
 ) -> None:
     url = f"http://127.0.0.1:{receiver.server_port}/hook"
-    job = client.post("/v1/jobs", headers=acme, json={**_job(calib_ref), "callback_url": url})
+    job = client.post("/v1/jobs", headers=acme, json={**job_body(calib_ref), "callback_url": url})
     assert job.status_code == 202, job.text
     client.post(f"/v1/jobs/{job.json()['id']}/cancel", headers=acme)
     client.app.state.notifier.close()  # waits for the delivery in flight
@@ -539,7 +473,7 @@ def test_webhook_is_signed_and_retried(
 def test_callback_hosts_are_limited(
     client: TestClient, acme: dict[str, str], calib_ref: str
 ) -> None:
-    body = {**_job(calib_ref), "callback_url": "http://169.254.169.254/latest/meta-data"}
+    body = {**job_body(calib_ref), "callback_url": "http://169.254.169.254/latest/meta-data"}
     response = client.post("/v1/jobs", headers=acme, json=body)
     assert response.status_code == 422
     assert "not allowed" in response.json()["detail"]
