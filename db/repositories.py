@@ -606,6 +606,19 @@ def revoke_api_key(session: Session, *, tenant: str, prefix: str) -> bool:
     return bool(revoked)
 
 
+def list_api_keys(
+    session: Session, *, tenant: str | None = None, prefix: str | None = None
+) -> list[ApiKey]:
+    """Keys oldest first, revoked ones included, optionally of one tenant or with one prefix:
+    for operators, who identify a key by its prefix (the row holds no key, only its hash)."""
+    query = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
+    if tenant is not None:
+        query = query.where(ApiKey.tenant == tenant)
+    if prefix is not None:
+        query = query.where(ApiKey.prefix == prefix)
+    return list(session.scalars(query))
+
+
 # --- uploads -------------------------------------------------------------------------------------
 
 
@@ -634,6 +647,26 @@ def add_upload(
 
 def get_upload(session: Session, *, tenant: str, upload_id: str) -> Upload | None:
     return session.scalar(select(Upload).where(Upload.id == upload_id, Upload.tenant == tenant))
+
+
+# --- usage: what the tenant quotas count ---------------------------------------------------------
+
+
+def count_active_jobs(session: Session, *, tenant: str) -> int:
+    """The tenant's queued and running jobs."""
+    live = select(func.count()).where(Job.tenant == tenant, Job.status.in_(_LIVE_STATUSES))
+    return int(session.scalar(live.select_from(Job)))
+
+
+def stored_bytes(session: Session, *, tenant: str) -> int:
+    """Bytes the tenant keeps on the server: its uploads plus its jobs' artifacts."""
+    uploads = select(func.coalesce(func.sum(Upload.size), 0)).where(Upload.tenant == tenant)
+    artifacts = (
+        select(func.coalesce(func.sum(Artifact.size), 0))
+        .join(Job, Job.id == Artifact.job_id)
+        .where(Job.tenant == tenant)
+    )
+    return int(session.scalar(select(uploads.scalar_subquery() + artifacts.scalar_subquery())))
 
 
 # --- profiles ------------------------------------------------------------------------------------

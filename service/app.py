@@ -30,6 +30,7 @@ from service.api.routes import ROUTERS
 from service.auth import KeyCache
 from service.errors import STATUS_BY_ERROR, error_body, status_for
 from service.middleware import BodyLimit, Metrics
+from service.quotas import FailedAuthentications, RequestRate
 from service.settings import Settings
 from service.webhooks import JobNotifier
 from workers.executor import make_executor
@@ -85,6 +86,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.executor = executor
     app.state.notifier = notifier
     app.state.key_cache = KeyCache(settings.key_cache_seconds)
+    app.state.request_rate = RequestRate(settings.rate_limit_per_second, settings.rate_limit_burst)
+    app.state.failed_authentications = FailedAuthentications(settings.auth_failures_per_minute)
     app.state.registry = CollectorRegistry()
 
     for error_class in STATUS_BY_ERROR:
@@ -97,7 +100,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 async def _error_response(_request: Request, error: Exception) -> JSONResponse:
-    return JSONResponse(error_body(error), status_code=status_for(error))
+    # An error may carry response headers (Retry-After), as Starlette's HTTPException does.
+    return JSONResponse(
+        error_body(error), status_code=status_for(error), headers=getattr(error, "headers", None)
+    )
 
 
 def _body_limit(settings: Settings) -> Callable[[str], int]:

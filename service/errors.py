@@ -26,6 +26,7 @@ from allocator.errors import (
     WeightsMismatch,
 )
 from db.repositories import IdempotencyConflict, InvalidCursor
+from service.quotas import StoredBytesQuotaExceeded, Throttled
 
 
 class BadReference(BitplanError):
@@ -56,6 +57,9 @@ STATUS_BY_ERROR: dict[type[Exception], HTTPStatus] = {
     BitplanError: HTTPStatus.UNPROCESSABLE_ENTITY,
     IdempotencyConflict: HTTPStatus.CONFLICT,
     InvalidCursor: HTTPStatus.BAD_REQUEST,
+    # Rate limits and the job quota pass with time (Retry-After); stored bytes do not.
+    Throttled: HTTPStatus.TOO_MANY_REQUESTS,
+    StoredBytesQuotaExceeded: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
 }
 
 

@@ -64,6 +64,37 @@ class Settings(BaseSettings):
         default=10.0, gt=0, description="Upper bound on a profile re-solve's solver time."
     )
 
+    # --- quotas and rate limits (service.quotas): what one key, address or tenant may take ---
+    rate_limit_per_second: float = Field(
+        default=50.0,
+        gt=0,
+        description="Requests per second one API key may send to one API process (429 above).",
+    )
+    rate_limit_burst: int = Field(
+        default=100,
+        ge=1,
+        description="Requests one API key may send at once before the rate holds.",
+    )
+    auth_failures_per_minute: int = Field(
+        default=20,
+        ge=1,
+        description="Failed keys one client address may present per minute; then its unknown "
+        "keys are refused (429) without asking the database until the minute has passed.",
+    )
+    max_active_jobs_per_tenant: int = Field(
+        default=1000, ge=1, description="Queued plus running jobs per tenant (429 above)."
+    )
+    max_stored_bytes_per_tenant: int = Field(
+        default=50 * 1024 * MIB,
+        ge=1,
+        description="Upload plus artifact bytes per tenant; uploads are refused (413) above it.",
+    )
+    metrics_token: SecretStr = Field(
+        default=SecretStr(""),
+        description="The bearer token /metrics asks for instead of an API key; empty means any "
+        "valid API key opens it.",
+    )
+
     @property
     def artifact_root(self) -> Path:
         return self.home / "artifacts"
