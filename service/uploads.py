@@ -4,7 +4,9 @@ A file is read by the same code a worker will use (`allocator.zoo.weights.load_s
 `allocator.data.load_dataset`), on a private copy, before it enters the artifact store: a pickle
 that needs code is refused by the restricted unpickler without running anything, and a corrupt
 file is refused now instead of failing a job later. Readers pick the format by suffix, so the
-copy keeps the client's suffix and the upload row keeps its file name.
+copy keeps the client's suffix and the upload row keeps its file name. A dataset is read under the
+operator's `Limits`, the same bound a worker applies, so a decompression bomb is refused from its
+headers before it costs the API any memory. Errors name the client's file, never the private copy.
 
 Never imports FastAPI: the size limit is enforced on the request stream (`service.middleware.BodyLimit`),
 and this module sees a finished file.
@@ -23,6 +25,8 @@ from sqlalchemy.orm import Session
 
 from allocator.data import load_dataset
 from allocator.data.readers import IMAGE_SUFFIXES, PAIR_SUFFIXES
+from allocator.errors import BitplanError
+from allocator.limits import Limits
 from allocator.zoo.weights import load_state_dict
 from db import repositories
 from db.models import Upload, UploadKind
@@ -32,6 +36,7 @@ from service.errors import UnsupportedFormat
 MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".th", ".bin", ".ckpt")
 DATASET_SUFFIXES = IMAGE_SUFFIXES + PAIR_SUFFIXES
 MAX_FILENAME = 255
+DEFAULT_LIMITS = Limits()
 
 
 @dataclass(frozen=True)
@@ -40,17 +45,26 @@ class UploadFormat:
     something else."""
 
     suffixes: tuple[str, ...]
-    read: Callable[[Path], Any]
+    read: Callable[[Path, Limits], Any]
     hint: str
+
+
+def _read_model(path: Path, limits: Limits) -> Any:
+    """`Limits` bounds no weights file: the request body limit is what bounds an upload of them."""
+    return load_state_dict(path)
+
+
+def _read_dataset(path: Path, limits: Limits) -> Any:
+    return load_dataset(path, max_bytes=limits.max_dataset_bytes)
 
 
 FORMATS = {
     UploadKind.MODEL: UploadFormat(
-        MODEL_SUFFIXES, load_state_dict, "a .safetensors file, or a torch.save of a state dict"
+        MODEL_SUFFIXES, _read_model, "a .safetensors file, or a torch.save of a state dict"
     ),
     UploadKind.DATASET: UploadFormat(
         DATASET_SUFFIXES,
-        load_dataset,
+        _read_dataset,
         "an .npz of images (images, labels) or an STS-B style .csv/.tsv",
     ),
 }
@@ -65,6 +79,7 @@ def accept_upload(
     source: BinaryIO,
     filename: str | None,
     scratch: Path,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> tuple[Upload, bool]:
     """Validate, store and record one file; returns the upload and whether it is new."""
     name = "".join(char for char in Path(filename or "").name if char.isprintable())
@@ -75,7 +90,7 @@ def accept_upload(
         copy = Path(folder) / f"file{suffix}"
         with copy.open("wb") as target:
             shutil.copyfileobj(source, target, CHUNK_SIZE)
-        FORMATS[kind].read(copy)
+        _validate(kind, copy, name, limits)
         stored = store.put_file(copy)
     return repositories.add_upload(
         session,
@@ -86,6 +101,17 @@ def accept_upload(
         uri=stored.uri,
         filename=name,
     )
+
+
+def _validate(kind: UploadKind, copy: Path, name: str, limits: Limits) -> None:
+    """The readers name the file they read, here a private copy under the server's home; the
+    client knows its file by `name`, and the server's folders are none of its business. Only
+    one-message errors (`BadDataset`, `WeightsMismatch`, `UnsafeWeights`) come from the readers,
+    so each is raised again as its own type."""
+    try:
+        FORMATS[kind].read(copy, limits)
+    except BitplanError as exc:
+        raise type(exc)(str(exc).replace(str(copy), name)) from None
 
 
 def _suffix(kind: UploadKind, name: str) -> str:

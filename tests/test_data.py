@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import tracemalloc
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +24,10 @@ from allocator.data import (
     evaluate,
     holdout_batches,
     load_dataset,
+    readers,
 )
 from allocator.data.evaluate import kl_divergence, top1
+from allocator.data.readers import BOMB_RATIO, DatasetTooLarge
 from allocator.errors import BadDataset
 from allocator.zoo import LoadedModel
 
@@ -154,7 +160,32 @@ def _npy(array: np.ndarray):
     return write
 
 
+def _zip(name: str, content: bytes, method: int = zipfile.ZIP_STORED) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        with zipfile.ZipFile(path, "w", compression=method) as archive:
+            archive.writestr(name, content)
+
+    return write
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _npy_header(shape: tuple[int, ...], descr: str = "|u1") -> bytes:
+    buffer = io.BytesIO()
+    header = {"descr": descr, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue()
+
+
 GOOD_IMAGES = np.zeros((2, 4, 4, 3), dtype=np.uint8)
+BOMB_SHAPE = (100, 1000, 1000, 3)
+"""300 MB of zeros declared; np.savez_compressed stores them in about 300 KB."""
+ALLOCATION_CEILING = 20 * 1024 * 1024
+"""What refusing a dataset may allocate at its peak: far below any declared size tested here."""
 ROW = "g\tf\t2012\t1\t{score}\tone\ttwo\n"
 
 
@@ -172,6 +203,14 @@ ROW = "g\tf\t2012\t1\t{score}\tone\ttwo\n"
         ("count.npz", _npz(images=GOOD_IMAGES, labels=np.array([1])), "1 labels for 2 images"),
         ("floatlabels.npz", _npz(images=GOOD_IMAGES, labels=np.array([0.0, 1.0])), "integers"),
         ("negative.npz", _npz(images=GOOD_IMAGES, labels=np.array([0, -1])), "negative"),
+        ("object.npz", _npz(images=np.array([None, 1], dtype=object)), "Python objects"),
+        (
+            "bzip2.npz",
+            _zip("images.npy", _npy_bytes(GOOD_IMAGES), zipfile.ZIP_BZIP2),
+            "compression method",
+        ),
+        ("lying.npz", _zip("images.npy", _npy_header((2, 4, 4, 3)) + bytes(8)), "do not match"),
+        ("member.npz", _zip("images.npy", b"not an array"), "not a readable .npz archive"),
         ("few.tsv", _text("a\tb\t5.0\tx\n"), "line 1 has 4 tab-separated fields"),
         ("score.csv", _text(ROW.format(score="1") + ROW.format(score="high")), "line 2"),
         ("nan.csv", _text(ROW.format(score="nan")), "expected a number"),
@@ -191,6 +230,120 @@ def test_bad_datasets_raise_one_line_naming_the_file(
     assert fragment in message
     assert str(path) in message
     assert "\n" not in message
+
+
+def _refused(path: Path, **limits: int) -> tuple[BadDataset, int]:
+    """The error reading `path` raises and the peak of what was allocated meanwhile."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadDataset) as info:
+            load_dataset(path, **limits)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return info.value, peak
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("bomb") / "bomb.npz"
+    np.savez_compressed(path, images=np.zeros(BOMB_SHAPE, dtype=np.uint8))
+    return path
+
+
+def test_a_compression_bomb_is_refused_from_its_headers_without_allocating(bomb: Path) -> None:
+    declared = math.prod(BOMB_SHAPE)
+    assert bomb.stat().st_size * BOMB_RATIO < declared
+
+    error, peak = _refused(bomb)
+
+    assert peak < ALLOCATION_CEILING < declared
+    assert f"{BOMB_RATIO}:1 compression ratio" in str(error)
+    assert str(bomb) in str(error)
+
+
+def test_a_header_declaring_more_than_the_archive_holds_is_refused_without_allocating(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "liar.npz"
+    _zip("images.npy", _npy_header(BOMB_SHAPE) + bytes(64))(path)
+
+    error, peak = _refused(path)
+
+    assert peak < ALLOCATION_CEILING
+    assert "(100, 1000, 1000, 3)" in str(error) and "do not match" in str(error)
+
+
+def test_a_dataset_declaring_more_than_max_bytes_is_too_large(tmp_path: Path) -> None:
+    path = tmp_path / "set.npz"
+    np.savez(path, images=GOOD_IMAGES, labels=np.array([0, 1]))
+    declared = sum(info.file_size for info in zipfile.ZipFile(path).infolist())
+
+    with pytest.raises(DatasetTooLarge) as info:
+        load_dataset(path, max_bytes=declared - 1)
+
+    assert f"limit of {declared - 1} bytes" in str(info.value)
+    assert str(path) in str(info.value)
+    assert len(load_dataset(path, max_bytes=declared)) == 2
+
+
+def test_a_sentence_file_above_max_bytes_is_too_large(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.tsv"
+    path.write_text(ROW.format(score="1") * 3, encoding="utf-8")
+    size = path.stat().st_size
+
+    with pytest.raises(DatasetTooLarge, match=f"limit of {size - 1} bytes"):
+        load_dataset(path, max_bytes=size - 1)
+    assert len(load_dataset(path, max_bytes=size)) == 3
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_bytes_named_npz_say_how_to_save_without_mentioning_pickles(
+    tmp_path: Path, seed: int
+) -> None:
+    path = tmp_path / "random.npz"
+    path.write_bytes(np.random.default_rng(seed).bytes(256))
+
+    with pytest.raises(BadDataset) as info:
+        load_dataset(path)
+
+    message = str(info.value)
+    assert "np.savez(path, images=..., labels=...)" in message
+    assert "pickle" not in message.lower()
+
+
+@pytest.mark.parametrize(
+    ("limit", "value", "content", "fragment"),
+    [
+        ("MAX_LINE_CHARS", 40, ROW.format(score="1") + "x" * 41 + "\n", "line 2 is longer than 40"),
+        ("MAX_PAIR_LINES", 3, ROW.format(score="1") * 4, "line 4 is past the limit of 3 lines"),
+    ],
+)
+def test_sentence_files_beyond_the_line_limits_are_refused_naming_the_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    limit: str,
+    value: int,
+    content: str,
+    fragment: str,
+) -> None:
+    monkeypatch.setattr(readers, limit, value)
+    path = tmp_path / "pairs.tsv"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(BadDataset, match=fragment):
+        load_dataset(path)
+
+
+def test_a_sentence_file_without_line_ends_is_refused_without_reading_it_whole(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "one-line.tsv"
+    path.write_text("x" * ALLOCATION_CEILING, encoding="utf-8")
+
+    error, peak = _refused(path)
+
+    assert peak < ALLOCATION_CEILING / 4
+    assert "line 1 is longer than" in str(error)
 
 
 def test_datasets_built_in_memory_are_checked_too() -> None:

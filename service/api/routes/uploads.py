@@ -87,6 +87,7 @@ async def _upload(
             source=file.file,
             filename=file.filename,
             scratch=settings.home / "tmp",
+            limits=settings.workers.limits,
         )
     response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
     return UploadOut.of(upload)
