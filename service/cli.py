@@ -8,11 +8,11 @@ fails on bad input leaves everything already stored untouched.
 Errors a user can fix print one line and exit 2.
 
 `bitplan serve` is the API with inline workers in one process; `bitplan worker` a Celery worker;
-`bitplan keys create` prints an API key. `bitplan submit` takes `run`'s options (declared once,
-below) and queues the job on a server instead, uploading local files first; `status`, `wait` and
-`fetch` follow it there. A refusal by the server exits 2, a job that failed or was cancelled 1,
-an unreachable server 3. The service modules are imported by the commands that use them, so
-`bitplan run` never loads the web stack.
+`bitplan keys create|list|revoke` manage API keys. `bitplan submit` takes `run`'s options
+(declared once, below) and queues the job on a server instead, uploading local files first;
+`status`, `wait` and `fetch` follow it there. A refusal by the server exits 2, a job that failed
+or was cancelled 1, an unreachable server 3. The service modules are imported by the commands
+that use them, so `bitplan run` never loads the web stack.
 """
 
 from __future__ import annotations
@@ -39,6 +39,10 @@ from allocator.errors import BitplanError
 from allocator.pipeline import PHASES, JobSpec, run
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
+    from sqlalchemy.orm import Session
+
     from service.client import BitplanClient
 
 app = typer.Typer(add_completion=False, help="Mixed-precision bit allocation for PyTorch models.")
@@ -380,6 +384,22 @@ def worker_command(
     start_worker(queue or QUEUES, concurrency)
 
 
+@contextmanager
+def _service_database() -> Iterator[Session]:
+    """A session on the database the service's settings name (`BITPLAN_DATABASE_URL`, else the
+    SQLite file under `BITPLAN_HOME`): the keys commands act on what the API reads."""
+    from db.session import default_url, init_db, make_session_factory
+    from service.settings import Settings
+
+    settings = Settings()
+    engine = init_db(settings.database_url or default_url(settings.home))
+    try:
+        with make_session_factory(engine)() as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
 @keys_app.command("create")
 def keys_create_command(
     tenant: Annotated[str, typer.Option(help="who the key acts for")],
@@ -387,14 +407,63 @@ def keys_create_command(
 ) -> None:
     """Print a new API key; it is shown this once (only its hash is stored)."""
     from db import repositories
-    from db.session import default_url, init_db, make_session_factory
-    from service.settings import Settings
 
-    settings = Settings()
-    engine = init_db(settings.database_url or default_url(settings.home))
-    with make_session_factory(engine)() as session:
+    with _service_database() as session:
         typer.echo(repositories.create_api_key(session, tenant=tenant, name=name))
-    engine.dispose()
+
+
+@keys_app.command("list")
+def keys_list_command(
+    tenant: Annotated[str | None, typer.Option(help="only this tenant's keys")] = None,
+) -> None:
+    """One line per key: prefix, tenant, name, created, revoked (never the key or its hash)."""
+    from db import repositories
+
+    with _service_database() as session:
+        keys = repositories.list_api_keys(session, tenant=tenant)
+    typer.echo(f"{'PREFIX':<10} {'TENANT':<20} {'NAME':<20} {'CREATED':<20} REVOKED")
+    for key in keys:
+        revoked = _minutes(key.revoked_at) if key.revoked_at else "-"
+        typer.echo(
+            f"{key.prefix:<10} {key.tenant:<20} {key.name or '-':<20} "
+            f"{_minutes(key.created_at):<20} {revoked}"
+        )
+
+
+@keys_app.command("revoke")
+def keys_revoke_command(
+    prefix: Annotated[str, typer.Argument(help="the key's prefix, as `bitplan keys list` shows")],
+    tenant: Annotated[
+        str | None, typer.Option(help="the key's tenant, if two tenants have the prefix")
+    ] = None,
+) -> None:
+    """Revoke an active key: API processes refuse it once their key cache forgets it
+    (`BITPLAN_KEY_CACHE_SECONDS`)."""
+    from db import repositories
+
+    with _user_errors(), _service_database() as session:
+        active = [
+            key
+            for key in repositories.list_api_keys(session, tenant=tenant, prefix=prefix)
+            if key.revoked_at is None
+        ]
+        tenants = sorted({key.tenant for key in active})
+        if not tenants:
+            raise BitplanError(
+                f"no active key with prefix {prefix!r}"
+                + (f" for tenant {tenant!r}" if tenant else "")
+                + "; see `bitplan keys list`"
+            )
+        if len(tenants) > 1:
+            raise BitplanError(
+                f"keys of tenants {', '.join(tenants)} have prefix {prefix!r}; pass --tenant"
+            )
+        repositories.revoke_api_key(session, tenant=tenants[0], prefix=prefix)
+    typer.echo(f"revoked {prefix} of tenant {tenants[0]}")
+
+
+def _minutes(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
 
 
 @app.command("submit")

@@ -488,7 +488,7 @@ def test_health_readiness_and_metrics(client: TestClient, acme: dict[str, str]) 
     assert ready.status_code == 200
     assert ready.json()["checks"] == {"database": "ok"}
     client.get(f"/v1/jobs/{uuid.uuid4()}", headers=acme)
-    metrics = client.get("/metrics")
+    metrics = client.get("/metrics", headers=acme)
     assert metrics.headers["content-type"].startswith("text/plain")
     assert (
         'bitplan_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"} 1.0'

@@ -4,12 +4,15 @@ executor, the webhook notifier and the caller's tenant, as `Annotated` aliases s
 Everything comes from `app.state`, filled once by `service.app.create_app`, so two apps in one
 process (tests) never share state. Authentication lives here: a route that takes `TenantDep`
 is closed to callers without a valid key, and every repository call it makes is scoped to that
-tenant, which is what keeps tenants from seeing each other's objects.
+tenant, which is what keeps tenants from seeing each other's objects. The per-key rate limit and
+the failed-key throttle per client address (`service.quotas`) are applied here too, so every
+authenticated route has them.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import hmac
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Path, Request, status
@@ -20,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import repositories
 from db.store import ArtifactStore
 from service.auth import KeyCache
+from service.quotas import FailedAuthentications, RequestRate
 from service.schemas import ID_PATTERN, ErrorOut
 from service.settings import Settings
 from service.webhooks import JobNotifier
@@ -102,33 +106,84 @@ async def get_tenant(
     read: ReaderDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> str:
-    """The tenant of the presented key; 401 for a missing, malformed, unknown or revoked one.
+    """The tenant of the presented key; 401 for a missing, malformed, unknown or revoked one,
+    429 for a key over its request rate or an address with too many failed keys.
 
-    A key verified moments ago is answered on the event loop; only a miss goes to a pool thread
-    for the database (each thread hop costs about as much as the status query itself)."""
-    tenant = None
-    if credentials is not None:
-        key = credentials.credentials
-        cache: KeyCache = request.app.state.key_cache
-        tenant = cache.get(key)
-        if tenant is None:
-            tenant = await read(lambda session: repositories.verify_api_key(session, key))
-            if tenant is not None:
-                cache.put(key, tenant)
+    A key verified moments ago is answered on the event loop, its rate check a dictionary
+    update; only a miss goes to a pool thread for the database (each thread hop costs about as
+    much as the status query itself), and not at all from an address that keeps failing."""
+    if credentials is None:
+        raise _unauthorized()
+    key = credentials.credentials
+    cache: KeyCache = request.app.state.key_cache
+    tenant = cache.get(key)
     if tenant is None:
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            detail="missing or invalid API key; send 'Authorization: Bearer <key>'",
-            headers={"WWW-Authenticate": "Bearer"},
+        tenant = await _authenticated(
+            request, key, lambda: read(lambda session: repositories.verify_api_key(session, key))
         )
+        cache.put(key, tenant)
+    rate: RequestRate = request.app.state.request_rate
+    rate.take(tenant, key)
     return tenant
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
+
+
+async def require_metrics_reader(
+    request: Request,
+    read: ReaderDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> None:
+    """/metrics shows every tenant's traffic: with `metrics_token` set only that token opens
+    it (tenants' keys do not), else any valid API key does."""
+    token = request.app.state.settings.metrics_token.get_secret_value()
+    if not token:
+        await get_tenant(request, read, credentials)
+        return
+    if credentials is None:
+        raise _unauthorized()
+    presented = credentials.credentials
+
+    async def matches() -> bool | None:
+        return hmac.compare_digest(presented.encode(), token.encode()) or None
+
+    await _authenticated(request, presented, matches)
+
+
+async def _authenticated(
+    request: Request, key: str, verify: Callable[[], Awaitable[T | None]]
+) -> T:
+    """What `verify()` finds for a presented key, 401 if nothing; failures are counted per
+    client address, and an address over its limit is refused before `verify` runs."""
+    failures: FailedAuthentications = request.app.state.failed_authentications
+    address = request.client.host if request.client else "unknown"
+    failures.check(address, key)
+    found = await verify()
+    if found is None:
+        failures.failed(address, key)
+        raise _unauthorized()
+    failures.succeeded(key)
+    return found
+
+
+def _unauthorized() -> HTTPException:
+    return HTTPException(
+        status.HTTP_401_UNAUTHORIZED,
+        detail="missing or invalid API key; send 'Authorization: Bearer <key>'",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
 UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
-    status.HTTP_401_UNAUTHORIZED: {"model": ErrorOut, "description": "Missing or invalid API key."}
+    status.HTTP_401_UNAUTHORIZED: {"model": ErrorOut, "description": "Missing or invalid API key."},
+    status.HTTP_429_TOO_MANY_REQUESTS: {
+        "model": ErrorOut,
+        "description": "The key is over its request rate, the address has sent too many bad "
+        "keys, or the tenant has too many active jobs; retry after `Retry-After` seconds.",
+    },
 }
-"""Documented on every router whose routes take `TenantDep`."""
+"""Documented on every router whose routes take `TenantDep` (and on `/metrics`)."""
 
 JobId = Annotated[str, Path(pattern=ID_PATTERN, description="A job id (UUID).")]
 ProfileId = Annotated[str, Path(pattern=ID_PATTERN, description="A profile id (UUID).")]

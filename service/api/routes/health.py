@@ -1,4 +1,7 @@
-"""`/healthz`, `/readyz` and `/metrics`: what orchestrators and Prometheus poll, no auth.
+"""`/healthz`, `/readyz` and `/metrics`: what orchestrators and Prometheus poll.
+
+The probes are open; `/metrics` tells every tenant's traffic, so it takes a bearer token: the
+operator's `BITPLAN_METRICS_TOKEN` if set, else any valid API key.
 
 `/healthz` says the process answers (restart it if not); `/readyz` says it can do its work, so a
 load balancer sends traffic only while the database (and, distributed, the broker) answers.
@@ -10,11 +13,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import redis
-from fastapi import APIRouter, Request, Response, status
+from fastapi import APIRouter, Depends, Request, Response, status
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import Engine
 
-from service.api.deps import SettingsDep
+from service.api.deps import UNAUTHORIZED, SettingsDep, require_metrics_reader
 from workers.settings import ExecutorKind
 
 router = APIRouter(tags=["health"])
@@ -46,7 +49,8 @@ def readyz(request: Request, response: Response, settings: SettingsDep) -> dict[
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+    dependencies=[Depends(require_metrics_reader)],
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, **UNAUTHORIZED},
     summary="Prometheus metrics",
 )
 def metrics(request: Request) -> Response:

@@ -32,6 +32,7 @@ from service.api.deps import (
 )
 from service.errors import NotReady
 from service.inputs import check_spec
+from service.quotas import check_active_jobs
 from service.schemas import (
     RESULT_EXAMPLE,
     ArtifactOut,
@@ -139,6 +140,7 @@ def create_job(
 ) -> JobOut:
     """202 with `Location: /v1/jobs/{id}`; poll that, or give a `callback_url`."""
     callback_url = str(request.callback_url) if request.callback_url else None
+    check_active_jobs(session, tenant, settings, adding=1)
     check_request(session, tenant, settings, request.spec, callback_url)
     job, created = enqueue(
         session,

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Response, status
 from allocator.pipeline import JobSpec
 from service.api.deps import UNAUTHORIZED, ExecutorDep, SessionDep, SettingsDep, TenantDep
 from service.api.routes.jobs import REJECTED, IdempotencyKey, check_request, enqueue
+from service.quotas import check_active_jobs
 from service.schemas import JobOut, SweepModel, SweepOut, SweepRequest
 from workers.settings import BATCH_QUEUE
 
@@ -38,6 +39,7 @@ def create_sweep(
 ) -> SweepOut:
     specs = _specs(request)
     callback_url = str(request.callback_url) if request.callback_url else None
+    check_active_jobs(session, tenant, settings, adding=len(specs))
     for spec in specs:
         check_request(session, tenant, settings, spec, callback_url)
     submitted = [

@@ -16,6 +16,7 @@ from starlette.datastructures import UploadFile
 from db.models import UploadKind
 from service.api.deps import UNAUTHORIZED, SessionDep, SettingsDep, StoreDep, TenantDep
 from service.errors import UnsupportedFormat
+from service.quotas import check_stored_bytes, declared_bytes
 from service.schemas import ErrorOut, UploadOut
 from service.uploads import FORMATS, accept_upload
 
@@ -72,6 +73,8 @@ async def _upload(
     store: StoreDep,
     settings: SettingsDep,
 ) -> UploadOut:
+    incoming = declared_bytes(request.headers)
+    await run_in_threadpool(check_stored_bytes, session, tenant, settings, incoming)
     async with request.form(max_files=1, max_fields=1) as form:
         file = form.get(FILE_FIELD)
         if not isinstance(file, UploadFile):
