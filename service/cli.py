@@ -377,11 +377,18 @@ def worker_command(
     ] = None,
     concurrency: Annotated[int, typer.Option(help="jobs at once, one process each")] = 1,
 ) -> None:
-    """A Celery worker on $BITPLAN_BROKER_URL and $BITPLAN_DATABASE_URL."""
+    """A Celery worker on $BITPLAN_BROKER_URL and $BITPLAN_DATABASE_URL; it POSTs the callback
+    of every job it ends ($BITPLAN_WEBHOOK_*, the same values as the API's)."""
+    from service.settings import Settings
+    from service.webhooks import JobNotifier
     from workers.celery_app import start_worker
+    from workers.celery_worker import runtime
     from workers.settings import QUEUES
 
-    start_worker(queue or QUEUES, concurrency)
+    # Both open on first use in whichever process ends a job: the worker's database per process
+    # (reset after each fork), the notifier's delivery thread likewise.
+    notifier = JobNotifier.from_settings(Settings(), lambda: runtime.sessions())
+    start_worker(queue or QUEUES, concurrency, on_ended=notifier.notify_ended)
 
 
 @contextmanager

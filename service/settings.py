@@ -11,9 +11,10 @@ Never imports FastAPI, SQLAlchemy, Celery or torch: the CLI and the workers read
 
 from __future__ import annotations
 
+from ipaddress import ip_network
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from db.home import bitplan_home
@@ -46,12 +47,40 @@ class Settings(BaseSettings):
 
     webhook_secret: SecretStr = SecretStr("")
     webhook_allowed_hosts: list[str] = Field(
-        default_factory=lambda: ["127.0.0.1", "localhost", "::1"],
-        description="Hosts a callback URL may name; empty allows every host.",
+        default_factory=list,
+        description="Host names a callback URL may name; empty allows any name. Every address "
+        "a name resolves to must still be public or inside `webhook_allowed_networks`.",
+    )
+    webhook_allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDR networks a callback may reach besides public addresses (e.g. "
+        '["10.20.0.0/16"] for receivers on an internal network); empty allows public only.',
     )
     webhook_attempts: int = Field(default=5, ge=1)
     webhook_backoff_seconds: float = Field(default=1.0, ge=0)
-    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    webhook_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="Total deadline of one attempt: resolving, connecting, sending and the "
+        "receiver's answer, however slowly it trickles in.",
+    )
+    webhook_concurrency_per_tenant: int = Field(
+        default=2,
+        ge=1,
+        description="Attempts in flight at once per tenant, so that one tenant's slow "
+        "receivers only ever delay that tenant's own callbacks.",
+    )
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _networks(cls, networks: list[str]) -> list[str]:
+        """Refuse a malformed CIDR at start-up, naming it, rather than at the first callback."""
+        try:
+            return [str(ip_network(network)) for network in networks]
+        except ValueError as error:
+            raise ValueError(
+                f"BITPLAN_WEBHOOK_ALLOWED_NETWORKS: {error} (give networks such as 10.0.0.0/8)"
+            ) from error
 
     key_cache_seconds: float = Field(
         default=10.0,

@@ -8,13 +8,10 @@ and no test pays for a model pass; the full run over HTTP is in test_api_integra
 from __future__ import annotations
 
 import io
-import json
 import pickle
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +28,7 @@ from db import repositories
 from db.repositories import ProfileKey
 from service.app import create_app
 from service.settings import Settings
-from service.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
-from tests.api_app import LATER, UPLOAD_LIMIT, WEBHOOK_SECRET, job_body, key_for, npz_bytes, upload
+from tests.api_app import LATER, UPLOAD_LIMIT, job_body, key_for, npz_bytes, upload
 from workers.record import profile_key
 from workers.settings import ExecutorKind, WorkerSettings
 
@@ -417,66 +413,6 @@ def test_a_sweep_queues_every_model_at_every_budget(
     bad = client.post("/v1/sweeps", headers=acme, json={**body, "budgets": ["avg-bits=3", "?"]})
     assert bad.status_code == 422
     assert len(client.get("/v1/jobs", headers=acme).json()["jobs"]) == 4
-
-
-# --- webhooks ------------------------------------------------------------------------------------
-
-
-class _Receiver(BaseHTTPRequestHandler):
-    calls: list[tuple[dict[str, str], bytes]]
-    failures_left: int
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.server.calls.append((dict(self.headers), body))  # type: ignore[attr-defined]
-        if self.server.failures_left:  # type: ignore[attr-defined]
-            self.server.failures_left -= 1  # type: ignore[attr-defined]
-            self.send_response(503)
-        else:
-            self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *_args: object) -> None:
-        return None
-
-
-@pytest.fixture
-def receiver() -> Iterator[ThreadingHTTPServer]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
-    server.calls = []  # type: ignore[attr-defined]
-    server.failures_left = 1  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
-def test_webhook_is_signed_and_retried(
-    client: TestClient, acme: dict[str, str], calib_ref: str, receiver: ThreadingHTTPServer
-) -> None:
-    url = f"http://127.0.0.1:{receiver.server_port}/hook"
-    job = client.post("/v1/jobs", headers=acme, json={**job_body(calib_ref), "callback_url": url})
-    assert job.status_code == 202, job.text
-    client.post(f"/v1/jobs/{job.json()['id']}/cancel", headers=acme)
-    client.app.state.notifier.close()  # waits for the delivery in flight
-    calls = receiver.calls  # type: ignore[attr-defined]
-    assert len(calls) == 2, "the first answer was 503, so the call is retried once"
-    headers, body = calls[-1]
-    assert verify(WEBHOOK_SECRET, headers[TIMESTAMP_HEADER], body, headers[SIGNATURE_HEADER])
-    assert not verify("wrong", headers[TIMESTAMP_HEADER], body, headers[SIGNATURE_HEADER])
-    event = json.loads(body)
-    assert event["event"] == "job.finished"
-    assert (event["job"]["id"], event["job"]["status"]) == (job.json()["id"], "cancelled")
-
-
-def test_callback_hosts_are_limited(
-    client: TestClient, acme: dict[str, str], calib_ref: str
-) -> None:
-    body = {**job_body(calib_ref), "callback_url": "http://169.254.169.254/latest/meta-data"}
-    response = client.post("/v1/jobs", headers=acme, json=body)
-    assert response.status_code == 422
-    assert "not allowed" in response.json()["detail"]
 
 
 # --- health, metrics, limits, schema -------------------------------------------------------------

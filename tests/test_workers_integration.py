@@ -51,7 +51,10 @@ from allocator.zoo import load_model
 from db import repositories as repo
 from db.models import Job, JobStatus, Result, utcnow
 from db.session import init_db, make_session_factory
+from service.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
+from tests.api_app import WEBHOOK_SECRET
 from tests.serving import bitplan, free_port, serving, tiny_spec, write_plugins
+from tests.test_webhooks import Receiver
 from workers.executor import CeleryExecutor
 from workers.settings import ExecutorKind, WorkerSettings
 
@@ -154,16 +157,17 @@ class Worker:
     """`start_worker(("interactive", "batch"), 1)` in a process group of its own, so a SIGKILL
     takes its pool children with it, as losing the machine would."""
 
+    command: tuple[str, ...] = (
+        sys.executable,
+        "-c",
+        "from workers.celery_app import start_worker; start_worker(('interactive', 'batch'), 1)",
+    )
+
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
         with log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    "from workers.celery_app import start_worker; "
-                    "start_worker(('interactive', 'batch'), 1)",
-                ],
+                self.command,
                 cwd=REPO_ROOT,
                 env=env,
                 stdout=log,
@@ -472,3 +476,39 @@ def test_a_job_over_http_runs_on_a_celery_worker_and_its_model_loads(
         logits = module.eval()(torch.zeros(2, 3, 32, 32))
     assert logits.shape == (2, 10) and torch.isfinite(logits).all()
     print(f"job over HTTP on a Celery worker: {job.status} in {result['timings']}")
+
+
+class BitplanWorker(Worker):
+    """`bitplan worker` itself, as an operator starts it: with the job-ended hook it wires."""
+
+    command = (sys.executable, "-m", "service.cli", "worker")
+
+
+def test_a_job_a_bitplan_worker_ends_sends_its_signed_webhook(
+    fleet_on: Callable[[str], Fleet], shared_redis: str, plugins: Path, tmp_path: Path
+) -> None:
+    fleet = fleet_on(shared_redis)
+    receiver = Receiver()
+    webhook_env = {
+        "BITPLAN_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "BITPLAN_WEBHOOK_ALLOWED_NETWORKS": '["127.0.0.0/8"]',
+    }
+    fleet.workers.append(BitplanWorker({**fleet.env, **webhook_env}, tmp_path / "bitplan.log"))
+    try:
+        submitted = time.monotonic()
+        job_id = fleet.submit(tiny_spec(plugins), callback_url=receiver.url())
+        job = fleet.wait_ended(job_id)
+        wait_for(
+            lambda: bool(receiver.calls), timeout=30, what=lambda: f"callback ({fleet.logs()})"
+        )
+        seconds = time.monotonic() - submitted
+    finally:
+        receiver.stop()
+
+    assert len(receiver.calls) == 1
+    headers, body = receiver.calls[0]
+    assert verify(WEBHOOK_SECRET, headers[TIMESTAMP_HEADER], body, headers[SIGNATURE_HEADER])
+    event = json.loads(body)
+    assert event["event"] == "job.finished"
+    assert (event["job"]["id"], event["job"]["status"]) == (job_id, job.status.value)
+    print(f"webhook from a bitplan worker: {job.status} job, {seconds:.1f} s after submit")
