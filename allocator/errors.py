@@ -28,6 +28,14 @@ class BadDataset(BitplanError):
     """A dataset file that is corrupt, empty or wrongly shaped."""
 
 
+class BadSpec(BitplanError):
+    """A job option outside its bounds (a width, a sample count, a time limit)."""
+
+
+class BadReference(BitplanError):
+    """A job names an upload the tenant does not own, or a server path it may not read."""
+
+
 class BadBudget(BitplanError):
     """A budget string that cannot be parsed."""
 

@@ -14,6 +14,7 @@ that wants to cancel raises `JobCancelled` from it, which stops the run at the n
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from allocator import costs
+from allocator import costs, memory
 from allocator.act_plan import (
     ACT_QUANTIZERS,
     PROBS_ACT_BITS,
@@ -42,8 +43,9 @@ from allocator.data import (
     holdout_batches,
     load_dataset,
 )
-from allocator.errors import BadBudget, BadDataset, UnknownMethod
+from allocator.errors import BadBudget, BadSpec, UnknownMethod
 from allocator.layers import LayerTable, build_layer_table
+from allocator.limits import Limits
 from allocator.plan import BitPlan, LayerPlan
 from allocator.quant.activation import ACT_BITS, ActQuantizer
 from allocator.report import write_report
@@ -66,6 +68,13 @@ from allocator.zoo.base import Inputs, LoadedModel
 
 Progress = Callable[[str, float, str], None]
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
+WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
+"""Widths a layer's weights may take: `bits` and `pins` choose among these."""
+MAX_PINS = 10_000
+MAX_SEED = 2**32 - 1
+MAX_TEXT = {"model": 2048, "calib": 4096, "weights": 4096, "eval": 4096, "budget": 200}
+"""Longest accepted text per field; the rest are short names checked against their lists."""
+MAX_LAYER_NAME = 512
 FLOAT_ACT_BITS = 32
 """BOPs count float activations at 32 bits."""
 JOINT = "auto"
@@ -129,10 +138,23 @@ class JobSpec:
             values["bits"] = tuple(int(b) for b in values["bits"])
         return cls(**values)
 
-    def validate(self) -> None:
-        """Cheap checks before any model is loaded, so bad input fails in milliseconds."""
+    def validate(self, limits: Limits | None = None) -> None:
+        """Cheap checks before any model is loaded, so bad input fails in milliseconds.
+
+        Every number is bounded (by `limits`, the operator's, where a machine's size decides):
+        a spec is written by a tenant, and a width of 1000 bits, a NaN time limit or a batch of
+        10^12 samples must be refused here, not discovered by a worker running out of memory.
+        """
+        limits = limits or Limits()
+        for name, longest in MAX_TEXT.items():
+            value = getattr(self, name)
+            if value is not None and len(value) > longest:
+                raise BadSpec(f"{name} is longer than {longest} characters; shorten it")
         budget = parse_budget(self.budget)
         parse_method(self.method)
+        _check_widths("bits", self.bits)
+        if len(set(self.bits)) != len(self.bits):
+            raise BadSpec(f"bits {list(self.bits)} lists a width twice; list each once")
         if self.act_bits not in (None, JOINT, *ACT_BITS):
             raise BadBudget(
                 f"activation bits {self.act_bits!r} is not one of "
@@ -141,11 +163,41 @@ class JobSpec:
         act_bits_for(self, budget)
         if self.act_quantizers not in ACT_QUANTIZERS:
             raise UnknownMethod(
-                f"unknown activation quantizers {self.act_quantizers!r}; use one of "
+                f"unknown activation quantizers {str(self.act_quantizers)[:40]!r}; use one of "
                 f"{', '.join(ACT_QUANTIZERS)}"
             )
-        if self.calib_samples < 1 or self.batch_size < 1:
-            raise BadDataset("calib_samples and batch_size must be at least 1")
+        _check_range("calib_samples", self.calib_samples, 1, limits.max_calib_samples)
+        _check_range("batch_size", self.batch_size, 1, limits.max_batch_size)
+        if self.eval_samples is not None:
+            _check_range("eval_samples", self.eval_samples, 1, limits.max_eval_samples)
+        _check_range("seed", self.seed, 0, MAX_SEED)
+        if not (
+            math.isfinite(self.time_limit) and 0 < self.time_limit <= limits.max_solver_seconds
+        ):
+            raise BadSpec(
+                f"time_limit {self.time_limit} is not a number of seconds in "
+                f"(0, {limits.max_solver_seconds:g}]; give a finite positive limit"
+            )
+        if len(self.pins) > MAX_PINS:
+            raise BadSpec(f"{len(self.pins)} pins is above the limit of {MAX_PINS}")
+        for layer, width in self.pins.items():
+            if not layer or len(layer) > MAX_LAYER_NAME:
+                raise BadSpec(f"pin layer names must be 1 to {MAX_LAYER_NAME} characters")
+            _check_widths(f"pin {layer[:80]}", (width,))
+
+
+def _check_widths(what: str, widths: tuple[int, ...]) -> None:
+    allowed = ", ".join(map(str, WEIGHT_BITS))
+    if not widths:
+        raise BadSpec(f"{what} lists no width; give some of {allowed}")
+    for width in widths:
+        if isinstance(width, bool) or width not in WEIGHT_BITS:
+            raise BadSpec(f"{what}: weight width {width!r} is not one of {allowed}")
+
+
+def _check_range(what: str, value: int, low: int, high: int) -> None:
+    if isinstance(value, bool) or not low <= value <= high:
+        raise BadSpec(f"{what} {value} is outside {low}..{high}; give a value in that range")
 
 
 @dataclass
@@ -381,18 +433,28 @@ class Workbench:
             return evaluate(target, self.evalset, self.reference)
 
 
-def prepare(spec: JobSpec, clock: _Clock | None = None, budget: Budget | None = None) -> Workbench:
+def prepare(
+    spec: JobSpec,
+    clock: _Clock | None = None,
+    budget: Budget | None = None,
+    limits: Limits | None = None,
+) -> Workbench:
     """Load, measure the layers and gather the calibration statistics (the budget-free part).
 
-    With `budget`, an infeasible one fails as soon as the layer table is known.
+    With `budget`, an infeasible one fails as soon as the layer table is known. A job whose
+    estimated memory is above `limits` fails before its calibration samples are prepared.
     """
     clock = clock or _Clock(_silent)
+    limits = limits or Limits()
     with clock.phase("load"):
         model = load_model(spec.model, spec.weights)
-        calib = load_dataset(spec.calib)
+        calib = load_dataset(spec.calib, max_bytes=limits.max_dataset_bytes)
+        check_memory(spec, model, calibration_batches(calib, model, 1, 1, spec.seed)[0], limits)
         batches = calibration_batches(calib, model, spec.calib_samples, spec.batch_size, spec.seed)
         evalset = EvalSet(
-            load_dataset(spec.eval) if spec.eval else calib, model, limit=spec.eval_samples
+            load_dataset(spec.eval, max_bytes=limits.max_dataset_bytes) if spec.eval else calib,
+            model,
+            limit=spec.eval_samples,
         )
     with clock.phase("layers"):
         table = build_layer_table(
@@ -424,6 +486,17 @@ def prepare(spec: JobSpec, clock: _Clock | None = None, budget: Budget | None = 
     )
 
 
+def check_memory(spec: JobSpec, model: LoadedModel, sample: Inputs, limits: Limits) -> None:
+    """Refuse the job when its estimated peak memory is above `limits.max_job_memory`."""
+    memory.estimate(
+        model,
+        sample,
+        batch_size=spec.batch_size,
+        samples=spec.calib_samples,
+        widths=len(spec.bits),
+    ).check(limits.max_job_memory)
+
+
 def act_bits_for(spec: JobSpec, budget: Budget) -> int | tuple[int, ...] | None:
     """The activation width a job runs at: asked for, the A of a `match=WxAy` budget, or the
     widths joint allocation chooses from."""
@@ -448,13 +521,20 @@ def _baseline_act_bits(act_bits: int | tuple[int, ...], budget: Budget) -> int:
     return budget.match[1] if budget.match is not None else PROBS_ACT_BITS
 
 
-def run(spec: JobSpec, progress: Progress = _silent, workdir: str | Path | None = None) -> Result:
-    """Run one job end to end; artifacts go to `workdir` when given."""
-    spec.validate()
+def run(
+    spec: JobSpec,
+    progress: Progress = _silent,
+    workdir: str | Path | None = None,
+    limits: Limits | None = None,
+) -> Result:
+    """Run one job end to end within the operator's `limits`; artifacts go to `workdir` when
+    given."""
+    limits = limits or Limits()
+    spec.validate(limits)
     budget = parse_budget(spec.budget)
     torch.manual_seed(spec.seed)
     clock = _Clock(progress)
-    bench = prepare(spec, clock, budget)
+    bench = prepare(spec, clock, budget, limits)
     table = bench.table
     resolved = budget.resolve(table)
     act_bits = act_bits_for(spec, budget)

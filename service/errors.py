@@ -14,9 +14,12 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Any
 
+from allocator.data.readers import DatasetTooLarge
 from allocator.errors import (
     BadBudget,
     BadDataset,
+    BadReference,
+    BadSpec,
     BitplanError,
     InfeasibleBudget,
     JobCancelled,
@@ -27,10 +30,6 @@ from allocator.errors import (
 )
 from db.repositories import IdempotencyConflict, InvalidCursor
 from service.quotas import StoredBytesQuotaExceeded, Throttled
-
-
-class BadReference(BitplanError):
-    """A job names an upload the tenant does not own, or a server path it may not read."""
 
 
 class UnsupportedFormat(BitplanError):
@@ -46,8 +45,10 @@ STATUS_BY_ERROR: dict[type[Exception], HTTPStatus] = {
     UnsafeWeights: HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
     UnsupportedFormat: HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
     WeightsMismatch: HTTPStatus.UNPROCESSABLE_ENTITY,
+    DatasetTooLarge: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
     BadDataset: HTTPStatus.UNPROCESSABLE_ENTITY,
     BadBudget: HTTPStatus.UNPROCESSABLE_ENTITY,
+    BadSpec: HTTPStatus.UNPROCESSABLE_ENTITY,
     InfeasibleBudget: HTTPStatus.UNPROCESSABLE_ENTITY,
     UnknownModel: HTTPStatus.UNPROCESSABLE_ENTITY,
     UnknownMethod: HTTPStatus.UNPROCESSABLE_ENTITY,

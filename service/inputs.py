@@ -2,9 +2,12 @@
 
 A job may name files only as uploads of its own tenant or as paths under the roots the operator
 allowed: anything else would let one tenant read another's files or the server's. The checks
-that need no model are made here (method, budget syntax, model source, file references), and a
-budget is checked against a cached cost table when one matches, which is how an infeasible
-budget is refused with the smallest feasible size before any worker spends time on it.
+that need no model are made here (every spec bound, method, budget syntax, the model reference
+and its options, file references), a model that can be built on the meta device is built there
+to estimate the job's memory, and a budget is checked against a cached cost table when one
+matches, which is how an infeasible budget is refused with the smallest feasible size before
+any worker spends time on it. Workers repeat the path and memory checks where they open files
+and load the model (`workers.record.runnable_spec`, `allocator.pipeline.prepare`).
 """
 
 from __future__ import annotations
@@ -16,26 +19,39 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from allocator.errors import UnknownModel
-from allocator.pipeline import JobSpec
-from allocator.zoo import known_prefixes
+from allocator.errors import BadReference
+from allocator.limits import Limits
+from allocator.memory import image_sample
+from allocator.pipeline import JobSpec, check_memory
+from allocator.zoo import check_ref, meta_model, ref_paths
 from db import repositories
 from db.models import UploadKind
-from service.errors import BadReference
 from service.profiles import solve_budgets
 from service.schemas import ID_PATTERN
-from workers.record import INPUT_KINDS, UPLOAD_REF_PREFIX, file_sha256, profile_key
+from workers.record import (
+    INPUT_KINDS,
+    UPLOAD_REF_PREFIX,
+    confined_path,
+    file_sha256,
+    profile_key,
+)
 
 UPLOAD_ID = re.compile(ID_PATTERN)
 FEASIBILITY_TIME_LIMIT = 1.0
 """Seconds the early budget check may spend; the job itself solves with the spec's limit."""
 
 
-def check_spec(session: Session, tenant: str, spec: JobSpec, allowed_roots: Sequence[Path]) -> None:
-    """Raise the error a worker would raise later, for everything knowable without the model."""
+def check_spec(
+    session: Session, tenant: str, spec: JobSpec, allowed_roots: Sequence[Path], limits: Limits
+) -> None:
+    """Raise the error a worker would raise later, for everything knowable without the model's
+    weights."""
     _check_text(spec.to_dict())
-    spec.validate()
-    _check_model_ref(spec.model, allowed_roots)
+    spec.validate(limits)
+    check_ref(spec.model)
+    for path in ref_paths(spec.model):
+        confined_path(str(path), "model", allowed_roots)
+    _check_memory(spec, limits)
     shas = {
         field: _file_sha256(session, tenant, field, ref, allowed_roots)
         for field in INPUT_KINDS
@@ -48,18 +64,12 @@ def check_spec(session: Session, tenant: str, spec: JobSpec, allowed_roots: Sequ
         solve_budgets(profile.cost_table, [spec.budget], FEASIBILITY_TIME_LIMIT)
 
 
-def _check_model_ref(ref: str, allowed_roots: Sequence[Path]) -> None:
-    """The source must exist; a source that reads a server folder may read only allowed ones."""
-    prefix, _, name = ref.partition(":")
-    prefixes = known_prefixes()
-    if prefix not in prefixes or not name:
-        raise UnknownModel(
-            f"model reference {ref!r} is not <prefix>:<name> with a known prefix; "
-            f"use one of {', '.join(prefixes)} (e.g. zoo:cifar_resnet20)"
-        )
-    path = _server_path(name, "model")
-    if path.exists():
-        _allowed_path(name, "model", allowed_roots)
+def _check_memory(spec: JobSpec, limits: Limits) -> None:
+    """Estimate the job's memory on the meta device, for sources that can build there (image
+    models: timm and the zoo); the worker checks every model again once it is loaded."""
+    model = meta_model(spec.model)
+    if model is not None and model.input_kind == "image":
+        check_memory(spec, model, image_sample(model), limits)
 
 
 def _file_sha256(
@@ -67,7 +77,7 @@ def _file_sha256(
 ) -> str:
     if ref.startswith(UPLOAD_REF_PREFIX):
         return _upload_sha256(session, tenant, field, ref)
-    path = _allowed_path(ref, field, allowed_roots)
+    path = confined_path(ref, field, allowed_roots)
     if not path.is_file():
         raise BadReference(f"{field} {ref!r} is not a file on the server; upload it instead")
     return file_sha256(path)
@@ -89,27 +99,6 @@ def _upload_sha256(session: Session, tenant: str, field: str, ref: str) -> str:
             f"{field} {ref!r} is a {upload.kind.value} upload; upload a {kind.value} to {endpoint}"
         )
     return upload.sha256
-
-
-def _allowed_path(ref: str, field: str, allowed_roots: Sequence[Path]) -> Path:
-    path = _server_path(ref, field)
-    if not any(path.is_relative_to(root.expanduser().resolve()) for root in allowed_roots):
-        raise BadReference(
-            f"{field} {ref!r} is a server path outside the allowed roots; upload the file "
-            f"(POST /v1/models or /v1/datasets) and pass its 'upload:<id>' ref"
-        )
-    return path
-
-
-def _server_path(ref: str, field: str) -> Path:
-    """`ref` as an absolute server path; text no filesystem accepts is a bad reference, not a
-    server error."""
-    try:
-        path = Path(ref).expanduser().resolve()
-        path.exists()
-    except (OSError, ValueError, RuntimeError) as error:
-        raise BadReference(f"{field} {ref!r} is not a usable path ({error})") from None
-    return path
 
 
 def _check_text(value: Any) -> None:

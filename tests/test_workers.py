@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from allocator.errors import BadBudget
 from allocator.pipeline import PHASES, JobSpec, Progress, Result
 from allocator.plan import BitPlan, LayerPlan
+from allocator.zoo import known_prefixes
 from db import repositories as repo
 from db.models import Artifact, Job, JobStatus, utcnow
 from db.models import Result as ResultRow
@@ -37,7 +39,12 @@ TENANT = "tenant-a"
 # profile is keyed by the data's bytes), so it names a file that exists: this one.
 SPEC = {"model": "zoo:cifar_resnet20", "calib": __file__, "budget": "avg-bits=4"}
 WORKER = "host:1:test"
-FAST = WorkerSettings(lease_seconds=3.0, sweep_seconds=0.1, poll_seconds=0.05)
+FAST = WorkerSettings(
+    lease_seconds=3.0,
+    sweep_seconds=0.1,
+    poll_seconds=0.05,
+    allowed_input_roots=(Path(__file__).parent,),
+)
 
 PhaseAction = Callable[[Progress], None]
 
@@ -357,6 +364,7 @@ def inline(
     sessions: sessionmaker[Session], store: ArtifactStore
 ) -> Iterator[Callable[[ScriptedPipeline], InlineExecutor]]:
     started: list[InlineExecutor] = []
+    known_prefixes()  # the workers' path check imports the model sources: not inside a timed test
 
     def start(pipeline: ScriptedPipeline) -> InlineExecutor:
         executor = InlineExecutor(FAST, sessions, store, pipeline=pipeline)
@@ -394,7 +402,7 @@ def test_inline_dispatch_wakes_an_idle_worker(
     sessions: sessionmaker[Session], store: ArtifactStore
 ) -> None:
     executor = InlineExecutor(
-        WorkerSettings(poll_seconds=60.0, sweep_seconds=60.0),
+        replace(FAST, poll_seconds=60.0, sweep_seconds=60.0),
         sessions,
         store,
         pipeline=ScriptedPipeline(),
@@ -525,3 +533,89 @@ def test_a_stale_mark_does_not_hide_a_requeued_job(sessions: sessionmaker[Sessio
         repo.requeue_expired_leases(session, now=utcnow() + timedelta(seconds=1))
         repo.mark_dispatched(session, sent=[read])
     assert pending(sessions) == [job_id]
+
+
+# --- jobs end: time limits, paths a worker opens -------------------------------------------------
+
+
+def test_a_job_past_its_time_limit_stops_at_its_next_progress_call(
+    sessions: sessionmaker[Session], store: ArtifactStore
+) -> None:
+    job_id = submit(sessions)
+    pipeline = ScriptedPipeline({"sensitivity": keeps_reporting(30.0)})
+    status = runner(sessions, store, pipeline, time_limit=0.5).run(job_id)
+
+    job = load(sessions, job_id)
+    assert status is JobStatus.FAILED
+    assert (job.status, job.attempts) == (JobStatus.FAILED, 1)
+    assert "time limit of 0.5 s" in job.error
+    assert "BITPLAN_JOB_TIME_LIMIT" in job.error
+
+
+def test_a_hanging_job_is_failed_and_the_inline_worker_takes_the_next_one(
+    sessions: sessionmaker[Session], store: ArtifactStore
+) -> None:
+    """A call that never returns cannot be interrupted in a thread: the watchdog records the job
+    as failed, stops renewing its lease, and a fresh thread runs the queue on."""
+    release = threading.Event()
+    hanging = ScriptedPipeline({"load": lambda _progress: release.wait(60)})
+    settings = replace(FAST, job_time_limit=1.0, lease_seconds=30.0)
+    executor = InlineExecutor(settings, sessions, store, pipeline=hanging)
+    hung = submit(sessions, priority=10)
+    executor.start()
+    try:
+        assert hanging.entered["load"].wait(10)
+        wait_for(lambda: load(sessions, hung).status is JobStatus.FAILED, timeout=10)
+        assert "time limit" in load(sessions, hung).error
+        hanging.actions.clear()  # the next job runs through
+        after = submit(sessions)
+        executor.dispatch(load(sessions, after))
+        wait_for(ended(sessions, after), timeout=10)
+    finally:
+        release.set()
+        executor.stop(timeout=10)
+    assert load(sessions, hung).status is JobStatus.FAILED  # the late return changed nothing
+
+
+def test_the_heartbeat_stops_renewing_past_the_deadline(
+    sessions: sessionmaker[Session], store: ArtifactStore
+) -> None:
+    job_id = submit(sessions)
+    pipeline = ScriptedPipeline({"solve": stays_silent(2.5)})
+    status = runner(sessions, store, pipeline, lease_seconds=0.6, time_limit=0.3).run(job_id)
+    assert status is JobStatus.FAILED  # the lease ran out: it was not renewed past 0.3 s
+    with sessions() as session:
+        swept = repo.requeue_expired_leases(session)
+    assert job_id not in swept.requeued
+
+
+def test_a_worker_refuses_server_paths_outside_its_allowed_roots(
+    sessions: sessionmaker[Session], store: ArtifactStore, tmp_path: Path
+) -> None:
+    """The API checks paths at submit on its own disk; the worker checks again where it opens
+    them, including an `hf:` folder the API never saw."""
+    outside = tmp_path / "secret.npz"
+    outside.write_bytes(b"x")
+    link = Path(__file__).parent / "link-to-outside.npz"
+    for spec in (
+        {"calib": str(outside)},
+        {"calib": str(Path(__file__).parent / ".." / ".." / "etc" / "hostname")},
+        {"model": f"hf:{tmp_path}"},
+    ):
+        job_id = submit(sessions, spec=spec)
+        pipeline = ScriptedPipeline()
+        assert (
+            runner(sessions, store, pipeline, allowed_roots=FAST.allowed_input_roots).run(job_id)
+            is JobStatus.FAILED
+        )
+        assert "outside the allowed roots" in load(sessions, job_id).error
+        assert pipeline.calls == []
+    try:
+        link.symlink_to(outside)
+        job_id = submit(sessions, spec={"calib": str(link)})
+        runner(sessions, store, ScriptedPipeline(), allowed_roots=FAST.allowed_input_roots).run(
+            job_id
+        )
+        assert "outside the allowed roots" in load(sessions, job_id).error
+    finally:
+        link.unlink(missing_ok=True)

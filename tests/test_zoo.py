@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ from allocator.errors import UnknownModel, UnsafeWeights, WeightsMismatch
 from allocator.layers import weight_layers
 from allocator.zoo import LoadedModel, load_model
 from allocator.zoo.cifar_resnet import CifarResNet
-from allocator.zoo.timm_source import parse_options
+from allocator.zoo.options import Option, parse_options
+from allocator.zoo.timm_source import TIMM_OPTIONS
 from allocator.zoo.weights import load_into, load_state_dict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -89,6 +91,53 @@ def test_unknown_references_say_what_would_work(ref: str, expected: str) -> None
     message = str(info.value)
     assert expected in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("ref", "expected"),
+    [
+        ("timm:resnet18?checkpoint_path=/etc/hostname", "'checkpoint_path' is not accepted"),
+        ("timm:resnet18?pretrained=true", "'pretrained' is not accepted"),
+        ("timm:resnet18?pretrained_cfg_overlay=x", "not accepted"),
+        ("timm:resnet18?cache_dir=tmp", "not accepted"),
+        ("timm:resnet18?global_pool=/etc/hostname", "options never name files"),
+        ("timm:resnet18?num_classes=1000000000", "num_classes=1000000000 is outside 0..100000"),
+        ("timm:vit_tiny_patch16_224?img_size=100000", "img_size=100000 is outside 8..1024"),
+        ("timm:resnet18?drop_rate=nan", "drop_rate=nan is outside 0..1"),
+        ("timm:resnet18?num_classes=2.5", "takes an int"),
+        ("timm:resnet181", "did you mean resnet18"),
+        ("zoo:cifar_resnet21", "cifar_resnet20"),
+    ],
+)
+def test_model_references_are_checked_as_data_without_building(ref: str, expected: str) -> None:
+    """Model references come from tenants: options that open files or allocate without bound
+    are refused by name, before anything is built (the check is what the API runs at submit)."""
+    with pytest.raises(UnknownModel, match=re.escape(expected)):
+        zoo.check_ref(ref)
+    with pytest.raises(UnknownModel):
+        load_model(ref)
+
+
+def test_accepted_options_reach_the_model_and_meta_models_cost_nothing() -> None:
+    ref = "timm:swin_tiny_patch4_window7_224?img_size=32&patch_size=2&window_size=4&embed_dim=16"
+    zoo.check_ref(ref)
+    model = zoo.meta_model(ref)
+    assert model is not None and model.image_size == 32
+    assert {p.device.type for p in model.module.parameters()} == {"meta"}
+    assert zoo.meta_model("hf:minilm") is None  # reads files: no meta build
+
+
+def test_only_hf_folders_are_server_paths() -> None:
+    assert zoo.ref_paths("hf:/data/models/bert") == [Path("/data/models/bert")]
+    assert zoo.ref_paths("hf:minilm") == []
+    assert zoo.ref_paths("timm:resnet18") == []
+
+
+def test_plugin_references_take_no_options(plugin_path: Path) -> None:
+    _write_plugin(plugin_path, "bitplan_test_plugin_opts", "optplug", PLUGIN_SOURCE)
+    with pytest.raises(UnknownModel, match="take no \\?options"):
+        zoo.check_ref("optplug:3?checkpoint_path=/etc/hostname")
+    zoo.check_ref("optplug:3")
 
 
 def _write_plugin(root: Path, module_name: str, prefix: str, body: str) -> None:
@@ -292,10 +341,17 @@ def test_resnet20_fp32_accuracy_matches_the_measured_value() -> None:
 
 
 def test_timm_options_are_typed() -> None:
-    options = parse_options("a=3&b=false&c=0.5&d=avg&e=none&f=True", "timm:x")
-    assert options == {"a": 3, "b": False, "c": 0.5, "d": "avg", "e": None, "f": True}
+    accepted = {
+        "a": Option("int"),
+        "b": Option("bool"),
+        "c": Option("float"),
+        "d": Option("word", words=("avg",)),
+        "f": Option("bool"),
+    }
+    options = parse_options("a=3&b=false&c=0.5&d=avg&f=True", "timm:x", accepted)
+    assert options == {"a": 3, "b": False, "c": 0.5, "d": "avg", "f": True}
     assert type(options["a"]) is int
-    assert parse_options("depths=2,2,6&num_heads=3,6,12", "timm:swin") == {
+    assert parse_options("depths=2,2,6&num_heads=3,6,12", "timm:swin", TIMM_OPTIONS) == {
         "depths": (2, 2, 6),
         "num_heads": (3, 6, 12),
     }

@@ -31,6 +31,7 @@ from workers.celery_app import TASK_NAME, app, settings
 from workers.executor import CeleryExecutor
 from workers.periodic import Periodic
 from workers.runner import JobRunner
+from workers.settings import time_limit_error
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +93,10 @@ def run_job_task(self: Task, job_id: str) -> str | None:
         runtime.store,
         lease_seconds=settings.lease_seconds,
         on_ended=celery_app.job_ended_hook,
-        permanent_errors={
-            SoftTimeLimitExceeded: (
-                f"the job ran past its time limit of {settings.soft_time_limit:.0f} s "
-                "(BITPLAN_JOB_TIME_LIMIT on the workers)"
-            )
-        },
+        permanent_errors={SoftTimeLimitExceeded: time_limit_error(settings.soft_time_limit)},
+        limits=settings.limits,
+        allowed_roots=settings.allowed_input_roots,
+        time_limit=settings.soft_time_limit,
     )
     status = runner.run(job_id)
     return None if status is None else status.value

@@ -4,7 +4,9 @@ One interface with two implementations, chosen by `BITPLAN_EXECUTOR`:
 
 * `InlineExecutor` (the embedded default): worker threads inside the API or CLI process claim
   queued jobs straight from the database (priority, then age; not-before respected), plus a
-  lease sweeper. No broker exists, so `dispatch` only wakes an idle thread.
+  lease sweeper and a watchdog: a thread can't be killed, so a job stuck past its time limit in
+  a call that never returns is failed, its thread abandoned, and a new thread takes the next job.
+  No broker exists, so `dispatch` only wakes an idle thread.
 * `CeleryExecutor`: sends a message carrying only the job id to the job's queue (`interactive`
   or `batch`) on the Redis broker; Celery workers run it (`workers.celery_worker`). Its `sweep`,
   run by every worker, repairs what a broker cannot: jobs requeued after their worker died, jobs
@@ -21,10 +23,12 @@ only sends to Celery never loads torch. Never import FastAPI here.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
@@ -42,7 +46,7 @@ from db.store import ArtifactStore
 from workers.celery_app import TASK_NAME, make_celery
 from workers.hooks import JobEnded, notify_ended
 from workers.periodic import Periodic
-from workers.settings import QUEUES, ExecutorKind, WorkerSettings
+from workers.settings import QUEUES, ExecutorKind, WorkerSettings, time_limit_error
 
 if TYPE_CHECKING:
     from workers.runner import JobRunner, Pipeline
@@ -96,24 +100,35 @@ class InlineExecutor(Executor):
         self.on_ended = on_ended
         self._stopping = threading.Event()
         self._wake = threading.Semaphore(0)
-        prefix = f"{socket.gethostname()}:{os.getpid()}:inline"
-        self._runners = [
-            JobRunner(
-                f"{prefix}-{index}",
-                sessions,
-                store,
-                lease_seconds=settings.lease_seconds,
-                stopping=self._stopping,
-                pipeline=pipeline,
-                on_ended=on_ended,
-            )
-            for index in range(settings.inline_workers)
-        ]
-        self._threads = [
-            threading.Thread(target=self._work, args=(runner,), name=runner.worker_id, daemon=True)
-            for runner in self._runners
+        self._new_runner = functools.partial(
+            JobRunner,
+            sessions=sessions,
+            store=store,
+            lease_seconds=settings.lease_seconds,
+            stopping=self._stopping,
+            pipeline=pipeline,
+            on_ended=on_ended,
+            limits=settings.limits,
+            allowed_roots=settings.allowed_input_roots,
+            time_limit=settings.job_time_limit,
+        )
+        self._prefix = f"{socket.gethostname()}:{os.getpid()}:inline"
+        self._generation = 0
+        self._workers: list[tuple[JobRunner, threading.Thread]] = [
+            self._worker(index) for index in range(settings.inline_workers)
         ]
         self._sweeper = Periodic("bitplan lease sweeper", settings.sweep_seconds, self.sweep)
+
+    @property
+    def _threads(self) -> list[threading.Thread]:
+        return [thread for _runner, thread in self._workers]
+
+    def _worker(self, index: int) -> tuple[JobRunner, threading.Thread]:
+        runner = self._new_runner(f"{self._prefix}-{index}.{self._generation}")
+        thread = threading.Thread(
+            target=self._work, args=(runner,), name=runner.worker_id, daemon=True
+        )
+        return runner, thread
 
     def start(self) -> None:
         for thread in self._threads:
@@ -137,13 +152,44 @@ class InlineExecutor(Executor):
         self._wake.release()
 
     def sweep(self) -> None:
-        """Requeue jobs whose lease expired (a thread of a previous process that died)."""
+        """Replace threads stuck past their job's deadline, then requeue jobs whose lease
+        expired (a thread of a previous process that died)."""
+        self._replace_stuck()
         swept = _requeue_expired(self.sessions, self.on_ended)
         for _ in swept.requeued:
             self._wake.release()
 
+    def _replace_stuck(self) -> None:
+        """A job past its deadline that has not stopped at a progress call is stuck in a call
+        that never returns: record it as failed, abandon its thread (a daemon; if the call
+        ever returns, its progress calls find the job ended and it stops there) and start a
+        new thread so the queue keeps moving."""
+        now = time.monotonic()
+        for index, (runner, _thread) in enumerate(self._workers):
+            attempt = runner.attempt
+            if attempt is None or now <= attempt.deadline or self._stopping.is_set():
+                continue
+            runner.retired = True
+            with self.sessions() as session:
+                status = repositories.fail_job(
+                    session,
+                    job_id=attempt.job_id,
+                    error=time_limit_error(self.settings.job_time_limit),
+                )
+            log.warning(
+                "job %s: stuck past its time limit in %s; recorded as %s, thread replaced",
+                attempt.job_id,
+                runner.worker_id,
+                status or "already ended",
+            )
+            if status is not None:
+                notify_ended(self.on_ended, [attempt.job_id])
+            self._generation += 1
+            self._workers[index] = self._worker(index)
+            self._workers[index][1].start()
+
     def _work(self, runner: JobRunner) -> None:
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and not runner.retired:
             try:
                 with self.sessions() as session:
                     job = repositories.claim_next_job(

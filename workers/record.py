@@ -9,14 +9,16 @@ artifact store); only a worker turns that into a local path, just before running
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from allocator.errors import BitplanError
+from allocator.errors import BadReference, BitplanError
 from allocator.pipeline import JobSpec, Result
 from allocator.profile import file_sha256
+from allocator.zoo import ref_paths
 from db import repositories
 from db.models import Job, Profile, UploadKind
 from db.repositories import ArtifactRecord, ProfileKey, canonical_sha256
@@ -85,17 +87,56 @@ def record_success(
     return payload
 
 
-def runnable_spec(session: Session, store: ArtifactStore, job: Job, folder: Path) -> JobSpec:
+def runnable_spec(
+    session: Session,
+    store: ArtifactStore,
+    job: Job,
+    folder: Path,
+    allowed_roots: Sequence[Path] | None = None,
+) -> JobSpec:
     """The job's spec with every `upload:<id>` replaced by a link in `folder` to the stored file.
 
-    The link keeps the uploaded file's suffix, because readers choose the format by it.
+    The link keeps the uploaded file's suffix, because readers choose the format by it. Every
+    other path the job names (weights, data, an `hf:` folder) must lie under `allowed_roots`,
+    checked here, where the worker opens it: the API checked it at submit, but on its own
+    filesystem, and a folder can appear on a worker that the API never saw. `None` (the CLI's
+    own jobs) checks nothing.
     """
     values = dict(job.spec)
     for field in INPUT_KINDS:
         ref = values.get(field)
         if isinstance(ref, str) and ref.startswith(UPLOAD_REF_PREFIX):
             values[field] = str(_link_upload(session, store, job.tenant, ref, folder))
-    return JobSpec.from_dict(values)
+        elif isinstance(ref, str) and allowed_roots is not None:
+            confined_path(ref, field, allowed_roots)
+    spec = JobSpec.from_dict(values)
+    if allowed_roots is not None:
+        for path in ref_paths(spec.model):
+            confined_path(str(path), "model", allowed_roots)
+    return spec
+
+
+def confined_path(ref: str, field: str, allowed_roots: Sequence[Path]) -> Path:
+    """`ref` as a resolved server path (links followed, `..` gone) under one of the allowed
+    roots, or `BadReference` telling the caller to upload the file instead."""
+    path = _server_path(ref, field)
+    if not any(path.is_relative_to(root.expanduser().resolve()) for root in allowed_roots):
+        raise BadReference(
+            f"{field} {ref!r} is a server path outside the allowed roots; upload the file "
+            f"(POST /v1/models or /v1/datasets) and pass its 'upload:<id>' ref"
+        )
+    return path
+
+
+def _server_path(ref: str, field: str) -> Path:
+    """`ref` as an absolute server path; text no filesystem accepts is a bad reference, not a
+    server error."""
+    try:
+        path = Path(ref).expanduser().resolve()
+        path.exists()
+    except (OSError, ValueError, RuntimeError) as error:
+        raise BadReference(f"{field} {ref!r} is not a usable path ({error})") from None
+    return path
 
 
 def profile_key(spec: JobSpec, weights_sha256: str | None, calib_sha256: str) -> ProfileKey:

@@ -22,13 +22,16 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from allocator.errors import BitplanError, JobCancelled
+from allocator.limits import Limits
 from allocator.pipeline import PHASES, JobSpec, Progress, Result, run
 from db import repositories
 from db.models import TERMINAL_STATUSES, Job, JobStatus
@@ -36,7 +39,7 @@ from db.store import ArtifactStore
 from workers.hooks import JobEnded, notify_ended
 from workers.periodic import Periodic
 from workers.record import record_success, runnable_spec
-from workers.settings import WorkerSettings
+from workers.settings import WorkerSettings, time_limit_error
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ Pipeline = Callable[[JobSpec, Progress, Path], Result]
 """`allocator.pipeline.run`'s shape; replaceable only so tests can drive the lease mechanics."""
 
 DEFAULT_LEASE_SECONDS = WorkerSettings().lease_seconds
+DEFAULT_TIME_LIMIT = WorkerSettings().job_time_limit
 PROGRESS_WRITE_SECONDS = 1.0
 """Progress inside a phase is written at most this often; a phase change is written at once."""
 
@@ -65,6 +69,18 @@ class _Stopping(_Abandoned):
     """This worker is shutting down; the job goes back to the queue uncharged."""
 
 
+class _TimeUp(_Abandoned):
+    """The attempt is past its deadline; the runner records it as failed for good."""
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The job a runner is working on, and when its time is up (monotonic seconds)."""
+
+    job_id: str
+    deadline: float
+
+
 class JobRunner:
     """Runs jobs for one worker identity; one instance serves many jobs, one at a time per
     calling thread."""
@@ -80,18 +96,31 @@ class JobRunner:
         stopping: threading.Event | None = None,
         pipeline: Pipeline | None = None,
         on_ended: JobEnded | None = None,
+        limits: Limits | None = None,
+        allowed_roots: Sequence[Path] | None = None,
+        time_limit: float = DEFAULT_TIME_LIMIT,
     ) -> None:
         """`permanent_errors` maps failures besides `BitplanError` that would happen again on
         every attempt (a time limit) to the error to record; `stopping`, once set, hands
-        running jobs back; `on_ended` hears of every ending this runner records."""
+        running jobs back; `on_ended` hears of every ending this runner records; `limits`
+        and `allowed_roots` bound what a job may make this worker do and read (None: no path
+        check, for the CLI's own jobs); past `time_limit` seconds an attempt stops at its next
+        progress call and its lease is no longer renewed."""
         self.worker_id = worker_id
         self.sessions = sessions
         self.store = store
         self.lease_seconds = lease_seconds
         self.permanent_errors = dict(permanent_errors or {})
         self.stopping = stopping or threading.Event()
-        self.pipeline = pipeline or run
+        self.pipeline = pipeline or partial(run, limits=limits)
         self.on_ended = on_ended
+        self.allowed_roots = allowed_roots
+        self.time_limit = time_limit
+        self.attempt: Attempt | None = None
+        """Read by the inline executor's watchdog, which ends attempts that stopped calling
+        back past their deadline."""
+        self.retired = False
+        """Set by that watchdog: this runner's thread was replaced and takes no more jobs."""
 
     def run(self, job_id: str) -> JobStatus | None:
         """Claim and run the job; a job that is not queued any more is left alone."""
@@ -121,8 +150,9 @@ class JobRunner:
             job.max_attempts,
             self.worker_id,
         )
-        lease = _Lease(job.id, self.worker_id, self.sessions, self.lease_seconds)
-        progress = _ProgressReporter(job.id, self.sessions, lease, self.stopping)
+        self.attempt = Attempt(job.id, time.monotonic() + self.time_limit)
+        lease = _Lease(job.id, self.worker_id, self.sessions, self.lease_seconds, self.attempt)
+        progress = _ProgressReporter(job.id, self.sessions, lease, self.stopping, self.attempt)
         started = time.perf_counter()
         with lease, tempfile.TemporaryDirectory(prefix=f"bitplan-{job.id}-") as workdir:
             try:
@@ -134,6 +164,8 @@ class JobRunner:
                 return job_status(self.sessions, job.id)
             except _Stopping:
                 return self._release(job)
+            except _TimeUp:
+                return self._fail(job, time_limit_error(self.time_limit), retryable=False)
             except JobCancelled:
                 return self._cancel(job, progress.phase)
             except BitplanError as error:
@@ -144,6 +176,8 @@ class JobRunner:
                     return self._fail(job, permanent, retryable=False)
                 log.exception("job %s: attempt %d crashed", job.id, job.attempts)
                 return self._fail(job, f"{type(error).__name__}: {error}", retryable=True)
+            finally:
+                self.attempt = None
 
     def _permanent_error(self, error: Exception) -> str | None:
         return next(
@@ -156,7 +190,7 @@ class JobRunner:
         submitter's error, as final as a `BitplanError`."""
         try:
             with self.sessions() as session:
-                return runnable_spec(session, self.store, job, folder)
+                return runnable_spec(session, self.store, job, folder, self.allowed_roots)
         except (TypeError, ValueError) as error:
             raise InvalidSpec(f"invalid job spec: {error}") from error
 
@@ -236,12 +270,18 @@ class _Lease:
     long phase that never calls back (a solver run, one big layer)."""
 
     def __init__(
-        self, job_id: str, worker_id: str, sessions: sessionmaker[Session], lease_seconds: float
+        self,
+        job_id: str,
+        worker_id: str,
+        sessions: sessionmaker[Session],
+        lease_seconds: float,
+        attempt: Attempt,
     ) -> None:
         self.job_id = job_id
         self.worker_id = worker_id
         self.sessions = sessions
         self.lease_seconds = lease_seconds
+        self.attempt = attempt
         self.lost = threading.Event()
         self._beats = Periodic(f"heartbeat {job_id}", lease_seconds / 3, self._beat)
 
@@ -253,7 +293,9 @@ class _Lease:
         self._beats.stop()
 
     def _beat(self) -> None:
-        if self.lost.is_set():
+        """Renew the lease until the attempt's deadline: past it, a job stuck in a call that
+        never returns lets its lease run out, and the sweeper takes it from this worker."""
+        if self.lost.is_set() or time.monotonic() > self.attempt.deadline:
             return
         with self.sessions() as session:
             held = repositories.heartbeat(
@@ -277,11 +319,13 @@ class _ProgressReporter:
         sessions: sessionmaker[Session],
         lease: _Lease,
         stopping: threading.Event,
+        attempt: Attempt,
     ) -> None:
         self.job_id = job_id
         self.sessions = sessions
         self.lease = lease
         self.stopping = stopping
+        self.attempt = attempt
         self.phase: str | None = None
         self._last_write = 0.0
 
@@ -291,6 +335,8 @@ class _ProgressReporter:
         if self.stopping.is_set():
             raise _Stopping("worker shutting down")
         now = time.monotonic()
+        if now > self.attempt.deadline:
+            raise _TimeUp("past the time limit")
         if phase == self.phase and now - self._last_write < PROGRESS_WRITE_SECONDS:
             return
         self.phase, self._last_write = phase, now

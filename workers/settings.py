@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
@@ -49,18 +49,12 @@ class WorkerSettings:
     sweep_seconds: float = 10.0
     poll_seconds: float = 1.0
     job_time_limit: float = 6 * 3600.0
-    max_dataset_bytes: int = Limits.max_dataset_bytes
-    max_job_memory_bytes: int = Limits.max_job_memory_bytes
+    limits: Limits = field(default_factory=Limits)
+    """What one job may make the machine do (`BITPLAN_MAX_*`), checked by the API at submit
+    and again by the worker that runs the job."""
     allowed_input_roots: tuple[Path, ...] = ()
     """Server folders whose files a job may name by path (anything else must be uploaded);
     checked where the file is opened, so a worker refuses what the API would have refused."""
-
-    @property
-    def limits(self) -> Limits:
-        return Limits(
-            max_dataset_bytes=self.max_dataset_bytes,
-            max_job_memory_bytes=self.max_job_memory_bytes,
-        )
 
     @property
     def heartbeat_seconds(self) -> float:
@@ -97,12 +91,7 @@ class WorkerSettings:
             job_time_limit=_parse(
                 environ, "BITPLAN_JOB_TIME_LIMIT", _positive, defaults.job_time_limit
             ),
-            max_dataset_bytes=_parse(
-                environ, "BITPLAN_MAX_DATASET_BYTES", _positive_int, defaults.max_dataset_bytes
-            ),
-            max_job_memory_bytes=_parse(
-                environ, "BITPLAN_MAX_JOB_MEMORY", _positive_int, defaults.max_job_memory_bytes
-            ),
+            limits=_limits(environ, defaults.limits),
             allowed_input_roots=_parse(
                 environ, "BITPLAN_ALLOWED_INPUT_ROOTS", _paths, defaults.allowed_input_roots
             ),
@@ -121,6 +110,24 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise ValueError("must be at least 1")
     return value
+
+
+def time_limit_error(seconds: float) -> str:
+    """Why a job that ran past the workers' wall-clock limit failed, and what to change."""
+    return (
+        f"the job ran past its time limit of {seconds:g} s (BITPLAN_JOB_TIME_LIMIT on the "
+        "workers); lower calib_samples or eval_samples, or use fewer bits or methods"
+    )
+
+
+def _limits(environ: Mapping[str, str], defaults: Limits) -> Limits:
+    """Each field of `Limits` from `BITPLAN_<FIELD>`, parsed as its default's type."""
+    values = {}
+    for limit in fields(Limits):
+        default = getattr(defaults, limit.name)
+        parse = _positive_int if isinstance(default, int) else _positive
+        values[limit.name] = _parse(environ, f"BITPLAN_{limit.name.upper()}", parse, default)
+    return Limits(**values)
 
 
 def _paths(text: str) -> tuple[Path, ...]:

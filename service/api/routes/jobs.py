@@ -83,7 +83,7 @@ def check_request(
     session: Session, tenant: str, settings: Settings, spec: JobSpec, callback_url: str | None
 ) -> None:
     """Everything that can be refused before a row is written; shared with /v1/sweeps."""
-    check_spec(session, tenant, spec, settings.allowed_input_roots)
+    check_spec(session, tenant, spec, settings.allowed_input_roots, settings.workers.limits)
     if callback_url is not None:
         check_callback_url(callback_url, settings)
 
