@@ -351,6 +351,11 @@ class Deployment:
             "BITPLAN_DATABASE_URL": database_url,
             "BITPLAN_HOME": str(folder / "home"),
             "BITPLAN_ALLOWED_INPUT_ROOTS": json.dumps([str(plugins)]),
+            # One tenant's key sends every request of the load: the per-key rate limit and the
+            # active-jobs quota protect tenants from each other, not the bench from itself.
+            "BITPLAN_RATE_LIMIT_PER_SECOND": "100000",
+            "BITPLAN_RATE_LIMIT_BURST": "100000",
+            "BITPLAN_MAX_ACTIVE_JOBS_PER_TENANT": "1000000",
             "PYTHONPATH": os.pathsep.join([str(plugins), str(REPO_ROOT)]),
             "OMP_NUM_THREADS": "1",
         }

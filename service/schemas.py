@@ -15,7 +15,7 @@ from pydantic import AnyHttpUrl, AwareDatetime, BaseModel, ConfigDict, Field, mo
 
 from allocator.pipeline import JobSpec
 from db.models import Artifact, Job, JobStatus, Profile, Upload, UploadKind
-from workers.record import UPLOAD_REF_PREFIX
+from workers.record import UPLOAD_REF_PREFIX, artifact_url
 from workers.settings import BATCH_QUEUE, INTERACTIVE_QUEUE
 
 Queue = Literal[INTERACTIVE_QUEUE, BATCH_QUEUE]
@@ -176,7 +176,7 @@ class ArtifactOut(BaseModel):
             kind=artifact.kind,
             sha256=artifact.sha256,
             size=artifact.size,
-            url=f"/v1/jobs/{artifact.job_id}/artifacts/{artifact.name}",
+            url=artifact_url(artifact.job_id, artifact.name),
         )
 
 
@@ -192,7 +192,10 @@ RESULT_EXAMPLE: dict[str, Any] = {
     "solver": {"name": "highs", "status": "optimal", "gap": 0.0},
     "metrics": {"primary": "top1", "fp32": {"top1": 81.0}, "quantized": {"top1": 79.9}},
     "timings": {"load": 0.4, "sensitivity": 3.1},
-    "artifacts": {"model": "/data/artifacts/ab/ab12...", "bitplan": "/data/artifacts/cd/cd34..."},
+    "artifacts": {
+        "model": "/v1/jobs/5f0c2a0e-4d7b-4c36-9b57-1c2b8c7f9e11/artifacts/model",
+        "bitplan": "/v1/jobs/5f0c2a0e-4d7b-4c36-9b57-1c2b8c7f9e11/artifacts/bitplan",
+    },
 }
 
 

@@ -75,6 +75,8 @@ def test_a_job_over_http_produces_a_loadable_packed_model(
     assert result["model"] == "zoo:cifar_resnet20"
     assert result["avg_weight_bits"] <= 4.2
     assert result["solver"]["status"] in ("optimal", "feasible")
+    assert result["artifacts"]["model"] == f"/v1/jobs/{job_id}/artifacts/model"
+    assert env["BITPLAN_HOME"] not in json.dumps(result), "no server path in a result"
 
     packed = tmp_path / "resnet20-mixed.safetensors"
     bitplan("fetch", job_id, "model", "-o", str(packed), env=remote)

@@ -8,6 +8,7 @@ over HTTP is in test_api_integration.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import threading
@@ -26,6 +27,7 @@ from typer.testing import CliRunner
 from allocator.pipeline import JobSpec
 from db import repositories
 from db.repositories import ArtifactRecord
+from db.store import sha256_uri
 from service.app import create_app
 from service.cli import app as cli
 from service.client import ApiError, BitplanClient, JobEnded
@@ -141,6 +143,10 @@ def test_client_uploads_submits_and_reads_back(
         client.fetch(job.id, "report", tmp_path / "out" / "report.html")
     assert missing.value.status == 404
     assert not (tmp_path / "out" / "report.html").exists()
+    server.app.state.store.path(sha256_uri(hashlib.sha256(data).hexdigest())).unlink()
+    with pytest.raises(ApiError) as gone:
+        client.fetch(job.id, "model", tmp_path / "out" / "again.safetensors")
+    assert gone.value.status == 410 and "no longer stored" in str(gone.value)
 
 
 def test_wait_raises_for_a_cancelled_job(client: BitplanClient, files: dict[str, Path]) -> None:

@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from allocator.errors import BadBudget
+from allocator.errors import BadBudget, BadDataset
 from allocator.pipeline import PHASES, JobSpec, Progress, Result
 from allocator.plan import BitPlan, LayerPlan
 from allocator.zoo import known_prefixes
@@ -619,3 +619,23 @@ def test_a_worker_refuses_server_paths_outside_its_allowed_roots(
         assert "outside the allowed roots" in load(sessions, job_id).error
     finally:
         link.unlink(missing_ok=True)
+
+
+def test_a_failed_jobs_reason_names_no_server_path(
+    sessions: sessionmaker[Session], store: ArtifactStore
+) -> None:
+    """Library errors quote the files they opened; the stored reason keeps the file name, an
+    upload's ref, and one line, never the folder (a tenant could probe paths through it)."""
+    upload_id = "0b8e3a54-6f1e-4b8e-8a51-3c0f3c9d2f10"
+
+    def missing_upload(_spec: JobSpec, _progress: Progress, workdir: Path) -> Result:
+        raise BadDataset(f"dataset file {workdir.parent}/{upload_id}.npz does not exist")
+
+    def crash(_spec: JobSpec, _progress: Progress, _workdir: Path) -> Result:
+        raise RuntimeError("Error(s) in loading /srv/models/secret/x.th:\nUnexpected key(s)")
+
+    failed, crashed = submit(sessions), submit(sessions)
+    JobRunner(WORKER, sessions, store, pipeline=missing_upload).run(failed)
+    JobRunner(WORKER, sessions, store, pipeline=crash).run(crashed)
+    assert load(sessions, failed).error == f"dataset file upload:{upload_id} does not exist"
+    assert load(sessions, crashed).error == "RuntimeError: Error(s) in loading x.th:"

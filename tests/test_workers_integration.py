@@ -223,6 +223,7 @@ class Fleet:
             "BITPLAN_HOME": str(folder / "home"),
             "BITPLAN_LEASE_SECONDS": str(LEASE_SECONDS),
             "BITPLAN_SWEEP_SECONDS": str(SWEEP_SECONDS),
+            "BITPLAN_ALLOWED_INPUT_ROOTS": json.dumps([str(plugins), str(CIFAR)]),
             "PYTHONPATH": os.pathsep.join([str(plugins), str(REPO_ROOT)]),
         }
         settings = WorkerSettings.from_env(self.env)

@@ -9,6 +9,7 @@ artifact store); only a worker turns that into a local path, just before running
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,30 @@ ARTIFACT_KINDS = {
 }
 
 
+ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/(?:[^\s'\"():,;/]+/)+([^\s'\"():,;/]*)")
+"""An absolute path in free text (not the path part of a URL); group 1 is its last component."""
+UPLOAD_LINK = r"/([0-9a-fA-F-]{36})\.[A-Za-z0-9]+"
+"""How `runnable_spec` names an upload's link inside the job's folder."""
+
+
+def artifact_url(job_id: str, name: str) -> str:
+    """Where the API serves a job's artifact: what results and listings name, never a path."""
+    return f"/v1/jobs/{job_id}/artifacts/{name}"
+
+
+def public_error(text: str, workdir: Path) -> str:
+    """A failed job's reason as a tenant may read it: its first line, uploads named by their
+    `upload:<id>` ref, every other server path cut to its file name.
+
+    Exceptions from libraries quote the files they opened (the job's temp folder, the artifact
+    store, site-packages); a tenant needs to know which of its inputs failed, not where the
+    server keeps it, and a path's existence must not be probed through error texts.
+    """
+    line = next((part for part in text.strip().splitlines() if part.strip()), text.strip())
+    line = re.sub(re.escape(str(workdir)) + UPLOAD_LINK, r"upload:\1", line)
+    return ABSOLUTE_PATH.sub(lambda found: found.group(1) or "(a server folder)", line)
+
+
 def store_artifacts(store: ArtifactStore, files: dict[str, str]) -> list[ArtifactRecord]:
     records = []
     for name, path in files.items():
@@ -67,10 +92,11 @@ def store_artifacts(store: ArtifactStore, files: dict[str, str]) -> list[Artifac
 def record_success(
     session: Session, store: ArtifactStore, job_id: str, result: Result
 ) -> dict[str, Any]:
-    """Store artifacts and the result row; returns the result JSON with stored artifact paths."""
+    """Store artifacts and the result row; returns the result JSON with the stored artifacts'
+    local paths (for the CLI on this machine). The stored result names them by API URL."""
     records = store_artifacts(store, result.artifacts)
     result.job_id = job_id
-    result.artifacts = {r.name: str(store.path(r.uri)) for r in records}
+    result.artifacts = {r.name: artifact_url(job_id, r.name) for r in records}
     tenant = session.get(Job, job_id, populate_existing=True).tenant
     profile = record_profile(session, tenant, result.spec, result.profile)
     payload = {**result.to_json(), "profile_id": profile.id}
@@ -84,7 +110,7 @@ def record_success(
         artifacts=records,
         timings=result.timings,
     )
-    return payload
+    return {**payload, "artifacts": {r.name: str(store.path(r.uri)) for r in records}}
 
 
 def runnable_spec(

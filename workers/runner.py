@@ -38,7 +38,7 @@ from db.models import TERMINAL_STATUSES, Job, JobStatus
 from db.store import ArtifactStore
 from workers.hooks import JobEnded, notify_ended
 from workers.periodic import Periodic
-from workers.record import record_success, runnable_spec
+from workers.record import public_error, record_success, runnable_spec
 from workers.settings import WorkerSettings, time_limit_error
 
 log = logging.getLogger(__name__)
@@ -169,13 +169,15 @@ class JobRunner:
             except JobCancelled:
                 return self._cancel(job, progress.phase)
             except BitplanError as error:
-                return self._fail(job, str(error) or type(error).__name__, retryable=False)
+                reason = public_error(str(error) or type(error).__name__, Path(workdir))
+                return self._fail(job, reason, retryable=False)
             except Exception as error:
                 permanent = self._permanent_error(error)
                 if permanent is not None:
                     return self._fail(job, permanent, retryable=False)
                 log.exception("job %s: attempt %d crashed", job.id, job.attempts)
-                return self._fail(job, f"{type(error).__name__}: {error}", retryable=True)
+                reason = public_error(f"{type(error).__name__}: {error}", Path(workdir))
+                return self._fail(job, reason, retryable=True)
             finally:
                 self.attempt = None
 

@@ -18,6 +18,7 @@ from allocator.pipeline import JobSpec
 from db import repositories
 from db.models import Job, JobStatus
 from db.repositories import IdempotencyConflict
+from db.store import UnknownObject
 from service.api.deps import (
     UNAUTHORIZED,
     ArtifactName,
@@ -238,6 +239,7 @@ async def list_artifacts(job_id: JobId, read: ReaderDep, tenant: TenantDep) -> l
     responses={
         200: {"content": {"application/octet-stream": {}}, "description": "The file."},
         **NOT_FOUND,
+        status.HTTP_410_GONE: {"model": ErrorOut, "description": "The file is gone."},
     },
     summary="Download one artifact (model, bitplan, profile, ...)",
 )
@@ -249,9 +251,16 @@ async def get_artifact(
     )
     if artifact is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} has no artifact {name!r}")
+    try:
+        path = store.path(artifact.uri)
+    except UnknownObject:
+        raise HTTPException(
+            status.HTTP_410_GONE,
+            f"artifact {name!r} of job {job_id} is no longer stored; submit the job again",
+        ) from None
     media_type, suffix = ARTIFACT_MEDIA.get(artifact.kind, ("application/octet-stream", ""))
     return FileResponse(
-        store.path(artifact.uri),
+        path,
         media_type=media_type,
         filename=f"{artifact.name}{suffix}",
         headers={"ETag": f'"{artifact.sha256}"'},
