@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from importlib.metadata import version
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 
@@ -92,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for error_class in STATUS_BY_ERROR:
         app.add_exception_handler(error_class, _error_response)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_middleware(BodyLimit, limit_for=_body_limit(settings))
     app.add_middleware(Metrics, registry=app.state.registry)
     for router in ROUTERS:
@@ -103,6 +105,28 @@ async def _error_response(_request: Request, error: Exception) -> JSONResponse:
     # An error may carry response headers (Retry-After), as Starlette's HTTPException does.
     return JSONResponse(
         error_body(error), status_code=status_for(error), headers=getattr(error, "headers", None)
+    )
+
+
+MAX_PROBLEMS = 10
+
+
+async def _invalid_request(_request: Request, error: RequestValidationError) -> JSONResponse:
+    """422 naming each field that failed and why, one line, without echoing the input.
+
+    FastAPI's own answer repeats every input value: a NaN or Infinity it then cannot write as
+    JSON (a 500, and the connection dropped), and a tenant's 5,000-character string sent back.
+    """
+    problems = [
+        f"{'.'.join(str(part) for part in problem['loc'] if part != 'body') or 'body'}: "
+        f"{problem['msg']}"
+        for problem in error.errors()
+    ]
+    more = f" (and {len(problems) - MAX_PROBLEMS} more)" if len(problems) > MAX_PROBLEMS else ""
+    detail = "; ".join(problems[:MAX_PROBLEMS]) + more
+    return JSONResponse(
+        {"detail": f"invalid request: {detail}", "error": "InvalidRequest"},
+        status_code=422,
     )
 
 

@@ -119,3 +119,23 @@ def test_the_memory_estimate_needs_no_storage_and_matches_the_loaded_model() -> 
     on_meta.check(on_meta.total)
     with pytest.raises(JobTooLarge, match="lower batch_size or calib_samples"):
         on_meta.check(on_meta.total - 1)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    ['"model": NaN', '"pins": Infinity, "method": 1e400', '"bits": "' + "x" * 5000 + '"'],
+)
+def test_malformed_fields_are_422_without_echoing_the_input(
+    client: TestClient, acme: dict[str, str], fields: str
+) -> None:
+    """FastAPI's own validation answer repeats each input: NaN or Infinity cannot be written
+    back as JSON (a 500 and a dropped connection) and a long string comes back whole."""
+    body = f'{{"spec": {{"model": "zoo:cifar_resnet20", "calib": "x", {fields}}}}}'
+    response = client.post(
+        "/v1/jobs", headers={**acme, "Content-Type": "application/json"}, content=body
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "InvalidRequest"
+    assert "spec." in response.json()["detail"]
+    assert len(response.text) < 1000
+    assert _jobs(client) == 0
