@@ -57,7 +57,8 @@ POSTGRES_ADMIN_URL = os.environ.get(
 ACTIVE_JOBS_QUOTA = 5
 STORED_BYTES_QUOTA = 4 << 20
 AUTH_FAILURES_PER_MINUTE = 20
-RATE_BURST = 200
+RATE_PER_SECOND = 5
+RATE_BURST = 50
 LATER = "2999-01-01T00:00:00Z"
 """A not-before that keeps accepted jobs queued: this bench measures refusals, not jobs."""
 
@@ -95,6 +96,7 @@ def main() -> int:
     parser.add_argument("--fuzz", type=int, default=300, help="fuzzed specs to send")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-growth-mb", type=float, default=50.0)
+    parser.add_argument("--out", type=Path, default=OUT, help="where the tables go too")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bitplan-abuse-") as folder, _database() as db:
         root = Path(folder)
@@ -108,8 +110,8 @@ def main() -> int:
             after = _rss_mb(pid)
     report = _report(rows, fuzzed, before, after, args, "PostgreSQL" if db else "SQLite")
     print(report)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(report + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report + "\n")
     failed = [row for row in rows if not row.ok]
     return 1 if failed or _server_errors(fuzzed) or after - before > args.max_growth_mb else 0
 
@@ -154,6 +156,7 @@ def _environment(root: Path, database_url: str | None) -> dict[str, str]:
         "BITPLAN_MAX_ACTIVE_JOBS_PER_TENANT": str(ACTIVE_JOBS_QUOTA),
         "BITPLAN_MAX_STORED_BYTES_PER_TENANT": str(STORED_BYTES_QUOTA),
         "BITPLAN_AUTH_FAILURES_PER_MINUTE": str(AUTH_FAILURES_PER_MINUTE),
+        "BITPLAN_RATE_LIMIT_PER_SECOND": str(RATE_PER_SECOND),
         "BITPLAN_RATE_LIMIT_BURST": str(RATE_BURST),
         "OMP_NUM_THREADS": "1",
     }
@@ -343,12 +346,12 @@ def throttles(target: Target) -> list[Row]:
     the server has not verified yet, which is what it is for."""
     burst = [
         httpx.get(f"{target.url}/v1/jobs?limit=1", headers=target.other)
-        for _ in range(RATE_BURST + 50)
+        for _ in range(RATE_BURST * 3)
     ]
     limited = [r for r in burst if r.status_code == 429]
     rows = [
         Row(
-            f"{len(burst)} GETs in a row on one key (burst {RATE_BURST})",
+            f"{len(burst)} GETs in a row on one key ({RATE_PER_SECOND}/s, burst {RATE_BURST})",
             f"{len(burst) - len(limited)}x200 {len(limited)}x429",
             f"Retry-After {limited[0].headers.get('Retry-After')}: {_message(limited[0])}"
             if limited
@@ -471,9 +474,9 @@ def _fuzz(target: Target, count: int, seed: int) -> Counter[int | str]:
 
 
 def _send(client: httpx.Client, body: str) -> int | str:
-    """The status, after waiting out a 429 once; a dropped connection is counted as a server
+    """The status, after waiting out 429s as told; a dropped connection is counted as a server
     error under its exception's name."""
-    for _attempt in range(2):
+    for _attempt in range(5):
         try:
             response = client.post(
                 "/v1/jobs", content=body, headers={"Content-Type": "application/json"}

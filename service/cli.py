@@ -388,7 +388,9 @@ def worker_command(
     # Both open on first use in whichever process ends a job: the worker's database per process
     # (reset after each fork), the notifier's delivery thread likewise.
     notifier = JobNotifier.from_settings(Settings(), lambda: runtime.sessions())
-    start_worker(queue or QUEUES, concurrency, on_ended=notifier.notify_ended)
+    start_worker(
+        queue or QUEUES, concurrency, on_ended=notifier.notify_ended, on_shutdown=notifier.close
+    )
 
 
 @contextmanager

@@ -18,9 +18,10 @@ Only this package knows Celery exists. Never import FastAPI, SQLAlchemy or torch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from celery import Celery
+from celery.signals import worker_process_shutdown, worker_shutdown
 from kombu import Exchange, Queue
 
 from workers.hooks import JobEnded
@@ -73,6 +74,7 @@ def start_worker(
     *,
     loglevel: str = "INFO",
     on_ended: JobEnded | None = None,
+    on_shutdown: Callable[[], None] | None = None,
 ) -> None:
     """Run a Celery worker in this process until it is stopped (what `bitplan worker` does).
 
@@ -83,7 +85,8 @@ def start_worker(
 
     `on_ended(job_id)` runs in whichever process ended the job (a pool child, or the main
     process's sweeper), after a fork: it must open its own connections and threads on first
-    use in each process, not before calling this.
+    use in each process, not before calling this. `on_shutdown()` runs as each of those
+    processes exits (to finish what `on_ended` started, such as webhook deliveries in flight).
     """
     global job_ended_hook
     unknown = sorted(set(queues) - set(QUEUES))
@@ -92,6 +95,9 @@ def start_worker(
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     job_ended_hook = on_ended
+    if on_shutdown is not None:
+        for signal in (worker_process_shutdown, worker_shutdown):
+            signal.connect(lambda **_: on_shutdown(), weak=False)
     app.worker_main(
         [
             "worker",
