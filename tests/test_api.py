@@ -293,6 +293,15 @@ def test_server_paths_need_an_allowed_root(
     settings.workers = replace(settings.workers, allowed_input_roots=(tmp_path,))
     assert client.post("/v1/jobs", headers=acme, json=job_body(str(outside))).status_code == 202
 
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "escape.npz").symlink_to(outside)
+    settings.workers = replace(settings.workers, allowed_input_roots=(allowed,))
+    for escape in (allowed / ".." / "calib.npz", allowed / "escape.npz"):
+        response = client.post("/v1/jobs", headers=acme, json=job_body(str(escape)))
+        assert response.status_code == 422, escape
+        assert "allowed roots" in response.json()["detail"]
+
 
 def _layer(name: str, params: int, pinned: int | None = None) -> dict[str, Any]:
     return asdict(
