@@ -35,6 +35,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from allocator.data.evaluate import HIGHER_IS_BETTER
 from allocator.errors import BitplanError
 from allocator.pipeline import PHASES, JobSpec, run
 
@@ -280,8 +281,9 @@ def _print_summary(payload: dict) -> None:
         f"weight bytes {payload['weight_bytes']:.0f}  "
         f"solver {payload['solver']['name']} {payload['solver']['status']}"
     )
+    direction = "" if HIGHER_IS_BETTER.get(primary, True) else " (lower is better)"
     out.print(
-        f"{primary}: fp32 {metrics['fp32'][primary]:.2f}  "
+        f"{primary}{direction}: fp32 {metrics['fp32'][primary]:.2f}  "
         f"mixed {metrics['quantized'][primary]:.2f}  "
         + (
             f"uniform W{metrics['uniform']['bits']} {metrics['uniform'][primary]:.2f}"

@@ -20,6 +20,7 @@ from allocator.data import (
     EvalSet,
     ImageSet,
     SentencePairs,
+    TextCorpus,
     calibration_batches,
     evaluate,
     holdout_batches,
@@ -404,8 +405,9 @@ def test_dataset_of_the_wrong_kind_for_the_model_is_refused(build: str) -> None:
     text, pairs = sts_model_and_pairs([1.0, 2.0])
     images = ImageSet(images_brightest_in([0, 1]))
     for dataset, model, fragment in (
-        (images, text.model, "takes text inputs but the dataset holds image"),
-        (pairs, image_model(), "takes image inputs but the dataset holds text"),
+        (images, text.model, "takes text inputs but the dataset holds images; give a .csv"),
+        (pairs, image_model(), "takes image inputs but the dataset holds sentence pairs; give an"),
+        (TextCorpus(["some text"]), image_model(), "holds text; give an .npz of images"),
     ):
         with pytest.raises(BadDataset, match=fragment):
             if build == "calibration":

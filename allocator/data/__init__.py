@@ -1,13 +1,14 @@
 """Datasets for calibration and evaluation: read a file, cut model-ready batches, score outputs.
 
-`load_dataset` reads a file into an `ImageSet` or `SentencePairs`; `calibration_batches` draws a
-seeded sample the model has prepared; `EvalSet` + `evaluate` score any function of the inputs
-(the FP32 model or a quantized variant). Never imports a model source beyond `zoo.base`.
+`load_dataset` reads a file into an `ImageSet`, `SentencePairs` or `TextCorpus`;
+`calibration_batches` draws a seeded sample the model has prepared; `EvalSet` + `evaluate` score
+any function of the inputs (the FP32 model or a quantized variant). Never imports a model source
+beyond `zoo.base`.
 """
 
 from allocator.data.batches import calibration_batches, check_compatible, holdout_batches
 from allocator.data.evaluate import HIGHER_IS_BETTER, EvalSet, evaluate
-from allocator.data.readers import Dataset, ImageSet, SentencePairs, load_dataset
+from allocator.data.readers import Dataset, ImageSet, SentencePairs, TextCorpus, load_dataset
 
 __all__ = [
     "HIGHER_IS_BETTER",
@@ -15,6 +16,7 @@ __all__ = [
     "EvalSet",
     "ImageSet",
     "SentencePairs",
+    "TextCorpus",
     "calibration_batches",
     "check_compatible",
     "evaluate",

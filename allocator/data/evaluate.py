@@ -3,13 +3,17 @@
 A job scores the FP32 model, the mixed-precision model and a uniform baseline, and some costs
 score one variant per layer, so inputs are prepared once (`EvalSet`) and each variant costs one
 batched forward pass. Which metric is "the" quality follows from the data and the task:
-classification top-1 when labels exist, STS Spearman for sentence pairs and an embedding model,
-and otherwise closeness to the FP32 outputs (top-1 agreement and KL for classifiers, MSE for
-embeddings), which needs those outputs as `reference` (get them with `evalset.outputs(model)`).
+perplexity for a causal LM on text (its own tokens are the labels), classification top-1 when
+labels exist, STS Spearman for sentence pairs and an embedding model, and otherwise closeness to
+the FP32 outputs (top-1 agreement and KL for classifiers and causal LMs, per predicted token for
+the latter; MSE for embeddings), which needs those outputs as `reference` (get them with
+`evalset.outputs(model)`). Perplexity, KL and MSE are lower-is-better: every consumer that
+compares metrics reads the direction from `HIGHER_IS_BETTER`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -18,24 +22,36 @@ from scipy.stats import spearmanr
 from torch.nn import functional as F
 
 from allocator.data.batches import check_compatible, pool, prepare_batches, take
-from allocator.data.readers import Dataset, SentencePairs
+from allocator.data.readers import Dataset, ImageSet, SentencePairs, TextCorpus
 from allocator.errors import BadDataset
-from allocator.zoo.base import Inputs, LoadedModel
+from allocator.zoo.base import LOGIT_TASKS, Inputs, LoadedModel
 
-HIGHER_IS_BETTER = {"top1": True, "spearman": True, "agreement": True, "kl": False, "mse": False}
+HIGHER_IS_BETTER = {
+    "top1": True,
+    "spearman": True,
+    "agreement": True,
+    "kl": False,
+    "mse": False,
+    "perplexity": False,
+}
 """Every metric `evaluate` reports, and which way is better."""
 
 REFERENCE_METRICS = frozenset({"agreement", "kl", "mse"})
 """Metrics that compare with the FP32 outputs and so need `reference`."""
 
 DEFAULT_BATCH_SIZE = 128
+PERPLEXITY_CHUNK = 64
+"""Windows scored at once: the float64 log-softmax is as large as that many windows' logits."""
 
 
 class EvalSet:
     """The model-ready batches of an evaluation dataset, prepared once and scored many times.
 
     Sentences are batched sorted by length, so padding stays short; `outputs` returns rows in
-    dataset order (for sentence pairs: all first sentences, then all second sentences).
+    dataset order (for sentence pairs: all first sentences, then all second sentences). A causal
+    LM's samples are token windows and `limit` counts windows; its outputs hold the logits of
+    every position, windows x tokens x vocabulary floats, so its evaluation text wants to be a
+    few hundred windows, not a book.
     """
 
     def __init__(
@@ -46,22 +62,31 @@ class EvalSet:
         limit: int | None = None,
     ) -> None:
         check_compatible(dataset, model)
-        if limit is not None:
-            if limit < 1:
-                raise ValueError(f"limit must be positive, got {limit}")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be positive, got {limit}")
+        if limit is not None and not isinstance(dataset, TextCorpus):
             dataset = dataset.head(limit)
-        self.size = len(dataset)
         self.task = model.task
         self.labels: torch.Tensor | None = None
         self.scores: np.ndarray | None = None
-        samples = pool(dataset)
+        self.tokens: torch.Tensor | None = None
+        samples = pool(dataset, model)
+        if isinstance(dataset, TextCorpus):
+            samples = samples[:limit]
+        self.size = len(samples) if isinstance(dataset, TextCorpus) else len(dataset)
         order = np.arange(len(samples))
-        if isinstance(dataset, SentencePairs):
+        if isinstance(samples, list):
             order = np.argsort([len(sentence) for sentence in samples], kind="stable")
-            if model.task == "embedding":
-                self.scores = dataset.scores
-        elif dataset.labels is not None and model.task == "classification":
+        if isinstance(dataset, SentencePairs) and model.task == "embedding":
+            self.scores = dataset.scores
+        elif (
+            isinstance(dataset, ImageSet)
+            and dataset.labels is not None
+            and model.task == "classification"
+        ):
             self.labels = _checked_labels(dataset.labels, model)
+        elif model.task == "causal-lm":
+            self.tokens = torch.from_numpy(samples)
         self._restore = torch.from_numpy(np.argsort(order))
         self.batches = prepare_batches(model, take(samples, order), batch_size)
         self.primary_metric = _primary_metric(self)
@@ -89,6 +114,8 @@ def evaluate(
         )
     outputs = evalset.outputs(fn)
     metrics: dict[str, float] = {}
+    if evalset.tokens is not None:
+        metrics["perplexity"] = perplexity(outputs, evalset.tokens)
     if evalset.labels is not None:
         metrics["top1"] = top1(outputs, evalset.labels)
     if evalset.scores is not None:
@@ -99,7 +126,7 @@ def evaluate(
                 f"reference has shape {tuple(reference.shape)} but the outputs have "
                 f"{tuple(outputs.shape)}; compute it with evalset.outputs on this evalset"
             )
-        if evalset.task == "classification":
+        if evalset.task in LOGIT_TASKS:
             metrics["agreement"] = agreement(outputs, reference)
             metrics["kl"] = kl_divergence(reference, outputs)
         else:
@@ -107,8 +134,20 @@ def evaluate(
     return metrics
 
 
+def perplexity(logits: torch.Tensor, tokens: torch.Tensor) -> float:
+    """exp of the mean next-token cross-entropy over every window (N, T) of `tokens`: position t
+    of a window predicts its token t + 1, so the last position predicts nothing."""
+    total = 0.0
+    for start in range(0, len(tokens), PERPLEXITY_CHUNK):
+        chunk = slice(start, start + PERPLEXITY_CHUNK)
+        log_probs = F.log_softmax(logits[chunk, :-1].double(), dim=-1)
+        target = tokens[chunk, 1:, None]
+        total -= log_probs.gather(-1, target).sum().item()
+    return math.exp(total / (tokens.shape[0] * (tokens.shape[1] - 1)))
+
+
 def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Percentage of samples whose highest logit is the label."""
+    """Percentage of samples (of positions, for a causal LM) whose highest logit is the label."""
     return (logits.argmax(dim=-1) == labels).double().mean().item() * 100
 
 
@@ -149,8 +188,10 @@ def _checked_labels(labels: np.ndarray, model: LoadedModel) -> torch.Tensor:
 
 
 def _primary_metric(evalset: EvalSet) -> str:
+    if evalset.tokens is not None:
+        return "perplexity"
     if evalset.labels is not None:
         return "top1"
     if evalset.scores is not None:
         return "spearman"
-    return "agreement" if evalset.task == "classification" else "mse"
+    return "agreement" if evalset.task in LOGIT_TASKS else "mse"

@@ -38,6 +38,7 @@ STS_SCORE, STS_FIRST, STS_SECOND = 4, 5, 6
 
 IMAGE_SUFFIXES = (".npz",)
 PAIR_SUFFIXES = (".csv", ".tsv")
+TEXT_SUFFIXES = (".txt",)
 
 BOMB_RATIO = 100
 """Decompressed bytes per compressed byte above which an archive is a bomb, not a dataset.
@@ -53,9 +54,13 @@ read; other methods (bzip2, lzma) may expand a few compressed bytes into a huge 
 MAX_PAIR_LINES = 1_000_000
 """Lines in one sentence-pair file: STS-B's largest split has under 6,000; a million is far more
 than any calibration or evaluation needs and bounds the time spent parsing."""
+MAX_TEXT_LINES = 1_000_000
+"""Lines in one text file: WikiText-103's training split has under 2 million, its test split
+under 5,000; calibration and evaluation need a few thousand windows, not a library."""
 MAX_LINE_CHARS = 64 * 1024
-"""Characters in one line, its end included: a sentence pair is a few hundred characters, and a
-file without line ends must not be read whole into one string."""
+"""Characters in one line, its end included: a sentence pair is a few hundred characters, a
+paragraph of running text a few thousand, and a file without line ends must not be read whole
+into one string."""
 UNREADABLE_NPZ = "not a readable .npz archive; save it with np.savez(path, images=..., labels=...)"
 UNREADABLE_ERRORS = (
     OSError,
@@ -123,7 +128,23 @@ class SentencePairs:
         return SentencePairs(self.a[:limit], self.b[:limit], self.scores[:limit])
 
 
-Dataset = ImageSet | SentencePairs
+@dataclass(frozen=True)
+class TextCorpus:
+    """Running text, one line per entry (line ends removed), for causal LMs: cut into token
+    windows by the model's tokenizer (`allocator.data.batches`), or read a line per sentence by
+    other text models."""
+
+    lines: Sequence[str]
+
+    def __post_init__(self) -> None:
+        if not any(line.strip() for line in self.lines):
+            raise BadDataset("the text file holds no text; give UTF-8 text, one paragraph a line")
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+
+Dataset = ImageSet | SentencePairs | TextCorpus
 
 
 def _check_images(dtype: np.dtype, shape: tuple[int, ...]) -> None:
@@ -149,14 +170,14 @@ def load_dataset(
     may allocate (the operator's `Limits.max_dataset_bytes`)."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in IMAGE_SUFFIXES + PAIR_SUFFIXES:
+    read = READERS.get(suffix)
+    if read is None:
         raise BadDataset(
-            f"{path}: unknown dataset type {suffix or '(no extension)'!r}; "
-            "give an .npz of images or an STS-B style .csv/.tsv of sentence pairs"
+            f"{path}: unknown dataset type {suffix or '(no extension)'!r}; give an .npz of "
+            "images, an STS-B style .csv/.tsv of sentence pairs or a .txt of UTF-8 text"
         )
     if not path.is_file():
         raise BadDataset(f"dataset file {path} does not exist; pass an existing file")
-    read = read_npz if suffix in IMAGE_SUFFIXES else read_sentence_pairs
     try:
         return read(path, max_bytes=max_bytes)
     except BadDataset as exc:
@@ -280,18 +301,14 @@ def _read_array(archive: zipfile.ZipFile, member: _Member) -> np.ndarray:
 
 def read_sentence_pairs(path: Path, *, max_bytes: int = Limits.max_dataset_bytes) -> SentencePairs:
     """STS-B format: tab-separated, unquoted; score in field 5, sentences in fields 6 and 7."""
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise DatasetTooLarge(
-            f"is {size} bytes, above the dataset limit of {max_bytes} bytes "
-            "(max_dataset_bytes, BITPLAN_MAX_DATASET_BYTES on a server); send fewer pairs"
-        )
+    _check_size(path, max_bytes, "send fewer pairs")
     first: list[str] = []
     second: list[str] = []
     scores: list[float] = []
     try:
         with path.open(encoding="utf-8", newline="") as handle:
-            rows = csv.reader(_bounded_lines(handle), delimiter="\t", quoting=csv.QUOTE_NONE)
+            lines = _bounded_lines(handle, MAX_PAIR_LINES, "sentence pair")
+            rows = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
             for row in rows:
                 if not row:
                     continue
@@ -303,9 +320,31 @@ def read_sentence_pairs(path: Path, *, max_bytes: int = Limits.max_dataset_bytes
     return SentencePairs(first, second, np.asarray(scores, dtype=np.float64))
 
 
-def _bounded_lines(handle: IO[str]) -> Iterator[str]:
-    """Lines for `csv.reader`, each read with a bound so a file without line ends is refused
-    after `MAX_LINE_CHARS` characters instead of being read whole."""
+def read_text(path: Path, *, max_bytes: int = Limits.max_dataset_bytes) -> TextCorpus:
+    """UTF-8 text, kept line by line; every line and the line count are bounded."""
+    _check_size(path, max_bytes, "send less text")
+    try:
+        with path.open(encoding="utf-8", newline="") as handle:
+            lines = [
+                line.rstrip("\r\n") for line in _bounded_lines(handle, MAX_TEXT_LINES, "paragraph")
+            ]
+    except UnicodeDecodeError as exc:
+        raise BadDataset(f"not UTF-8 text ({exc}); save the file as UTF-8") from None
+    return TextCorpus(lines)
+
+
+def _check_size(path: Path, max_bytes: int, advice: str) -> None:
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise DatasetTooLarge(
+            f"is {size} bytes, above the dataset limit of {max_bytes} bytes "
+            f"(max_dataset_bytes, BITPLAN_MAX_DATASET_BYTES on a server); {advice}"
+        )
+
+
+def _bounded_lines(handle: IO[str], max_lines: int, unit: str) -> Iterator[str]:
+    """Lines each read with a bound, so a file without line ends is refused after
+    `MAX_LINE_CHARS` characters instead of being read whole; `unit` is what a line holds."""
     for number in itertools.count(1):
         line = handle.readline(MAX_LINE_CHARS + 1)
         if not line:
@@ -313,12 +352,11 @@ def _bounded_lines(handle: IO[str]) -> Iterator[str]:
         if len(line) > MAX_LINE_CHARS:
             raise BadDataset(
                 f"line {number} is longer than {MAX_LINE_CHARS} characters; "
-                "give one sentence pair per line"
+                f"give one {unit} per line"
             )
-        if number > MAX_PAIR_LINES:
+        if number > max_lines:
             raise BadDataset(
-                f"line {number} is past the limit of {MAX_PAIR_LINES} lines; "
-                "send fewer sentence pairs"
+                f"line {number} is past the limit of {max_lines} lines; send fewer {unit}s"
             )
         yield line
 
@@ -338,3 +376,11 @@ def _score(row: list[str], line: int) -> float:
             f"line {line} has score {row[STS_SCORE]!r} in field {STS_SCORE + 1}, expected a number"
         )
     return score
+
+
+READERS = {
+    **dict.fromkeys(IMAGE_SUFFIXES, read_npz),
+    **dict.fromkeys(PAIR_SUFFIXES, read_sentence_pairs),
+    **dict.fromkeys(TEXT_SUFFIXES, read_text),
+}
+"""The reader of each file suffix."""

@@ -12,7 +12,14 @@ What is explained and what the loss is:
 - classifiers: the logit of the FP32 top-1 class (LRP), cross-entropy against it (Fisher);
 - embedding models: `e . e_fp32.detach()` (LRP), and `e . r` with r ~ N(0, I) for Fisher: the
   Monte-Carlo Fisher of a Gaussian likelihood on the embedding, since the gradient of any
-  distance to the FP32 embedding is zero at the FP32 point.
+  distance to the FP32 embedding is zero at the FP32 point;
+- causal LMs: the LM loss, the cross-entropy of each true next token of the window (Fisher),
+  and, summed over positions, the log-probability of the true next token linearised at the
+  logits (LRP): `z_y - sum_j p_j z_j` with the probabilities p detached. Its gradient at the
+  logits is exactly that of `log p(y)`, so relevance follows what perplexity measures; and it
+  is linear in the logits, so the rules conserve it as they conserve a classifier's logit
+  (`log p(y)` itself is not). The raw true-token logit would be linear too, but would also
+  credit the part shared by all logits, which the softmax ignores.
 """
 
 from __future__ import annotations
@@ -71,10 +78,24 @@ class _Capture:
             handle.remove()
 
 
+def next_token_loss(logits: torch.Tensor, inputs: Inputs, reduction: str) -> torch.Tensor:
+    """The LM loss: cross-entropy of each window's token t + 1 under its logits at t."""
+    targets = inputs["input_ids"][:, 1:]
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction
+    )
+
+
 def _objectives(
-    model: LoadedModel, out: torch.Tensor, generator: torch.Generator
+    model: LoadedModel, inputs: Inputs, out: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Fisher loss summed over samples, explained quantity per sample)."""
+    if model.task == "causal-lm":
+        logits = out[:, :-1]
+        probs = logits.detach().softmax(dim=-1)
+        true = logits.gather(-1, inputs["input_ids"][:, 1:, None]).squeeze(-1)
+        explained = (true - (probs * logits).sum(dim=-1)).sum(dim=-1)
+        return next_token_loss(out, inputs, "sum"), explained
     if model.task == "classification":
         target = out.detach().argmax(dim=-1)
         loss = F.cross_entropy(out, target, reduction="sum")
@@ -104,7 +125,7 @@ def gradient_stats(
             for index, inputs in enumerate(batches):
                 capture.clear()
                 out = model(inputs)
-                loss, explained = _objectives(model, out, generator)
+                loss, explained = _objectives(model, inputs, out, generator)
                 stats.samples += _batch_size(inputs)
                 stats.explained += float(explained.detach().sum())
                 outs = [y for n in names for y in capture.outputs[n]]

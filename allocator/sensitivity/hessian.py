@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from allocator.layers import LayerTable
+from allocator.sensitivity.gradients import next_token_loss
 from allocator.sensitivity.rules import relevance_rules
 from allocator.zoo.base import Inputs, LoadedModel
 
@@ -33,6 +34,8 @@ class HessianTraces:
 
 def _loss(model: LoadedModel, inputs: Inputs) -> torch.Tensor:
     out = model(inputs)
+    if model.task == "causal-lm":
+        return next_token_loss(out, inputs, "mean")
     if model.task == "classification":
         return F.cross_entropy(out, out.detach().argmax(-1))
     # Zero-residual squared distance to the FP32 embedding: its Hessian is the Gauss-Newton 2 J^T J.

@@ -18,7 +18,14 @@ from allocator.sensitivity.gradients import _objectives
 from allocator.sensitivity.rules import relevance_rules
 from allocator.zoo.base import Inputs, LoadedModel
 
-ADDITIVE_PARAMETERS = ("bias", "pos_embed", "cls_token", "reg_token", "absolute_pos_embed")
+ADDITIVE_PARAMETERS = (
+    "bias",
+    "pos_embed",
+    "cls_token",
+    "reg_token",
+    "absolute_pos_embed",
+    "position_embeddings",  # Hugging Face ViT's (a parameter there, an nn.Embedding in BERT)
+)
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,7 @@ def conservation(model: LoadedModel, inputs: Inputs, seed: int = 0) -> Conservat
     try:
         with relevance_rules(module, build_lrp=True) as state:
             out = model(inputs)
-            _loss, explained = _objectives(model, out, torch.Generator().manual_seed(seed))
+            _loss, explained = _objectives(model, inputs, out, torch.Generator().manual_seed(seed))
             state.backward = "lrp"
             targets = sources + params + [y for y, _ in bn_terms]
             grads = torch.autograd.grad(explained.sum(), targets, allow_unused=True)

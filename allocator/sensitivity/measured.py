@@ -3,7 +3,8 @@
 This is CalibTIP's per-layer cost and the slowest method (one calibration pass per layer and
 width). Accuracy drops on a few hundred samples are too coarse and noisy to add up (many come out
 negative), so the divergence from the FP32 outputs is measured instead: KL of the class
-distributions for classifiers, 1 - cosine similarity for embedding models.
+distributions for classifiers, of the next-token distributions (averaged over a window's
+positions) for causal LMs, 1 - cosine similarity for embedding models.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ from torch import nn
 
 from allocator.costs import QuantChoice
 from allocator.layers import LayerTable
-from allocator.zoo.base import Inputs, LoadedModel
+from allocator.zoo.base import LOGIT_TASKS, Inputs, LoadedModel
 
 
 def divergence(task: str, reference: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     """Per-sample divergence of `output` from the FP32 `reference`."""
-    if task == "classification":
+    if task in LOGIT_TASKS:
         log_p = F.log_softmax(reference, dim=-1)
         log_q = F.log_softmax(output, dim=-1)
-        return (log_p.exp() * (log_p - log_q)).sum(-1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        return kl.reshape(kl.shape[0], -1).mean(-1)
     return 1.0 - F.cosine_similarity(reference, output, dim=-1)
 
 

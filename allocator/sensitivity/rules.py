@@ -5,7 +5,14 @@ invisible, relevance explodes to NaN once patched: see shared/design/LRP.md). Wh
 as a *modified gradient* followed by gradient x input (CP-LRP / AttnLRP):
 
 - LayerNorm: the identity rule, i.e. the standard deviation is a constant in the backward pass;
+- RMSNorm (Llama and its kin): the same, `x * (f(x) / x).detach()`: the root mean square and the
+  gain are constants, and with no mean or bias there is nothing else;
 - element-wise non-linearities (GELU, SiLU, ...): the identity rule, `x * (f(x) / x).detach()`;
+- RoBERTa-style classification heads (`out_proj(tanh(dense(x)))` with a functional tanh): the
+  identity rule on the tanh, read from the layers around it;
+- gated MLPs (`down_proj(act_fn(gate_proj(x)) * up_proj(x))`): the product of two activations
+  takes the uniform rule, half of its relevance to each factor; plain gradient x input would
+  hand each factor all of it and double the relevance at every such block;
 - embedding normalisation (`x / ||x||`): the norm is a constant;
 - softmax attention: the attention probabilities are constants (CP-LRP), so all relevance of
   `attn @ v` flows to `v`; this is exactly conservative;
@@ -94,15 +101,67 @@ def _layer_norm_hook(module: nn.LayerNorm, args: tuple, out: torch.Tensor) -> to
     return _switch(out, lrp)
 
 
+def _identity_rule(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`out` (an element-wise function of `x`) as `x` times a constant: relevance passes
+    through unchanged."""
+    safe = torch.where(x.abs() > 1e-6, x, torch.ones_like(x))
+    ratio = torch.where(x.abs() > 1e-6, out / safe, torch.full_like(x, 0.5))
+    return x * ratio.detach()
+
+
 def _identity_rule_hook(_module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-    x = args[0]
+    return _switch(out, lambda: _identity_rule(args[0], out))
 
-    def lrp() -> torch.Tensor:
-        safe = torch.where(x.abs() > 1e-6, x, torch.ones_like(x))
-        ratio = torch.where(x.abs() > 1e-6, out / safe, torch.full_like(x, 0.5))
-        return x * ratio.detach()
 
-    return _switch(out, lrp)
+def _classification_head_hooks(module: nn.Module) -> list:
+    """The identity rule on the `torch.tanh` a RoBERTa-style head calls between `dense` and
+    `out_proj`: a function call no module hook sees, read from the two layers around it."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(_module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+        seen["dense"] = out
+
+    def squashed(_module: nn.Module, args: tuple) -> tuple | None:
+        dense = seen.pop("dense", None)
+        if dense is None or dense.shape != args[0].shape:
+            return None
+        return (_switch(args[0], lambda: _identity_rule(dense, args[0])), *args[1:])
+
+    return [
+        module.dense.register_forward_hook(keep),
+        module.out_proj.register_forward_pre_hook(squashed),
+    ]
+
+
+def _gated_mlp_hooks(module: nn.Module) -> list:
+    """The uniform rule on `act_fn(gate_proj(x)) * up_proj(x)`, the input of `down_proj`.
+
+    The factors are read off `act_fn` and `up_proj` as they leave them (the gate after its own
+    identity rule), so these hooks go on after the activation hooks.
+    """
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(key: str):
+        def hook(_module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            seen[key] = out
+
+        return hook
+
+    def product(_module: nn.Module, args: tuple) -> tuple | None:
+        gate, up = seen.pop("gate", None), seen.pop("up", None)
+        if gate is None or up is None or not gate.shape == up.shape == args[0].shape:
+            return None
+
+        def halves() -> torch.Tensor:
+            return 0.5 * (gate * up.detach() + gate.detach() * up)
+
+        return (_switch(args[0], halves), *args[1:])
+
+    return [
+        module.act_fn.register_forward_hook(keep("gate")),
+        module.up_proj.register_forward_hook(keep("up")),
+        module.down_proj.register_forward_pre_hook(product),
+    ]
 
 
 def _normalize_hooks(module: nn.Module) -> list:
@@ -142,6 +201,23 @@ def _is_normalize(module: nn.Module) -> bool:
     return type(module).__name__ == "Normalize"
 
 
+def _is_rms_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.RMSNorm) or type(module).__name__.endswith("RMSNorm")
+
+
+def _is_classification_head(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("ClassificationHead") and all(
+        isinstance(getattr(module, name, None), nn.Linear) for name in ("dense", "out_proj")
+    )
+
+
+def _is_gated_mlp(module: nn.Module) -> bool:
+    return all(
+        isinstance(getattr(module, name, None), nn.Module)
+        for name in ("gate_proj", "up_proj", "down_proj", "act_fn")
+    )
+
+
 def _is_activation(module: nn.Module) -> bool:
     name = type(module).__name__
     return isinstance(module, ELEMENTWISE_ACTIVATIONS) or (
@@ -161,13 +237,18 @@ def relevance_rules(module: nn.Module, build_lrp: bool = True) -> Iterator[RuleS
     for child in module.modules():
         if isinstance(child, nn.LayerNorm) and "2d" not in type(child).__name__.lower():
             handles.append(child.register_forward_hook(_layer_norm_hook))
-        elif _is_activation(child):
+        elif _is_activation(child) or _is_rms_norm(child):
             handles.append(child.register_forward_hook(_identity_rule_hook))
         elif _is_normalize(child):
             handles.extend(_normalize_hooks(child))
+        elif _is_classification_head(child):
+            handles.extend(_classification_head_hooks(child))
         if hasattr(child, "fused_attn"):
             fused.append((child, child.fused_attn))
             child.fused_attn = True
+    for child in module.modules():
+        if _is_gated_mlp(child):
+            handles.extend(_gated_mlp_hooks(child))
     previous = _state()
     _local.state = state
     F.scaled_dot_product_attention = attention

@@ -17,6 +17,12 @@ from torch import nn
 Inputs = torch.Tensor | dict[str, torch.Tensor]
 """A model-ready batch: an image tensor (N, C, H, W) or a dict of token tensors."""
 
+Task = Literal["classification", "embedding", "causal-lm"]
+"""What a model's output is: class logits, one vector per input, or next-token logits."""
+LOGIT_TASKS = ("classification", "causal-lm")
+"""Tasks whose outputs are logits of a distribution (over classes, or over the next token), so
+closeness to FP32 is KL and top-1 agreement rather than a distance."""
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -26,12 +32,16 @@ class LoadedModel:
     """A model in eval mode with the knowledge needed to run and score it.
 
     `task` picks the evaluator and the explained quantity for relevance: "classification" models
-    return logits, "embedding" models return one vector per input.
+    return logits, "embedding" models return one vector per input, and "causal-lm" models take
+    windows of token ids (`{"input_ids": (N, T)}`) and return the logits of the next token at
+    every position (N, T, V). A causal LM reads running text rather than sentences, so it has
+    `encode` (text -> token ids, no special tokens) and `context_length` (the longest window its
+    positions allow) instead of a sentence `tokenizer`.
     """
 
     ref: str
     module: nn.Module
-    task: Literal["classification", "embedding"]
+    task: Task
     input_kind: Literal["image", "text"]
     image_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -40,6 +50,8 @@ class LoadedModel:
     output_fn: Callable[[nn.Module, Inputs], torch.Tensor] | None = None
     num_classes: int | None = None
     pinned_layers: tuple[str, ...] = field(default=())
+    encode: Callable[[str], list[int]] | None = None
+    context_length: int | None = None
 
     def __call__(self, inputs: Inputs) -> torch.Tensor:
         if self.output_fn is not None:
@@ -59,5 +71,9 @@ class LoadedModel:
 
     def prepare_text(self, sentences: Sequence[str]) -> dict[str, torch.Tensor]:
         if self.tokenizer is None:
-            raise TypeError(f"{self.ref} takes images, not text")
+            raise TypeError(f"{self.ref} takes {self.input_kind} inputs, not sentences")
         return self.tokenizer(list(sentences))
+
+    def prepare_windows(self, windows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Token id windows (N, T) -> the causal LM's batch; windows are never padded."""
+        return {"input_ids": torch.from_numpy(np.ascontiguousarray(windows)).long()}
