@@ -3,11 +3,18 @@
     python bench/quality.py                       # ResNet20, ResNet56, MiniLM (minutes)
     python bench/quality.py --models resnet20 --methods lrp+fisher --budgets 4,3
     python bench/quality.py --act --models digits,minilm   # activation quantizers, W/A
+    python bench/quality.py --models effnetlite1          # EfficientNet-Lite1 on ImageNet images
 
 `--act` measures activation quantization instead: uniform WxAy with the baseline and each seed
 quantizer preset, and mixed weights at the size and BOPs of uniform W4A8 and W4A4
 (`match=W4A8`). `digits` is the small ViT of bench/train_digits_vit.py, trained first if its
 weights are missing.
+
+`effnetlite1` is a pretrained depthwise CNN brought the way a user brings one: the model-source
+plugin in examples/bitplan-efficientnet-lite (registered here directly, so the example need not be
+installed). Its 500 ImageNet images are few, so they are split once into calibration and
+evaluation images (bench/out/imagenet-split/), its table adds agreement and KL with FP32, and
+mixed is compared with uniform at the same size image by image, with a paired bootstrap interval.
 
 For each model one `Workbench` is prepared (load, layer table, calibration statistics), each
 method's cost table is computed once, and every budget is a re-solve of that table. Prints
@@ -19,14 +26,16 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,10 +52,12 @@ from allocator.act_plan import (  # noqa: E402
 )
 from allocator.apply import apply  # noqa: E402
 from allocator.budget import parse_budget  # noqa: E402
+from allocator.data.evaluate import agreement, kl_divergence, top1  # noqa: E402
 from allocator.pipeline import JobSpec, Workbench, prepare  # noqa: E402
 from allocator.plan import BitPlan  # noqa: E402
 from allocator.quant.activation import ACT_BITS  # noqa: E402
 from allocator.solve import Solution, solve, uniform_bits_for  # noqa: E402
+from allocator.zoo import register_source  # noqa: E402
 
 DATA = Path(os.environ.get("BITPLAN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 METHODS = ("lrp", "fisher", "hessian", "measured", "lrp+fisher")
@@ -55,13 +66,35 @@ SWEEP = (2.25, 2.5, 3.0, 3.5, 4.0, 5.0)
 UNIFORM_WA = ((8, 8), (6, 6), (4, 8), (4, 4))
 MATCHED = ("W4A8", "W4A4")
 DIGITS = ROOT / "bench" / "out" / "digits"
+IMAGENET = DATA / "imagenet-sample" / "dev500_224.npz"
+IMAGENET_SPLIT = ROOT / "bench" / "out" / "imagenet-split"
+IMAGENET_CALIB_IMAGES = 256
+SPLIT_SEED = 0
+EXAMPLE_SOURCE = ROOT / "examples" / "bitplan-efficientnet-lite"
+BOOTSTRAP_RESAMPLES = 10_000
+COLUMNS = {"top1": "top1", "agreement": "agreement with FP32", "kl": "KL to FP32"}
+"""Column headings of the metrics a model's table may show."""
 
 
-def model_specs(eval_samples: int | None) -> dict[str, JobSpec]:
+@dataclass(frozen=True)
+class BenchModel:
+    """A model of this bench: its job, the methods it runs by default, the metrics its table
+    shows (the primary one when empty), a line saying which data it is measured on, and whether
+    mixed is compared with uniform image by image (for evaluation sets too small to trust a
+    difference of two top-1 figures)."""
+
+    spec: JobSpec
+    methods: tuple[str, ...] = METHODS
+    metrics: tuple[str, ...] = ()
+    note: str = ""
+    paired: bool = False
+
+
+def model_specs(eval_samples: int | None) -> dict[str, BenchModel]:
     cifar = DATA / "cifar10"
     stsb = DATA / "stsb"
     common = {"eval_samples": eval_samples}
-    return {
+    specs = {
         "digits": JobSpec(
             model=DIGITS_REF,
             weights=str(DIGITS / "vit.safetensors"),
@@ -91,24 +124,106 @@ def model_specs(eval_samples: int | None) -> dict[str, JobSpec]:
             **common,
         ),
     }
+    models = {name: BenchModel(spec) for name, spec in specs.items()}
+    models["effnetlite1"] = BenchModel(
+        JobSpec(
+            model="effnetlite:lite1",
+            calib=str(IMAGENET_SPLIT / "calib.npz"),
+            eval=str(IMAGENET_SPLIT / "eval.npz"),
+            calib_samples=IMAGENET_CALIB_IMAGES // 2,
+            batch_size=32,
+            **common,
+        ),
+        # `measured` costs one calibration pass per layer and width: hours on this model.
+        methods=tuple(m for m in METHODS if m != "measured"),
+        metrics=("top1", "agreement", "kl"),
+        paired=True,
+        note=(
+            f"dev500_224.npz split by a permutation with seed {SPLIT_SEED}: its first "
+            f"{IMAGENET_CALIB_IMAGES} images calibrate ({IMAGENET_CALIB_IMAGES // 2} for the "
+            f"statistics, the others held out for the rule and plan checks), the other "
+            f"{500 - IMAGENET_CALIB_IMAGES} evaluate (one image is "
+            f"{100 / (500 - IMAGENET_CALIB_IMAGES):.2f} top-1 points)."
+        ),
+    )
+    return models
+
+
+def split_imagenet(folder: Path) -> None:
+    """The shared ImageNet sample as calibration and evaluation files a job can name: one image
+    per class leaves no spare images, so the two sets are disjoint halves of a fixed shuffle."""
+    with np.load(IMAGENET) as data:
+        images, labels = data["images"], data["labels"]
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(images))
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, picked in (
+        ("calib", order[:IMAGENET_CALIB_IMAGES]),
+        ("eval", order[IMAGENET_CALIB_IMAGES:]),
+    ):
+        np.savez(folder / f"{name}.npz", images=images[picked], labels=labels[picked])
+
+
+def register_example_source() -> None:
+    """The `effnetlite:` source of examples/, registered as its entry point would register it
+    once installed: the bench extra brings its dependencies, not the example itself."""
+    sys.path.insert(0, str(EXAMPLE_SOURCE))
+    example = importlib.import_module("bitplan_efficientnet_lite")
+    register_source(example.PREFIX)(example.load)
+
+
+@dataclass
+class Scores:
+    """One configuration on the evaluation set: its metrics and, for a classifier with labels,
+    per image whether it is right and whether it agrees with FP32, so that two configurations
+    can be compared image by image."""
+
+    metrics: dict[str, float]
+    correct: np.ndarray | None = None
+    agrees: np.ndarray | None = None
 
 
 @dataclass
 class Row:
     label: str
     avg_bits: float
-    metric: float
+    scores: Scores
     predicted: float | None = None
+    budget: float | None = None
+    """The avg-bits budget a mixed row was solved for."""
 
 
-def metric_of(bench: Workbench, plan: BitPlan, plain: bool = False) -> float:
+def score(bench: Workbench, module: nn.Module | None = None) -> Scores:
+    """`module` (FP32 when None) on the evaluation set, in one pass per configuration."""
+    if bench.evalset.labels is None:
+        return Scores(bench.evaluate(module))
+    reference = bench.reference
+    logits = (
+        reference if module is None else bench.evalset.outputs(replace(bench.model, module=module))
+    )
+    labels = bench.evalset.labels
+    return Scores(
+        {
+            "top1": top1(logits, labels),
+            "agreement": agreement(logits, reference),
+            "kl": kl_divergence(reference, logits),
+        },
+        correct=(logits.argmax(dim=-1) == labels).numpy(),
+        agrees=(logits.argmax(dim=-1) == reference.argmax(dim=-1)).numpy(),
+    )
+
+
+def metric_of(bench: Workbench, plan: BitPlan, plain: bool = False) -> Scores:
     """`plain`: round-to-nearest straight from the plan, ignoring the workbench's choices."""
     module = apply(bench.model.module, plan) if plain else bench.quantize(plan)
-    return bench.evaluate(module)[bench.evalset.primary_metric]
+    return score(bench, module)
 
 
 def avg_bits(bench: Workbench, bits: dict[str, int]) -> float:
     return sum(layer.params * bits[layer.name] for layer in bench.table) / bench.table.total_params
+
+
+def uniform_label(bits: int) -> str:
+    return f"uniform W{bits} bitplan quantizer"
 
 
 def uniform_rows(bench: Workbench) -> list[Row]:
@@ -125,40 +240,71 @@ def uniform_rows(bench: Workbench) -> list[Row]:
             )
         )
         ours = bench.uniform_plan(b)
-        rows.append(
-            Row(f"uniform W{b} bitplan quantizer", avg_bits(bench, widths), metric_of(bench, ours))
-        )
+        rows.append(Row(uniform_label(b), avg_bits(bench, widths), metric_of(bench, ours)))
     return rows
 
 
 def mixed_rows(
-    bench: Workbench, method: str, budgets: list[float], sweep: bool
+    bench: Workbench, method: str, budgets: list[float], fp32: float, sweep: bool
 ) -> tuple[list[Row], float, float | None]:
-    """Mixed precision at each budget; also predicted-vs-measured Spearman over a sweep."""
+    """Mixed precision at each budget; also predicted-vs-measured Spearman over a sweep of the
+    primary metric's loss from `fp32`."""
     started = time.perf_counter()
     cost, _sens, _timings = bench.cost_table(method)
     seconds = time.perf_counter() - started
-    fp32 = bench.evaluate()[bench.evalset.primary_metric]
+    primary = bench.evalset.primary_metric
     rows, points = [], []
     for b in sorted(set(budgets) | (set(SWEEP) if sweep else set()), reverse=True):
         resolved = parse_budget(f"avg-bits={b}").resolve(bench.table)
         solution = solve(bench.table, bench.spec.bits, cost, resolved)
         uniform_bits = uniform_bits_for(bench.table, bench.spec.bits, resolved)
         solution, check = bench.check_against_uniform(solution, cost, uniform_bits)
-        metric = metric_of(bench, bench.plan(solution.bits, {"method": method}))
-        points.append((solution.objective, fp32 - metric))
+        scores = metric_of(bench, bench.plan(solution.bits, {"method": method}))
+        points.append((solution.objective, fp32 - scores.metrics[primary]))
         kept = " (uniform kept)" if check and check["kept"] == "uniform" else ""
         if b in budgets:
             rows.append(
                 Row(
                     f"mixed {method} @ avg {b}{kept}",
                     avg_bits(bench, solution.bits),
-                    metric,
+                    scores,
                     solution.objective,
+                    budget=b,
                 )
             )
     rho = spearmanr([p for p, _ in points], [m for _, m in points]).statistic if sweep else None
     return rows, seconds, rho
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray) -> str:
+    """Mean of `a - b` in points with its paired bootstrap 95 % interval: both sides are
+    resampled on the same images, so how hard each image is cancels out of the difference."""
+    diff = a.astype(float) - b.astype(float)
+    picks = np.random.default_rng(0).integers(0, len(diff), (BOOTSTRAP_RESAMPLES, len(diff)))
+    low, high = np.percentile(diff[picks].mean(axis=1) * 100, [2.5, 97.5])
+    return f"{diff.mean() * 100:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
+def paired_table(rows: list[Row]) -> str:
+    """Each mixed row minus the uniform row of the same size and quantizer, image by image."""
+    by_label = {row.label: row for row in rows}
+    lines = [
+        "| mixed | uniform | top1 difference [95 % interval] "
+        "| agreement difference [95 % interval] |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        if row.budget is None or row.budget != int(row.budget):
+            continue
+        uniform = by_label.get(uniform_label(int(row.budget)))
+        if uniform is None:
+            continue
+        mixed, base = row.scores, uniform.scores
+        lines.append(
+            f"| {row.label} | {uniform.label} | {paired_difference(mixed.correct, base.correct)} "
+            f"| {paired_difference(mixed.agrees, base.agrees)} |"
+        )
+    return "\n".join(lines)
 
 
 def rules_table(bench: Workbench) -> str:
@@ -191,30 +337,48 @@ def clip_table(bench: Workbench) -> str:
     return "\n".join(lines)
 
 
-def run_model(name: str, spec: JobSpec, methods: list[str], budgets: list[float]) -> str:
+def run_model(name: str, model: BenchModel, methods: list[str], budgets: list[float]) -> str:
     started = time.perf_counter()
-    bench = prepare(spec)
+    bench = prepare(model.spec)
+    prepared = time.perf_counter()
     primary = bench.evalset.primary_metric
-    fp32 = bench.evaluate()[primary]
+    fp32 = score(bench)
     rows = [Row("FP32", 32.0, fp32), *uniform_rows(bench)]
+    uniform_done = time.perf_counter()
     method_lines = [
         "| method | cost table seconds | predicted-vs-measured Spearman |",
         "|---|---|---|",
     ]
     for method in methods:
-        mixed, seconds, rho = mixed_rows(bench, method, budgets, sweep=True)
+        mixed, seconds, rho = mixed_rows(bench, method, budgets, fp32.metrics[primary], sweep=True)
         rows.extend(mixed)
         method_lines.append(f"| {method} | {seconds:.1f} | {rho:.3f} |")
+    metrics = model.metrics or (primary,)
     out = [
-        f"### {name} ({spec.model}, {primary} on {bench.evalset.size} eval samples, "
+        f"### {name} ({model.spec.model}, {primary} on {bench.evalset.size} eval samples, "
         f"{len(bench.table)} layers)",
         "",
-        f"| configuration | avg weight bits | {primary} | predicted cost |",
-        "|---|---|---|---|",
+        *([model.note, ""] if model.note else []),
+        "| configuration | avg weight bits | "
+        + " | ".join(COLUMNS.get(m, m) for m in metrics)
+        + " | predicted cost |",
+        "|---|---|" + "---|" * len(metrics) + "---|",
     ]
     for row in rows:
         predicted = "" if row.predicted is None else f"{row.predicted:.4g}"
-        out.append(f"| {row.label} | {row.avg_bits:.2f} | {row.metric:.2f} | {predicted} |")
+        cells = " | ".join(
+            f"{row.scores.metrics[m]:.4f}" if m == "kl" else f"{row.scores.metrics[m]:.2f}"
+            for m in metrics
+        )
+        out.append(f"| {row.label} | {row.avg_bits:.2f} | {cells} | {predicted} |")
+    if model.paired:
+        out += [
+            "",
+            f"Mixed minus uniform at the same size and quantizer, in points on the same "
+            f"{bench.evalset.size} images (paired bootstrap, {BOOTSTRAP_RESAMPLES:,} resamples):",
+            "",
+            paired_table(rows),
+        ]
     out += [
         "",
         *method_lines,
@@ -227,7 +391,10 @@ def run_model(name: str, spec: JobSpec, methods: list[str], budgets: list[float]
         "",
         clip_table(bench),
         "",
-        f"_{time.perf_counter() - started:.0f} s in all_",
+        f"_prepare (load, layer table, statistics, rule sets) {prepared - started:.0f} s, "
+        f"FP32 and uniform rows {uniform_done - prepared:.0f} s, "
+        f"mixed rows {time.perf_counter() - uniform_done:.0f} s; "
+        f"{time.perf_counter() - started:.0f} s in all_",
         "",
     ]
     return "\n".join(out)
@@ -365,23 +532,31 @@ def act_section(name: str, spec: JobSpec, method: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="resnet20,resnet56,minilm")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument(
+        "--methods", default=None, help="comma-separated; default: each model's own list"
+    )
     parser.add_argument("--budgets", default="4,3,2.5")
     parser.add_argument("--eval-samples", type=int, default=None)
     parser.add_argument("--act", action="store_true", help="activation quantization tables")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    specs = model_specs(args.eval_samples)
+    models = model_specs(args.eval_samples)
+    names = args.models.split(",")
     budgets = [float(b) for b in args.budgets.split(",")]
     out = args.out or str(ROOT / "bench" / "out" / ("act_quality.md" if args.act else "quality.md"))
-    if args.act and "digits" in args.models and not (DIGITS / "vit.safetensors").exists():
+    if args.act and "digits" in names and not (DIGITS / "vit.safetensors").exists():
         print(f"training the digits ViT first: {train_digits(DIGITS):.2f} % test top-1")
+    if "effnetlite1" in names:
+        register_example_source()
+        split_imagenet(IMAGENET_SPLIT)
     sections = []
-    for name in args.models.split(","):
+    for name in names:
+        model = models[name]
         if args.act:
-            section = act_section(name, specs[name], "lrp+fisher")
+            section = act_section(name, model.spec, "lrp+fisher")
         else:
-            section = run_model(name, specs[name], args.methods.split(","), budgets)
+            methods = args.methods.split(",") if args.methods else list(model.methods)
+            section = run_model(name, model, methods, budgets)
         print(section, flush=True)
         sections.append(section)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
