@@ -407,9 +407,10 @@ def minilm_folder(minilm: LoadedModel) -> Path:
 SENTENCES = ["A man is playing a guitar.", "A man plays the guitar.", "The stock market fell."]
 
 
-def test_minilm_embeds_text_through_sdpa(minilm: LoadedModel, monkeypatch) -> None:
-    assert (minilm.task, minilm.input_kind, minilm.ref) == ("embedding", "text", "hf:minilm")
-    calls = []
+def counted_sdpa(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, one entry per call of `F.scaled_dot_product_attention`: the function the
+    relevance rules and activation quantizers replace, so every attention must go through it."""
+    calls: list[int] = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def counting_sdpa(*args, **kwargs):
@@ -417,6 +418,12 @@ def test_minilm_embeds_text_through_sdpa(minilm: LoadedModel, monkeypatch) -> No
         return sdpa(*args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    return calls
+
+
+def test_minilm_embeds_text_through_sdpa(minilm: LoadedModel, monkeypatch) -> None:
+    assert (minilm.task, minilm.input_kind, minilm.ref) == ("embedding", "text", "hf:minilm")
+    calls = counted_sdpa(monkeypatch)
     inputs = minilm.prepare_text(SENTENCES)
     keys = set(inputs)
     with torch.inference_mode():

@@ -130,9 +130,15 @@ def _transformers(folder: Path, ref: str) -> LoadedModel:
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     head = _head(config)
     auto = getattr(transformers, head.auto_class)
-    module = _with_sdpa(
-        lambda **kwargs: auto.from_pretrained(folder, local_files_only=True, **kwargs)
-    )
+    try:
+        module = _with_sdpa(
+            lambda **kwargs: auto.from_pretrained(folder, local_files_only=True, **kwargs)
+        )
+    except RuntimeError as exc:  # transformers: tensors shaped unlike the config says
+        raise UnknownModel(
+            f"{ref}: the weights in {folder} do not fit its config.json ({first_line(exc)}); "
+            "save the model with save_pretrained, which writes both"
+        ) from None
     num_classes = config.num_labels if head.task == "classification" else None
     if _takes_images(config):
         return _image_model(folder, config, ref, module, head.task, num_classes)
