@@ -120,7 +120,9 @@ DEFAULTS = JobSpec(model="", calib="")
 """Where the spec options' defaults come from, so the CLI and the API cannot drift apart."""
 
 ModelOpt = Annotated[str, typer.Option(help="timm:<name>, hf:<dir> or hf:minilm, zoo:<name>")]
-CalibOpt = Annotated[str, typer.Option(help=".npz images or STS-B style .csv/.tsv")]
+CalibOpt = Annotated[
+    str, typer.Option(help=".npz images, STS-B style .csv/.tsv, or .txt text (causal LMs)")
+]
 WeightsOpt = Annotated[str | None, typer.Option(help=".safetensors or .pth/.th")]
 EvalOpt = Annotated[str | None, typer.Option("--eval", help="evaluation data")]
 BudgetOpt = Annotated[

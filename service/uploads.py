@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 from sqlalchemy.orm import Session
 
 from allocator.data import load_dataset
-from allocator.data.readers import IMAGE_SUFFIXES, PAIR_SUFFIXES
+from allocator.data.readers import DATASET_SUFFIXES
 from allocator.errors import BitplanError
 from allocator.limits import Limits
 from allocator.zoo.weights import load_state_dict
@@ -34,7 +34,6 @@ from db.store import CHUNK_SIZE, ArtifactStore
 from service.errors import UnsupportedFormat
 
 MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".th", ".bin", ".ckpt")
-DATASET_SUFFIXES = IMAGE_SUFFIXES + PAIR_SUFFIXES
 MAX_FILENAME = 255
 DEFAULT_LIMITS = Limits()
 
@@ -65,7 +64,7 @@ FORMATS = {
     UploadKind.DATASET: UploadFormat(
         DATASET_SUFFIXES,
         _read_dataset,
-        "an .npz of images (images, labels) or an STS-B style .csv/.tsv",
+        "an .npz of images (images, labels), an STS-B style .csv/.tsv or a .txt of text",
     ),
 }
 

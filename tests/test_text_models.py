@@ -39,6 +39,7 @@ from allocator.sensitivity.lrp import conservation
 from allocator.sensitivity.measured import divergence
 from allocator.zoo import LoadedModel, load_model
 from service.cli import app
+from tests.api_app import upload
 from tests.test_zoo import MINILM_TOKENIZER_FILES, counted_sdpa
 
 transformers = pytest.importorskip("transformers", reason="needs pip install 'bitplan[bench]'")
@@ -581,3 +582,11 @@ def test_weights_that_do_not_fit_the_folders_config_are_one_line(folders, tmp_pa
     with pytest.raises(UnknownModel, match=r"do not fit its config\.json") as caught:
         load_model(f"hf:{tmp_path}")
     assert "\n" not in str(caught.value)
+
+
+def test_text_files_are_accepted_as_dataset_uploads(client, acme: dict[str, str]) -> None:
+    text = ("\n".join(SENTENCES) + "\n").encode()
+    response = upload(client, acme, "datasets", "corpus.txt", text)
+    assert response.status_code == 201, response.text
+    refused = upload(client, acme, "datasets", "empty.txt", b"\n\n")
+    assert refused.status_code == 422 and "holds no text" in refused.text

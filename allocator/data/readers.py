@@ -384,3 +384,4 @@ READERS = {
     **dict.fromkeys(TEXT_SUFFIXES, read_text),
 }
 """The reader of each file suffix."""
+DATASET_SUFFIXES = tuple(READERS)

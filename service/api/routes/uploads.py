@@ -121,7 +121,7 @@ async def upload_model(
     status_code=status.HTTP_201_CREATED,
     openapi_extra=_openapi(UploadKind.DATASET),
     responses=ERRORS,
-    summary="Upload calibration or evaluation data (.npz images, .csv/.tsv sentence pairs)",
+    summary="Upload calibration or evaluation data (.npz images, .csv/.tsv pairs, .txt text)",
 )
 async def upload_dataset(
     request: Request,
