@@ -574,6 +574,14 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path: Path) -> No
         load_model(f"hf:{tmp_path}")
 
 
+@pytest.mark.parametrize("config", ['{"model_type": "nosuch"}', "{}"])
+def test_a_config_transformers_cannot_read_is_one_line(tmp_path: Path, config: str) -> None:
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(UnknownModel, match=r"cannot read .*config\.json") as caught:
+        load_model(f"hf:{tmp_path}")
+    assert "\n" not in str(caught.value)
+
+
 def test_weights_that_do_not_fit_the_folders_config_are_one_line(folders, tmp_path: Path) -> None:
     shutil.copytree(folders("gpt2"), tmp_path, dirs_exist_ok=True)
     config = transformers.GPT2Config.from_pretrained(tmp_path)

@@ -127,7 +127,13 @@ def _sentence_transformer(folder: Path, ref: str) -> LoadedModel:
 
 def _transformers(folder: Path, ref: str) -> LoadedModel:
     transformers = _optional("transformers", ref)
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except ValueError as exc:  # transformers: no or an unknown `model_type`
+        raise UnknownModel(
+            f"{ref}: transformers {transformers.__version__} cannot read {folder / 'config.json'} "
+            f"({first_line(exc)}); save the model with save_pretrained"
+        ) from None
     head = _head(config)
     auto = getattr(transformers, head.auto_class)
     try:
