@@ -57,8 +57,9 @@ SENTENCES = [
 BPE_VOCAB = 320
 LAYERS = {"num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 INIT = {"initializer_range": 0.2}
-"""At BERT's default 0.02 a random model gives every sentence nearly the same [CLS] vector: its
-covariance is too flat for GPTQ's Cholesky (allocator/quant/gptq.py), which no trained model is."""
+"""At the default 0.02 a random BERT gives every sentence nearly the same [CLS] vector, whose
+covariance is too flat for GPTQ's Cholesky (allocator/quant/gptq.py), and a random ViT's logit
+barely depends on its pixels: no trained model is like that."""
 CONSERVATION_TOLERANCE = 1e-4
 """Relative gap allowed between the explained quantity and the relevance at the inputs plus
 what biases absorbed; the rules are exact, so what remains is float32 rounding."""
@@ -120,7 +121,9 @@ def _module(family: str) -> nn.Module:
         )  # fmt: skip
         return t.RobertaForSequenceClassification(config)
     if family == "vit":
-        config = t.ViTConfig(hidden_size=32, image_size=32, patch_size=8, num_labels=5, **LAYERS)
+        config = t.ViTConfig(
+            hidden_size=32, image_size=32, patch_size=8, num_labels=5, **LAYERS, **INIT
+        )
         return t.ViTForImageClassification(config)
     if family == "gpt2":
         config = t.GPT2Config(
@@ -347,7 +350,7 @@ def test_relevance_is_conserved(family: str, folders) -> None:
     check = conservation(model, sample_inputs(model))
     assert check.relative_error < CONSERVATION_TOLERANCE, check
     assert (check.absorbed != 0) == (family != "llama")  # Llama has no biases
-    assert abs(check.input_relevance) > 1e-3 * abs(check.explained)
+    assert abs(check.input_relevance) > 0.05 * abs(check.explained)
 
 
 def test_a_causal_lm_explains_the_log_probability_of_the_true_next_tokens(folders) -> None:
