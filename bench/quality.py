@@ -190,6 +190,8 @@ class Row:
     predicted: float | None = None
     budget: float | None = None
     """The avg-bits budget a mixed row was solved for."""
+    bits: dict[str, int] | None = None
+    """A mixed row's width per layer."""
 
 
 def score(bench: Workbench, module: nn.Module | None = None) -> Scores:
@@ -270,6 +272,7 @@ def mixed_rows(
                     scores,
                     solution.objective,
                     budget=b,
+                    bits=solution.bits,
                 )
             )
     rho = spearmanr([p for p, _ in points], [m for _, m in points]).statistic if sweep else None
@@ -320,6 +323,47 @@ def rules_table(bench: Workbench) -> str:
         cells = " | ".join(f"{measured[n]:.4g}" for n in names)
         lines.append(f"| {b} | {cells} | {bench.rules.chosen[b]} |")
     return "\n".join(lines)
+
+
+def depthwise_table(bench: Workbench, rows: list[Row]) -> str | None:
+    """How many depthwise layers each mixed plan puts at each width, and the average width of
+    depthwise and other layers: they hold few weights per channel, so low widths hurt them most
+    and cost little storage to avoid. None for a model without depthwise layers."""
+    modules = dict(bench.model.module.named_modules())
+    depthwise = {
+        layer.name
+        for layer in bench.table
+        if isinstance(conv := modules[layer.name], nn.Conv2d)
+        and conv.groups > 1
+        and conv.groups == conv.in_channels
+    }
+    if not depthwise:
+        return None
+    params = {layer.name: layer.params for layer in bench.table}
+    widths = sorted(bench.spec.bits)
+
+    def average(bits: dict[str, int], names: set[str]) -> float:
+        return sum(params[n] * bits[n] for n in names) / sum(params[n] for n in names)
+
+    others = set(params) - depthwise
+    lines = [
+        "| plan | " + " | ".join(f"{b}-bit" for b in widths) + " | depthwise avg bits "
+        "| other layers avg bits |",
+        "|---|" + "---|" * (len(widths) + 2),
+    ]
+    for row in rows:
+        if row.bits is None:
+            continue
+        counts = " | ".join(str(sum(row.bits[n] == b for n in depthwise)) for b in widths)
+        lines.append(
+            f"| {row.label} | {counts} | {average(row.bits, depthwise):.2f} "
+            f"| {average(row.bits, others):.2f} |"
+        )
+    share = sum(params[n] for n in depthwise) / bench.table.total_params
+    return (
+        f"Depthwise layers ({len(depthwise)} of {len(params)}, {share:.1%} of the weights) per "
+        f"width in each mixed plan:\n\n" + "\n".join(lines)
+    )
 
 
 def clip_table(bench: Workbench) -> str:
@@ -390,6 +434,7 @@ def run_model(name: str, model: BenchModel, methods: list[str], budgets: list[fl
         "Clipping and rounding per layer within the chosen set:",
         "",
         clip_table(bench),
+        *(["", depthwise] if (depthwise := depthwise_table(bench, rows)) else []),
         "",
         f"_prepare (load, layer table, statistics, rule sets) {prepared - started:.0f} s, "
         f"FP32 and uniform rows {uniform_done - prepared:.0f} s, "
