@@ -28,7 +28,7 @@ from allocator import memory
 from allocator.apply import load_packed
 from allocator.data import EvalSet, TextCorpus, calibration_batches, evaluate, load_dataset
 from allocator.data.batches import WINDOW_TOKENS, pool, token_windows, window_length
-from allocator.data.evaluate import HIGHER_IS_BETTER
+from allocator.data.evaluate import HIGHER_IS_BETTER, kl_divergence, perplexity
 from allocator.data.readers import MAX_LINE_CHARS, DatasetTooLarge
 from allocator.errors import BadDataset, UnknownModel
 from allocator.layers import build_layer_table, weight_layers
@@ -469,6 +469,18 @@ def test_perplexity_matches_a_hand_computation(tmp_path: Path) -> None:
     other = evaluate(worse, evalset, reference)
     assert other["perplexity"] > metrics["perplexity"] and other["kl"] > 0
     assert other["agreement"] == pytest.approx(100 * 5 / 8)  # the three "a" positions changed
+
+
+def test_kl_and_perplexity_over_many_windows_are_the_plain_means() -> None:
+    """They are computed a chunk of windows at a time, to bound the float64 copies."""
+    torch.manual_seed(0)
+    reference, logits = torch.randn(150, 6, 11), torch.randn(150, 6, 11)
+    tokens = torch.randint(0, 11, (150, 6))
+    log_p, log_q = reference.double().log_softmax(-1), logits.double().log_softmax(-1)
+    plain_kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+    assert kl_divergence(reference, logits) == pytest.approx(plain_kl, rel=1e-12)
+    nll = -log_q[:, :-1].gather(-1, tokens[:, 1:, None]).mean().item()
+    assert perplexity(logits, tokens) == pytest.approx(math.exp(nll), rel=1e-12)
 
 
 def test_text_is_cut_into_windows_for_calibration_and_evaluation() -> None:

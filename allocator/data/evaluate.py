@@ -40,8 +40,9 @@ REFERENCE_METRICS = frozenset({"agreement", "kl", "mse"})
 """Metrics that compare with the FP32 outputs and so need `reference`."""
 
 DEFAULT_BATCH_SIZE = 128
-PERPLEXITY_CHUNK = 64
-"""Windows scored at once: the float64 log-softmax is as large as that many windows' logits."""
+FLOAT64_CHUNK = 64
+"""Samples scored at once in float64 by KL and perplexity: a causal LM's sample is a window of
+vocabulary-wide logits, and a float64 copy of all of them would double the evaluation's memory."""
 
 
 class EvalSet:
@@ -138,11 +139,9 @@ def perplexity(logits: torch.Tensor, tokens: torch.Tensor) -> float:
     """exp of the mean next-token cross-entropy over every window (N, T) of `tokens`: position t
     of a window predicts its token t + 1, so the last position predicts nothing."""
     total = 0.0
-    for start in range(0, len(tokens), PERPLEXITY_CHUNK):
-        chunk = slice(start, start + PERPLEXITY_CHUNK)
+    for chunk in _chunks(len(tokens)):
         log_probs = F.log_softmax(logits[chunk, :-1].double(), dim=-1)
-        target = tokens[chunk, 1:, None]
-        total -= log_probs.gather(-1, target).sum().item()
+        total -= log_probs.gather(-1, tokens[chunk, 1:, None]).sum().item()
     return math.exp(total / (tokens.shape[0] * (tokens.shape[1] - 1)))
 
 
@@ -157,10 +156,18 @@ def agreement(logits: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def kl_divergence(reference: torch.Tensor, logits: torch.Tensor) -> float:
-    """Mean KL(softmax(reference) || softmax(logits)) in nats, in float64 for small values."""
-    log_p = F.log_softmax(reference.double(), dim=-1)
-    log_q = F.log_softmax(logits.double(), dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean().item()
+    """Mean KL(softmax(reference) || softmax(logits)) in nats over samples (and positions), in
+    float64 for small values."""
+    total = 0.0
+    for chunk in _chunks(len(reference)):
+        log_p = F.log_softmax(reference[chunk].double(), dim=-1)
+        log_q = F.log_softmax(logits[chunk].double(), dim=-1)
+        total += (log_p.exp() * (log_p - log_q)).sum().item()
+    return total / (reference.numel() // reference.shape[-1])
+
+
+def _chunks(size: int) -> list[slice]:
+    return [slice(start, start + FLOAT64_CHUNK) for start in range(0, size, FLOAT64_CHUNK)]
 
 
 def sts_spearman(embeddings: torch.Tensor, scores: np.ndarray) -> float:
