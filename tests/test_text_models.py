@@ -57,9 +57,9 @@ SENTENCES = [
 BPE_VOCAB = 320
 LAYERS = {"num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 INIT = {"initializer_range": 0.2}
-"""At the default 0.02 a random BERT gives every sentence nearly the same [CLS] vector, whose
-covariance is too flat for GPTQ's Cholesky (allocator/quant/gptq.py), and a random ViT's logit
-barely depends on its pixels: no trained model is like that."""
+"""At the default 0.02 a random BERT gives every sentence nearly the same [CLS] vector (a
+covariance flat enough to trip GPTQ's Cholesky before its dampening retries) and a random ViT's
+logit barely depends on its pixels: no trained model is like that."""
 CONSERVATION_TOLERANCE = 1e-4
 """Relative gap allowed between the explained quantity and the relevance at the inputs plus
 what biases absorbed; the rules are exact, so what remains is float32 rounding."""
