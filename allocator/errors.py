@@ -48,6 +48,10 @@ class InfeasibleBudget(BitplanError):
         self.smallest_feasible_bits = smallest_feasible_bits
 
 
+class UnsupportedModel(BitplanError):
+    """A model with no layer bitplan can quantize."""
+
+
 class UnknownMethod(BitplanError):
     """A sensitivity method or quantizer name that is not registered."""
 

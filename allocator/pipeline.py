@@ -596,6 +596,7 @@ def run(
         if bench.activations is not None:
             metrics["act_rules"] = bench.activations.rules_to_dict()
         metrics["plan_check"] = plan_check
+        metrics["float_layers"] = [layer.to_dict() for layer in table.floating]
         metrics["predicted_cost"] = solution.objective
     result = Result(
         spec=spec,
@@ -629,6 +630,7 @@ def _allocation(
     return [
         {
             "layer": layer.name,
+            "kind": layer.kind,
             "weight_bits": solution.bits[layer.name],
             "params": layer.params,
             "clip": plan.layers[layer.name].clip,

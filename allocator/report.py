@@ -449,6 +449,7 @@ def render_html(result: Result, report: Report, images: Mapping[str, bytes]) -> 
         "<h2>Layers</h2>",
         _image(images["layers"], "Bits per layer and sensitivity"),
         _layers_table(result.allocation),
+        *_float_section(result.metrics.get("float_layers") or []),
         "<h2>Inputs (to reproduce this run)</h2>",
         _pairs_table(_input_rows(result)),
         "<h2>Timings (seconds)</h2>",
@@ -519,11 +520,13 @@ def _solver_rows(solver: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 def _layers_table(allocation: Sequence[Mapping[str, Any]]) -> str:
     methods = list(_sensitivities(allocation))
-    head = ["layer", "params", "bits", "pinned", "clip", *(f"{m} sensitivity" for m in methods)]
+    head = ["layer", "kind", "params", "bits", "pinned", "clip"]
+    head += [f"{m} sensitivity" for m in methods]
     rows = [
         (
             [
                 entry["layer"],
+                str(entry.get("kind") or ""),
                 str(entry["params"]),
                 str(entry["weight_bits"]),
                 "yes" if entry.get("pinned") else "",
@@ -535,6 +538,21 @@ def _layers_table(allocation: Sequence[Mapping[str, Any]]) -> str:
         for entry in allocation
     ]
     return _table(head, rows)
+
+
+def _float_section(floating: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The weight layers the job left in float and why; nothing when it quantized them all."""
+    if not floating:
+        return []
+    rows = [
+        ([entry["name"], entry["type"], str(entry["params"]), entry["reason"]], "")
+        for entry in floating
+    ]
+    return [
+        "<h2>Layers left in float</h2>",
+        "<p>Not in the plan or the budget: stored as float32 in the artifact.</p>",
+        _table(["layer", "type", "params", "reason"], rows),
+    ]
 
 
 def _input_rows(result: Result) -> list[tuple[str, str]]:

@@ -7,57 +7,134 @@ so later columns compensate for earlier ones. The grid (per-channel float16 scal
 clipping rule) is unchanged, so codes pack and reload exactly as before: only which grid point
 each weight takes differs. Columns go in order of decreasing C_ii ("act order"), the standard
 recipe, with a small dampening of C for numerical stability.
+
+A grouped convolution's groups read disjoint input channels, so each group has its own C (see
+`allocator.unfold`) and its own compensation; all groups run together, batched, which keeps a
+depthwise layer (one 9x9 C per channel) at nine column steps. The factor of C^-1 depends only
+on the statistics, so it is computed once per layer (`inverse_factor`) and shared by every
+width and clipping rule.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from allocator.quant.weight import FLOAT_BITS, QuantizedWeight, quantize_weight
+from allocator.quant.weight import QuantizedWeight
+from allocator.unfold import grouped_weight
 
 DAMPENING = 0.01
 """Fraction of mean(diag C) added to the diagonal before inversion."""
+DAMPENING_GROWTH = 10.0
+DAMPENING_TRIES = 6
+"""A group whose dampened C is still not positive definite (a nearly flat covariance) is retried
+with `DAMPENING_GROWTH` times more, up to this many times; heavy dampening tends to plain
+rounding, never to a failed job."""
 BLOCK = 128
 
 
-def gptq_quantize(w: Tensor, second_moment: Tensor, bits: int, clip: str) -> QuantizedWeight:
-    """Codes for `w` (output channel = dim 0; inputs flattened as the layer unfolds them)."""
-    nearest = quantize_weight(w, bits, clip)
-    if bits >= FLOAT_BITS or nearest.scale is None:
-        return nearest
-    scale = nearest.scale.float()
-    qmax = 2 ** (bits - 1) - 1
-    weight = w.detach().reshape(w.shape[0], -1).double().clone()
+@dataclass(frozen=True)
+class InverseFactor:
+    """What GPTQ reads from one layer's statistics, per weight group: the column order, the
+    columns no input ever reaches, and the upper Cholesky factor of the dampened C^-1 in that
+    order."""
+
+    order: Tensor
+    """(groups, width) column indices, largest C_ii first."""
+    dead: Tensor
+    """(groups, width) True where C_ii = 0."""
+    upper: Tensor
+    """(groups, width, width) float64."""
+
+
+def inverse_factor(second_moment: Tensor) -> InverseFactor:
+    """The factor for stacked per-group second moments (groups, width, width)."""
     hessian = second_moment.double().clone()
-    dead = torch.diag(hessian) == 0
-    hessian[dead, dead] = 1.0
-    weight[:, dead] = 0.0
-    order = torch.argsort(torch.diag(hessian), descending=True)
-    weight = weight[:, order]
-    hessian = hessian[order][:, order]
-    hessian += DAMPENING * torch.diag(hessian).mean() * torch.eye(len(hessian), dtype=torch.float64)
-    inverse = torch.linalg.cholesky(
-        torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True
-    )
-    divisor = torch.where(scale == 0, torch.ones_like(scale), scale).double()
+    diagonal = hessian.diagonal(dim1=1, dim2=2)
+    dead = diagonal == 0
+    diagonal[dead] = 1.0
+    order = torch.argsort(diagonal, dim=1, descending=True)
+    hessian = hessian.gather(1, order[:, :, None].expand_as(hessian))
+    hessian = hessian.gather(2, order[:, None, :].expand_as(hessian))
+    return InverseFactor(order, dead, _upper_inverse(hessian))
+
+
+def _upper_inverse(hessian: Tensor) -> Tensor:
+    """Upper Cholesky factor of each group's dampened inverse, more dampening where needed."""
+    eye = torch.eye(hessian.shape[-1], dtype=hessian.dtype)
+    base = hessian.diagonal(dim1=1, dim2=2).mean(1)
+    dampening = torch.full_like(base, DAMPENING)
+    for _ in range(DAMPENING_TRIES):
+        damped = hessian + (dampening * base)[:, None, None] * eye
+        lower, info = torch.linalg.cholesky_ex(damped)
+        upper, inverse_info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+        failed = (info != 0) | (inverse_info != 0)
+        if not failed.any():
+            return upper
+        dampening = torch.where(failed, dampening * DAMPENING_GROWTH, dampening)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+
+
+def gptq_quantize(
+    w: Tensor, factor: InverseFactor, grids: Sequence[QuantizedWeight]
+) -> list[QuantizedWeight]:
+    """Error-feedback codes for `w` on the grid of each round-to-nearest `grids[k]` (output
+    channel = dim 0; inputs flattened as the layer unfolds them).
+
+    The grids share the factor and the column order, so they run as one batch: the column steps
+    are paid once per layer, not once per width and clipping rule. A float16 grid (no scale)
+    comes back as it is.
+    """
+    scaled = [k for k, grid in enumerate(grids) if grid.scale is not None]
+    result = list(grids)
+    if not scaled:
+        return result
+    count = factor.order.shape[0]
+    single = grouped_weight(w.detach().double(), count)
+    single = single.masked_fill(factor.dead[:, None, :], 0.0)
+    weight = single.repeat(1, len(scaled), 1)
+    index = factor.order[:, None, :].expand_as(weight)
+    weight = weight.gather(2, index)
+    scale = torch.cat(
+        [grouped_weight(grids[k].scale.double(), count) for k in scaled],
+        dim=1,  # type: ignore[union-attr]
+    ).squeeze(-1)
+    divisor = torch.where(scale == 0, torch.ones_like(scale), scale)
+    qmax = torch.cat(
+        [torch.full((single.shape[1],), 2.0 ** (grids[k].bits - 1) - 1) for k in scaled]
+    ).double()
+    codes = _feedback(weight, divisor, qmax, factor.upper)
+    restored = torch.zeros_like(codes).scatter_(2, index, codes)
+    for position, k in enumerate(scaled):
+        part = restored[:, position * single.shape[1] : (position + 1) * single.shape[1]]
+        result[k] = QuantizedWeight(
+            codes=part.to(torch.int8).reshape(w.shape),
+            scale=grids[k].scale,
+            bits=grids[k].bits,
+            clip=grids[k].clip,
+        )
+    return result
+
+
+def _feedback(weight: Tensor, divisor: Tensor, qmax: Tensor, inverse: Tensor) -> Tensor:
+    """GPTQ's column loop over (groups, rows, columns) weights in act order: each column is
+    rounded on its row's grid and its error spread over the later columns along C^-1."""
     codes = torch.zeros_like(weight)
-    columns = weight.shape[1]
+    columns = weight.shape[2]
     for start in range(0, columns, BLOCK):
         end = min(start + BLOCK, columns)
-        block = weight[:, start:end].clone()
+        block = weight[:, :, start:end].clone()
         errors = torch.zeros_like(block)
-        inv = inverse[start:end, start:end]
+        inv = inverse[:, start:end, start:end]
         for i in range(end - start):
-            column = block[:, i]
-            code = torch.clamp(torch.round(column / divisor), -qmax - 1, qmax)
-            codes[:, start + i] = code
-            error = (column - code * divisor) / inv[i, i]
-            block[:, i:] -= error[:, None] * inv[i, i:][None, :]
-            errors[:, i] = error
-        weight[:, end:] -= errors @ inverse[start:end, end:]
-    restored = torch.empty_like(codes)
-    restored[:, order] = codes
-    return QuantizedWeight(
-        codes=restored.to(torch.int8).reshape(w.shape), scale=nearest.scale, bits=bits, clip=clip
-    )
+            column = block[:, :, i]
+            code = torch.maximum(torch.minimum(torch.round(column / divisor), qmax), -qmax - 1)
+            codes[:, :, start + i] = code
+            error = (column - code * divisor) / inv[:, i, i][:, None]
+            block[:, :, i:] -= error[:, :, None] * inv[:, i, i:][:, None, :]
+            errors[:, :, i] = error
+        weight[:, :, end:] -= errors @ inverse[:, start:end, end:]
+    return codes
