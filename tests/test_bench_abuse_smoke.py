@@ -19,7 +19,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.integration
 def test_every_attack_is_refused_and_nothing_answers_5xx(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "bench" / "abuse.py"), "--fuzz", "40", "--out", str(tmp_path / "abuse.md")],
+        [
+            sys.executable,
+            str(REPO_ROOT / "bench" / "abuse.py"),
+            "--fuzz",
+            "40",
+            "--out",
+            str(tmp_path / "abuse.md"),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
