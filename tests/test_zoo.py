@@ -365,6 +365,14 @@ def test_timm_model_takes_options_and_its_input_config() -> None:
     assert model(torch.zeros(1, 3, 160, 160)).shape == (1, 7)
 
 
+def test_a_convolutional_timm_model_runs_at_the_input_size_asked() -> None:
+    """CNNs take any resolution: `input_size` only sets what images are resized to."""
+    model = load_model("timm:test_resnet?num_classes=3&input_size=48")
+    assert model.image_size == 48
+    images = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+    assert model(model.prepare_images(images)).shape == (2, 3)
+
+
 def test_timm_model_without_head_is_an_embedding_model() -> None:
     model = load_model("timm:test_resnet?num_classes=0")
     assert model.task == "embedding"

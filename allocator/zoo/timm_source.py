@@ -24,6 +24,7 @@ from allocator.zoo.base import LoadedModel
 from allocator.zoo.options import Option, Options, OptionValue, parse_options
 from allocator.zoo.weights import first_line, load_weights_file
 
+INPUT_SIZE = "input_size"
 FRACTION = Option("float", 0.0, 1.0)
 FLAG = Option("bool")
 TIMM_OPTIONS: Options = {
@@ -52,9 +53,12 @@ TIMM_OPTIONS: Options = {
     "class_token": FLAG,
     "qkv_bias": FLAG,
     "zero_init_last": FLAG,
+    INPUT_SIZE: Option("int", 8, 1024),
 }
 """The `create_model` keywords a reference may set, with their bounds: enough to shrink any
-architecture for a test or fit a head to a dataset, none that opens a file."""
+architecture for a test or fit a head to a dataset, none that opens a file. `input_size` is
+bitplan's own: the resolution images are resized to for a convolutional model, which takes any
+(a transformer's is `img_size`, which rebuilds its position embedding)."""
 
 
 def check_timm_ref(name: str) -> None:
@@ -68,6 +72,7 @@ def timm_source(name: str, weights: Path | None) -> LoadedModel:
     architecture, _, query = name.partition("?")
     ref = f"timm:{name}"
     options = parse_options(query, ref, TIMM_OPTIONS)
+    input_size = options.pop(INPUT_SIZE, None)
     module = _create(architecture, options, ref)
     if weights is not None:
         load_weights_file(module, weights, ref)
@@ -79,7 +84,7 @@ def timm_source(name: str, weights: Path | None) -> LoadedModel:
         task="classification" if num_classes else "embedding",
         input_kind="image",
         # `img_size=` rebuilds the model for another input size; pretrained_cfg keeps the old one.
-        image_size=_image_size(options.get("img_size"), cfg["input_size"][-1]),
+        image_size=_image_size(input_size or options.get("img_size"), cfg["input_size"][-1]),
         mean=tuple(cfg["mean"]),
         std=tuple(cfg["std"]),
         num_classes=num_classes or None,
