@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from allocator.errors import UnknownMethod
+from allocator.quant.gptq import gptq_quantize, inverse_factor
 from allocator.quant.weight import (
     CLIP_RULES,
     SUPPORTED_BITS,
@@ -133,3 +134,40 @@ def test_mse_search_in_blocks_matches_one_block(monkeypatch: pytest.MonkeyPatch)
     blocked = quantize_weight(w, 3, "mse")
     assert torch.equal(whole.codes, blocked.codes)
     assert torch.equal(whole.scale, blocked.scale)
+
+
+# --- GPTQ (allocator.quant.gptq) -----------------------------------------------------------------
+
+
+def _output_error(delta: torch.Tensor, moment: torch.Tensor) -> float:
+    flat = delta.reshape(delta.shape[0], -1)
+    return float(((flat @ moment) * flat).sum())
+
+
+def test_gptq_batches_grids_without_mixing_them_and_beats_nearest() -> None:
+    w = _weight(6, 4, 3, 3)
+    x = _weight(400, 36, seed=1) @ _weight(36, 36, seed=2)  # correlated inputs
+    moment = x.T @ x / len(x)
+    factor = inverse_factor(moment[None])
+    grids = [quantize_weight(w, b, c) for b in (2, 3, 16) for c in sorted(CLIP_RULES)]
+    together = gptq_quantize(w, factor, grids)
+    for grid, batched in zip(grids, together, strict=True):
+        (alone,) = gptq_quantize(w, factor, [grid])
+        assert torch.equal(batched.codes, alone.codes)
+        assert batched.scale is grid.scale and batched.bits == grid.bits
+        if grid.bits < 16:
+            gptq = _output_error(batched.dequantize() - w, moment)
+            assert gptq < _output_error(grid.dequantize() - w, moment)
+
+
+def test_gptq_dampens_more_where_a_covariance_is_not_positive_definite() -> None:
+    """A covariance E[xx^T] - mm^T computed in float32 can come out slightly indefinite; the
+    group is retried with more dampening instead of failing the job."""
+    indefinite = torch.tensor([[1.0, 2.0], [2.0, 1.0]])
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.cholesky(indefinite.double() + 0.01 * torch.eye(2, dtype=torch.float64))
+    factor = inverse_factor(torch.stack([indefinite, torch.eye(2)]))
+    assert torch.isfinite(factor.upper).all()
+    w = _weight(4, 2)
+    (codes,) = gptq_quantize(w, factor, [quantize_weight(w, 3)])
+    assert codes.codes.shape == w.shape

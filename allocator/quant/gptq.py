@@ -11,8 +11,9 @@ recipe, with a small dampening of C for numerical stability.
 A grouped convolution's groups read disjoint input channels, so each group has its own C (see
 `allocator.unfold`) and its own compensation; all groups run together, batched, which keeps a
 depthwise layer (one 9x9 C per channel) at nine column steps. The factor of C^-1 depends only
-on the statistics, so it is computed once per layer (`inverse_factor`) and shared by every
-width and clipping rule.
+on the statistics, so it is computed once per layer (`inverse_factor`); the widths and
+clipping rules differ only in their grids, so they run as one batch of rows through a single
+column loop (`gptq_quantize`).
 """
 
 from __future__ import annotations
