@@ -43,7 +43,7 @@ from allocator.data import (
     holdout_batches,
     load_dataset,
 )
-from allocator.errors import BadBudget, BadSpec, UnknownMethod
+from allocator.errors import BadBudget, BadSpec, BitplanError, UnknownMethod, UnsupportedModel
 from allocator.layers import LayerTable, build_layer_table
 from allocator.limits import Limits
 from allocator.plan import BitPlan, LayerPlan
@@ -65,6 +65,7 @@ from allocator.weight_rules import (
 )
 from allocator.zoo import load_model
 from allocator.zoo.base import Inputs, LoadedModel
+from allocator.zoo.weights import first_line
 
 Progress = Callable[[str, float, str], None]
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
@@ -449,7 +450,9 @@ def prepare(
     with clock.phase("load"):
         model = load_model(spec.model, spec.weights)
         calib = load_dataset(spec.calib, max_bytes=limits.max_dataset_bytes)
-        check_memory(spec, model, calibration_batches(calib, model, 1, 1, spec.seed)[0], limits)
+        sample = calibration_batches(calib, model, 1, 1, spec.seed)[0]
+        check_forward(model, sample)
+        check_memory(spec, model, sample, limits)
         batches = calibration_batches(calib, model, spec.calib_samples, spec.batch_size, spec.seed)
         evalset = EvalSet(
             load_dataset(spec.eval, max_bytes=limits.max_dataset_bytes) if spec.eval else calib,
@@ -484,6 +487,27 @@ def prepare(
     return Workbench(
         spec, model, batches, evalset, table, choices, activations, rules, holdout, reference
     )
+
+
+def check_forward(model: LoadedModel, sample: Inputs) -> None:
+    """Run the model once on one prepared sample, so that a model that cannot run on its data
+    (options that do not fit the architecture, a fixed input size) fails in one line naming
+    the input, not with a traceback from deep inside its forward."""
+    try:
+        with torch.no_grad():
+            model(sample)
+    except BitplanError:
+        raise
+    except Exception as exc:  # the model's own code: any error it raises
+        shape = (
+            tuple(sample.shape)
+            if isinstance(sample, torch.Tensor)
+            else {key: tuple(value.shape) for key, value in sample.items()}
+        )
+        raise UnsupportedModel(
+            f"{model.ref} fails on one calibration sample of shape {shape}: {first_line(exc)}; "
+            "check that its options (input size, channels) fit the architecture and the data"
+        ) from None
 
 
 def check_memory(spec: JobSpec, model: LoadedModel, sample: Inputs, limits: Limits) -> None:

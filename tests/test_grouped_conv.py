@@ -94,7 +94,23 @@ class Conv1dOnly(nn.Module):
         return self.conv1d(x.flatten(2)).mean(2)
 
 
-MODELS = {"tiny": TinyCNN, "unsupported": Unsupported, "conv1d-only": Conv1dOnly}
+class WrongInputSize(nn.Module):
+    """A head built for another input size: its forward cannot run on the data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(3 * 32 * 32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x.flatten(1))
+
+
+MODELS = {
+    "tiny": TinyCNN,
+    "unsupported": Unsupported,
+    "conv1d-only": Conv1dOnly,
+    "wrong-input-size": WrongInputSize,
+}
 TIMM_IMAGE = 64
 RESIDUAL = {"zero_init_last": False}
 """ResNet-style blocks start as identities otherwise: every sensitivity would be zero."""
@@ -355,6 +371,12 @@ def test_a_model_with_nothing_to_quantize_fails_in_one_line(
     assert outcome.exit_code == 2
     assert "no layer bitplan can quantize" in outcome.stderr
     assert "Traceback" not in outcome.stderr and len(outcome.stderr.strip().splitlines()) == 1
+
+
+def test_a_model_that_cannot_run_on_its_data_fails_in_one_line(calib: Path) -> None:
+    with pytest.raises(UnsupportedModel, match=r"shape \(1, 3, 16, 16\): mat1 and mat2") as info:
+        run(tiny_spec(calib, model="gconv:wrong-input-size"))
+    assert "\n" not in str(info.value)
 
 
 def test_pinning_a_float_layer_says_why_it_cannot_be(tiny) -> None:
