@@ -1,7 +1,7 @@
 """Grouped and depthwise convolutions end to end, and the weight layers bitplan leaves in float.
 
-The tiny CNN has every shape of convolution the CNN families use: a depthwise 3x3, grouped 3x3s
-(G = 2, 4), a pointwise 1x1 and a Linear head. Statistics and errors are compared with brute
+The tiny CNN has every shape of convolution the CNN families use: a TF 'SAME' stem (timm's
+`Conv2dSame`), a depthwise 3x3, grouped 3x3s (G = 2, 4), a pointwise 1x1 and a Linear head. Statistics and errors are compared with brute
 force per group: unfolding each group's own input channels, and running the real convolution.
 """
 
@@ -36,7 +36,7 @@ BITS = (2, 3, 4, 8)
 class TinyCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.stem = Conv2dSame(3, 8, 3, stride=2, bias=False)  # TF 'SAME', bias made on apply
         self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
         self.g2 = nn.Conv2d(8, 16, 3, padding=1, groups=2)
         self.g4 = nn.Conv2d(16, 16, 3, padding=1, groups=4, bias=False)
@@ -316,6 +316,8 @@ def test_a_job_on_the_tiny_cnn_ends_with_a_plan_and_a_report(calib: Path, tmp_pa
     assert kinds["dw"] == "depthwise-conv2d" and kinds["g4"] == "grouped-conv2d"
     assert result.metrics["float_layers"] == []
     assert len(result.plan.layers["dw"].bias_correction) == 8
+    table = build_layer_table(gconv_source("tiny", None), torch.randn(1, 3, IMAGE, IMAGE))
+    assert table.get("stem").padding == "tf-same"
     page = Path(result.artifacts["report"]).read_text()
     assert "depthwise-conv2d" in page and "Layers left in float" not in page
 
