@@ -84,9 +84,16 @@ class Family:
     hf: str | None = None
 
 
-def _timm(name: str, architecture: str, tiny_options: str, native_options: str = "") -> Family:
+def _timm(
+    name: str,
+    architecture: str,
+    tiny_options: str,
+    native_options: str = "",
+    tiny_architecture: str | None = None,
+) -> Family:
+    """A timm family; its tiny row may use timm's own test-sized model of the family."""
     native = f"timm:{architecture}" + (f"?{native_options}" if native_options else "")
-    return Family(name, native, f"timm:{architecture}?{tiny_options}")
+    return Family(name, native, f"timm:{tiny_architecture or architecture}?{tiny_options}")
 
 
 IMAGE_FAMILIES: tuple[Family, ...] = (
@@ -95,17 +102,28 @@ IMAGE_FAMILIES: tuple[Family, ...] = (
         "resnet18",
         "num_classes=10&zero_init_last=false&input_size=64",
         native_options="zero_init_last=false",
+        tiny_architecture="test_resnet",
     ),
     _timm("resnext", "resnext26ts", "num_classes=10&input_size=64"),
     _timm("regnet", "regnetx_002", "num_classes=10&input_size=64"),
     _timm("mobilenetv2", "mobilenetv2_050", "num_classes=10&input_size=64"),
     _timm("mobilenetv3", "mobilenetv3_small_050", "num_classes=10&input_size=64"),
-    _timm("efficientnet", "efficientnet_b0", "num_classes=10&input_size=64"),
+    _timm(
+        "efficientnet",
+        "efficientnet_b0",
+        "num_classes=10&input_size=64",
+        tiny_architecture="test_efficientnet",
+    ),
     _timm(
         "efficientnet-lite (Conv2dSame)", "tf_efficientnet_lite0", "num_classes=10&input_size=64"
     ),
     _timm("ghostnet", "ghostnet_050", "num_classes=10&input_size=64"),
-    _timm("convnext", "convnext_atto", "num_classes=10&input_size=64"),
+    _timm(
+        "convnext",
+        "convnext_atto",
+        "num_classes=10&input_size=64",
+        tiny_architecture="test_convnext",
+    ),
     _timm("repvit", "repvit_m0_9", "num_classes=10&input_size=64"),
     _timm("fastvit", "fastvit_t8", "num_classes=10&input_size=64"),
     _timm("efficientformer", "efficientformer_l1", "num_classes=10&img_size=64"),

@@ -169,3 +169,19 @@ def test_a_layer_that_cannot_change_the_output_costs_nothing() -> None:
     row = table.names.index("unused")
     assert (cost[row] == 0).all()
     assert (cost[table.names.index("body")] > 0).all()
+
+
+def test_hutchinson_runs_through_hard_sigmoid_gates() -> None:
+    """torch's hardsigmoid backward has no backward; MobileNetV3's squeeze-excite gates use it."""
+    torch.manual_seed(0)
+    module = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.Hardswish(), nn.Conv2d(4, 4, 1), nn.Hardsigmoid(),
+        nn.Flatten(), nn.Linear(4 * 8 * 8, 5),
+    ).eval()  # fmt: skip
+    model = LoadedModel(ref="gated", module=module, task="classification", input_kind="image")
+    x = torch.randn(2, 3, 8, 8)
+    table = build_layer_table(model, x[:1], pin_first_last=False)
+    traces = hessian_traces(model, [x], table, max_probes=8)
+    assert all(torch.isfinite(torch.tensor(t)) for t in traces.trace.values())
+    assert any(t != 0 for t in traces.trace.values())
+

@@ -11,11 +11,13 @@ one forward and reused for every probe. Attention goes through the math formulat
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from allocator.layers import LayerTable
 from allocator.sensitivity.gradients import next_token_loss
@@ -61,7 +63,7 @@ def hessian_traces(
     previous = None
     converged = False
     probes = 0
-    with relevance_rules(model.module, build_lrp=False):
+    with relevance_rules(model.module, build_lrp=False), _twice_differentiable(model.module):
         loss = _loss(model, batches[0])
         grads = torch.autograd.grad(loss, weights, create_graph=True)
         for probes in range(1, max_probes + 1):
@@ -84,3 +86,28 @@ def hessian_traces(
         name: max(float(means[i]), 0.0) / weights[i].numel() for i, name in enumerate(table.names)
     }
     return HessianTraces(trace, probes, converged, time.perf_counter() - started)
+
+
+TWICE_DIFFERENTIABLE: dict[type[nn.Module], Callable[[torch.Tensor], torch.Tensor]] = {
+    nn.Hardsigmoid: lambda x: torch.clamp(x / 6 + 0.5, 0.0, 1.0),
+    nn.Hardswish: lambda x: x * torch.clamp(x / 6 + 0.5, 0.0, 1.0),
+}
+"""The same functions written with ops whose backward has a backward: torch's fused
+`hardsigmoid_backward` has none, and MobileNetV3's squeeze-excite gates use it."""
+
+
+@contextmanager
+def _twice_differentiable(module: nn.Module) -> Iterator[None]:
+    """Recompute the outputs of activations whose backward cannot be differentiated with an
+    equivalent expression that can, for Hutchinson's Hessian-vector products."""
+    handles = [
+        child.register_forward_hook(lambda _m, args, _out, f=formula: f(args[0]))
+        for child in module.modules()
+        for kind, formula in TWICE_DIFFERENTIABLE.items()
+        if isinstance(child, kind)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -56,7 +56,7 @@ def conservation(model: LoadedModel, inputs: Inputs, seed: int = 0) -> Conservat
         if isinstance(child, nn.Embedding):
             handles.append(child.register_forward_hook(lambda _m, _a, out: sources.append(out)))
         elif isinstance(child, nn.BatchNorm2d):
-            handles.append(child.register_forward_hook(_bn_hook(bn_terms)))
+            handles.append(_bn_hook(child, bn_terms))
     params = [
         p
         for name, p in module.named_parameters()
@@ -85,12 +85,18 @@ def _dot(t: torch.Tensor, g: torch.Tensor | None) -> float:
     return 0.0 if g is None else float((t.detach() * g).sum())
 
 
-def _bn_hook(terms: list):
-    def hook(m: nn.BatchNorm2d, _args: tuple, out: torch.Tensor) -> None:
-        std = torch.sqrt(m.running_var + m.eps)
-        bias = (m.bias if m.bias is not None else 0) - (
-            m.weight if m.weight is not None else 1
-        ) * m.running_mean / std
-        terms.append((out, bias.detach()))
+def _bn_hook(norm: nn.BatchNorm2d, terms: list) -> torch.utils.hooks.RemovableHandle:
+    """Record the batch norm's output and the constant it adds. timm's BatchNormAct2d applies
+    its activation inside its own forward: its module output is past the activation, so the
+    norm's output is read where it enters the activation instead."""
 
-    return hook
+    def record(y: torch.Tensor) -> None:
+        std = torch.sqrt(norm.running_var + norm.eps)
+        weight = norm.weight if norm.weight is not None else 1
+        bias = (norm.bias if norm.bias is not None else 0) - weight * norm.running_mean / std
+        terms.append((y, bias.detach()))
+
+    act = getattr(norm, "act", None)
+    if isinstance(act, nn.Module) and not isinstance(act, nn.Identity):
+        return act.register_forward_pre_hook(lambda _m, args: record(args[0]))
+    return norm.register_forward_hook(lambda _m, _args, out: record(out))

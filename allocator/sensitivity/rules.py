@@ -43,7 +43,22 @@ from allocator.attention import ORIGINAL_SDPA, Combine, sdpa_replacement
 
 Backward = Literal["true", "lrp"]
 
-ELEMENTWISE_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Tanh, nn.Sigmoid)
+ELEMENTWISE_ACTIVATIONS = (
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.ELU,
+    nn.LeakyReLU,
+    nn.Softplus,
+)
+"""Take the identity rule: none is positively homogeneous (f(x) != f'(x) x; ReLU6 and
+Hardtanh saturate), so gradient x input through them would lose relevance. nn.ReLU6 is a
+Hardtanh."""
 
 
 @dataclass
