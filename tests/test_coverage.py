@@ -1,5 +1,5 @@
 """The CI subset of the coverage matrix (`bench/coverage.py --tiny`): every step of a small job on
-one family of each kind (plain CNN, grouped CNN, ViT, windowed ViT, Hugging Face encoders and
+one family of each kind (plain CNN, grouped CNN, ViT, Hugging Face encoders and
 causal LMs). The whole matrix is the benchmark."""
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ CI_FAMILIES = (
     "resnet",
     "regnet",
     "vit",
-    "swin",
     "hf bert",
     "hf vit",
     "hf gpt2",
