@@ -29,7 +29,6 @@ import json
 import os
 import random
 import secrets
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,7 +48,7 @@ from sqlalchemy import make_url
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
-from tests.serving import serving  # noqa: E402
+from tests.serving import bitplan, serving  # noqa: E402
 
 OUT = REPO_ROOT / "bench" / "out" / "abuse.md"
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -168,7 +167,10 @@ def _environment(root: Path, database_url: str | None) -> dict[str, str]:
 
 
 def _setup(url: str, env: dict[str, str], root: Path) -> Target:
-    keys = [_cli("keys", "create", "--tenant", tenant, env=env) for tenant in ("acme", "globex")]
+    keys = [
+        bitplan("keys", "create", "--tenant", tenant, env=env).strip()
+        for tenant in ("acme", "globex")
+    ]
     headers, other = ({"Authorization": f"Bearer {key}"} for key in keys)
     for known in (headers, other):  # both tenants have used their keys before any attack
         httpx.get(f"{url}/v1/jobs", headers=known, timeout=60).raise_for_status()
@@ -177,18 +179,6 @@ def _setup(url: str, env: dict[str, str], root: Path) -> Target:
     )
     upload.raise_for_status()
     return Target(url, headers, other, upload.json()["ref"], root / "secret.th", root / "allowed")
-
-
-def _cli(*args: str, env: dict[str, str]) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    return done.stdout.strip()
 
 
 def _server_pid(url: str) -> int:
