@@ -12,12 +12,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import allocator.solve as solve_module
 from allocator.budget import BITS_PER_MB, ResolvedBudget
 from allocator.errors import InfeasibleBudget
-from allocator.frontier import Knapsack
 from allocator.layers import Layer, LayerTable
-from allocator.solve import SOLVERS, Solution, pareto, solve, uniform_bits_for
+from allocator.solve import SOLVERS, Solution, fixed_plan, pareto, solve, uniform_bits_for
+from allocator.solve import knapsack as knapsack_module
+from allocator.solve.backend import Outcome, SolverError
+from allocator.solve.cbc import CbcBackend
+from allocator.solve.highs import HighsBackend
+from allocator.solve.knapsack import Knapsack
+from allocator.solve.program import build_program
+from allocator.solve.solver import to_solution
 
 BITS = (2, 4, 8)
 
@@ -171,7 +176,7 @@ def test_frontier_agrees_with_the_integer_program(
         ResolvedBudget(size_bits=table.uniform_storage_bits(avg)) for avg in np.linspace(2, 8, 25)
     ]
     fast = pareto(table, BITS, cost, budgets, rel_gap=1e-9)
-    monkeypatch.setattr(solve_module, "MAX_GROUPS", 0)
+    monkeypatch.setattr(knapsack_module, "MAX_GROUPS", 0)
     slow = pareto(table, BITS, cost, budgets, rel_gap=1e-9)
     assert {s.solver for s in fast} == {"frontier"}
     assert {s.solver for s in slow} == {"highs"}
@@ -234,7 +239,7 @@ def test_a_fixed_plan_is_priced_as_the_program_prices_its_own() -> None:
     cost = np.array([[0.0, 0.0, 0.0], [9.0, 3.0, 1.0], [7.0, 2.0, 0.5]])
     budget = ResolvedBudget(size_bits=table.uniform_storage_bits(4))
     solved = solve(table, BITS, cost, budget)
-    uniform = solve_module.fixed_plan(table, table.uniform(4), BITS, cost, solved)
+    uniform = fixed_plan(table, table.uniform(4), BITS, cost, solved)
     assert uniform.bits == {"stem": 8, "a": 4, "b": 4}
     assert uniform.storage_bits == table.uniform_storage_bits(4)
     assert uniform.objective == 5.0  # the pinned stem adds nothing, as in the program
@@ -252,9 +257,7 @@ def test_a_fixed_plan_on_a_joint_table_takes_its_activation_width() -> None:
     cost = np.array([[0.0] * 6, [9.0, 8.0, 3.0, 2.0, 1.0, 0.5], [7.0, 6.0, 2.0, 1.5, 0.5, 0.2]])
     budget = ResolvedBudget(size_bits=table.uniform_storage_bits(4))
     solved = solve(table, BITS, cost, budget, act_bits=acts)
-    uniform = solve_module.fixed_plan(
-        table, table.uniform(4), BITS, cost, solved, act_bits=4, act_choices=acts
-    )
+    uniform = fixed_plan(table, table.uniform(4), BITS, cost, solved, act_bits=4, act_choices=acts)
     assert uniform.act_bits == {"stem": 4, "a": 4, "b": 4}
     assert uniform.objective == 5.0  # the (4, 4) column of a and b
     assert uniform.bops == sum(
@@ -368,14 +371,12 @@ def test_time_limit_reports_feasible_not_optimal(solver: str) -> None:
 
 def test_status_infeasible_and_unknown_carry_no_plan() -> None:
     table = LayerTable((layer("a"), layer("b")))
-    program = solve_module._build_program(table, BITS, convex_costs(2), 32)
+    program = build_program(table, BITS, convex_costs(2), 32)
     too_small = np.array([program.min_use[0] - 1, np.inf])
-    for backend in (solve_module._Highs(program), solve_module._Cbc(program)):
+    for backend in (HighsBackend(program), CbcBackend(program)):
         outcome = backend.solve(too_small, None, 1e-4, 5.0)
         assert (outcome.status, outcome.columns) == ("infeasible", None)
-    empty = solve_module._solution(
-        table, program, solve_module._Outcome("unknown", None, -math.inf), "highs", 32, 0.1
-    )
+    empty = to_solution(table, program, Outcome("unknown", None, -math.inf), "highs", 32, 0.1)
     assert (empty.bits, empty.objective, empty.gap) == ({}, math.inf, math.inf)
 
 
@@ -383,7 +384,7 @@ def test_cbc_when_asked_and_as_fallback(monkeypatch: pytest.MonkeyPatch) -> None
     table = LayerTable(tuple(layer(f"l{i}", params=500 + 10 * i) for i in range(12)))
     cost = convex_costs(12)
     budget = ResolvedBudget(size_bits=table.uniform_storage_bits(4.5))
-    monkeypatch.setattr(solve_module, "MAX_GROUPS", 0)
+    monkeypatch.setattr(knapsack_module, "MAX_GROUPS", 0)
     highs = solve(table, BITS, cost, budget, rel_gap=1e-9)
     cbc = solve(table, BITS, cost, budget, rel_gap=1e-9, solver="cbc")
     assert (highs.solver, cbc.solver) == ("highs", "cbc")
@@ -391,9 +392,9 @@ def test_cbc_when_asked_and_as_fallback(monkeypatch: pytest.MonkeyPatch) -> None
     assert math.isclose(cbc.objective, highs.objective, rel_tol=1e-6)
 
     def broken(*_args: object) -> None:
-        raise solve_module._SolverError("simulated")
+        raise SolverError("simulated")
 
-    monkeypatch.setattr(solve_module._Highs, "solve", broken)
+    monkeypatch.setattr(HighsBackend, "solve", broken)
     fallback = solve(table, BITS, cost, budget, rel_gap=1e-9)
     assert (fallback.solver, fallback.status) == ("cbc", "optimal")
     assert math.isclose(fallback.objective, highs.objective, rel_tol=1e-6)
@@ -401,7 +402,7 @@ def test_cbc_when_asked_and_as_fallback(monkeypatch: pytest.MonkeyPatch) -> None
     def missing(*_args: object) -> None:
         raise ImportError("no highspy")
 
-    monkeypatch.setattr(solve_module._Highs, "__init__", missing)
+    monkeypatch.setattr(HighsBackend, "__init__", missing)
     assert solve(table, BITS, cost, budget).solver == "cbc"
 
 

@@ -16,6 +16,12 @@ start every group at its leanest width and buy the convex-hull increments with t
 saved per unit of use first. The proven bound is the smaller of the answer and the best bound of
 any pruned state, so the reported gap is honest. When the frontier outgrows `max_states` the
 caller falls back to the integer program solver.
+
+In the solver (`frontier_outcome`): the default when at most one resource binds and there are at
+most MAX_GROUPS groups; `Solution.solver` is then "frontier". It hands over to HiGHS when its
+frontier grows too large or its bound misses `rel_gap`.
+
+Imports numpy only.
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from allocator.solve.backend import Outcome, relative_gap
+from allocator.solve.heuristics import cheaper, fill, greedy_start
+from allocator.solve.program import Program
 
 MAX_GROUPS = 400
 """Above this the suffix bounds cost more than they save; HiGHS's LP shortcut does well there."""
@@ -250,3 +260,35 @@ def _lower_hull(use: np.ndarray, cost: np.ndarray) -> list[int]:
                 break
         hull.append(i)
     return hull
+
+
+def frontier_outcome(
+    program: Program,
+    limit: np.ndarray,
+    rel_gap: float,
+    solver: str,
+    knapsacks: dict[int, Knapsack],
+    deadline: float,
+) -> Outcome | None:
+    """The dominance-frontier answer when at most one resource binds and the program is small;
+    None when it does not apply, gives up, or misses `rel_gap`. `knapsacks` keeps each
+    resource's budget-independent part across a sweep."""
+    limited = np.isfinite(limit)
+    if solver != "highs" or limited.sum() > 1 or len(program.groups) > MAX_GROUPS:
+        return None
+    resource = int(np.argmax(limited))
+    if resource not in knapsacks:
+        knapsacks[resource] = Knapsack(
+            program.starts, program.col_use[:, resource], program.col_cost
+        )
+    knapsack, capacity = knapsacks[resource], float(limit[resource])
+    rounded = knapsack.lp_round(capacity)
+    start = cheaper(
+        program,
+        greedy_start(program, limit),
+        None if rounded is None else fill(program, rounded, limit),
+    )
+    answer = knapsack.solve(capacity, start, rel_gap, deadline)
+    if answer is None or relative_gap(program.cost(answer.columns), answer.bound) > rel_gap:
+        return None
+    return Outcome("optimal", answer.columns, answer.bound)
