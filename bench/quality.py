@@ -4,6 +4,7 @@
     python bench/quality.py --models resnet20 --methods lrp+fisher --budgets 4,3
     python bench/quality.py --act --models digits,minilm   # activation quantizers, W/A
     python bench/quality.py --models effnetlite1          # EfficientNet-Lite1 on ImageNet images
+    python bench/quality.py --models tinylm               # a small causal LM, perplexity
 
 `--act` measures activation quantization instead: uniform WxAy with the baseline and each seed
 quantizer preset, and mixed weights at the size and BOPs of uniform W4A8 and W4A4
@@ -16,6 +17,11 @@ installed). Its 500 ImageNet images are few, so they are split once into calibra
 evaluation images (bench/out/imagenet-split/), its table adds agreement and KL with FP32, and
 mixed is compared with uniform at the same size image by image, with a paired bootstrap interval.
 
+`tinylm` is the Llama-style causal LM of bench/train_tiny_lm.py (trained first if missing),
+calibrated on STS-B training sentences and scored on the dev sentences: perplexity, which is
+lower-is-better (every comparison here reads the direction from `HIGHER_IS_BETTER`), agreement and
+KL with FP32 per position, and mixed against uniform window by window.
+
 For each model one `Workbench` is prepared (load, layer table, calibration statistics), each
 method's cost table is computed once, and every budget is a re-solve of that table. Prints
 markdown tables and writes them to bench/out/quality.md. Needs ../shared/data (and the `bench`
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import math
 import os
 import sys
 import time
@@ -34,8 +41,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.stats import spearmanr
 from torch import nn
+from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,6 +52,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from train_digits_vit import MODEL_REF as DIGITS_REF  # noqa: E402
 from train_digits_vit import train as train_digits  # noqa: E402
+from train_tiny_lm import OUT as TINY_LM  # noqa: E402
+from train_tiny_lm import train as train_tiny_lm  # noqa: E402
 
 from allocator.act_plan import (  # noqa: E402
     ACT_QUANTIZERS,
@@ -52,7 +63,13 @@ from allocator.act_plan import (  # noqa: E402
 )
 from allocator.apply import apply  # noqa: E402
 from allocator.budget import parse_budget  # noqa: E402
-from allocator.data.evaluate import agreement, kl_divergence, top1  # noqa: E402
+from allocator.data.evaluate import (  # noqa: E402
+    FLOAT64_CHUNK,
+    HIGHER_IS_BETTER,
+    agreement,
+    kl_divergence,
+    top1,
+)
 from allocator.pipeline import JobSpec, Workbench, prepare  # noqa: E402
 from allocator.plan import BitPlan  # noqa: E402
 from allocator.quant.activation import ACT_BITS  # noqa: E402
@@ -72,7 +89,12 @@ IMAGENET_CALIB_IMAGES = 256
 SPLIT_SEED = 0
 EXAMPLE_SOURCE = ROOT / "examples" / "bitplan-efficientnet-lite"
 BOOTSTRAP_RESAMPLES = 10_000
-COLUMNS = {"top1": "top1", "agreement": "agreement with FP32", "kl": "KL to FP32"}
+COLUMNS = {
+    "top1": "top1",
+    "perplexity": "perplexity",
+    "agreement": "agreement with FP32",
+    "kl": "KL to FP32",
+}
 """Column headings of the metrics a model's table may show."""
 
 
@@ -146,6 +168,25 @@ def model_specs(eval_samples: int | None) -> dict[str, BenchModel]:
             f"{100 / (500 - IMAGENET_CALIB_IMAGES):.2f} top-1 points)."
         ),
     )
+    models["tinylm"] = BenchModel(
+        JobSpec(
+            model=f"hf:{TINY_LM / 'model'}",
+            calib=str(TINY_LM / "train.txt"),
+            eval=str(TINY_LM / "dev.txt"),
+            **common,
+        ),
+        # Every row scores vocabulary-wide logits at every position: the cheaper methods keep
+        # the whole model within minutes.
+        methods=("lrp", "fisher", "lrp+fisher"),
+        metrics=("perplexity", "agreement", "kl"),
+        paired=True,
+        note=(
+            "Llama-style causal LM trained by bench/train_tiny_lm.py on the STS-B training "
+            "sentences; calibrated on windows of those sentences (train.txt), evaluated on the "
+            "dev sentences (dev.txt), cut into consecutive windows of 128 tokens. Perplexity: "
+            "lower is better; agreement and KL with FP32 per predicted position."
+        ),
+    )
     return models
 
 
@@ -180,6 +221,8 @@ class Scores:
     metrics: dict[str, float]
     correct: np.ndarray | None = None
     agrees: np.ndarray | None = None
+    window_nll: np.ndarray | None = None
+    """A causal LM's mean next-token loss per evaluation window."""
 
 
 @dataclass
@@ -196,22 +239,35 @@ class Row:
 
 def score(bench: Workbench, module: nn.Module | None = None) -> Scores:
     """`module` (FP32 when None) on the evaluation set, in one pass per configuration."""
-    if bench.evalset.labels is None:
+    tokens, labels = bench.evalset.tokens, bench.evalset.labels
+    if labels is None and tokens is None:
         return Scores(bench.evaluate(module))
     reference = bench.reference
     logits = (
         reference if module is None else bench.evalset.outputs(replace(bench.model, module=module))
     )
-    labels = bench.evalset.labels
+    closeness = {"agreement": agreement(logits, reference), "kl": kl_divergence(reference, logits)}
+    if tokens is not None:
+        nll = window_nll(logits, tokens)
+        return Scores({"perplexity": math.exp(nll.mean()), **closeness}, window_nll=nll)
     return Scores(
-        {
-            "top1": top1(logits, labels),
-            "agreement": agreement(logits, reference),
-            "kl": kl_divergence(reference, logits),
-        },
+        {"top1": top1(logits, labels), **closeness},
         correct=(logits.argmax(dim=-1) == labels).numpy(),
         agrees=(logits.argmax(dim=-1) == reference.argmax(dim=-1)).numpy(),
     )
+
+
+def window_nll(logits: torch.Tensor, tokens: torch.Tensor) -> np.ndarray:
+    """Each window's mean next-token cross-entropy in nats; every window predicts as many
+    tokens, so exp of their mean is the set's perplexity."""
+    chunks = []
+    for start in range(0, len(tokens), FLOAT64_CHUNK):
+        chunk = slice(start, start + FLOAT64_CHUNK)
+        loss = F.cross_entropy(
+            logits[chunk, :-1].double().transpose(1, 2), tokens[chunk, 1:], reduction="none"
+        )
+        chunks.append(loss.mean(dim=1).numpy())
+    return np.concatenate(chunks)
 
 
 def metric_of(bench: Workbench, plan: BitPlan, plain: bool = False) -> Scores:
@@ -250,7 +306,7 @@ def mixed_rows(
     bench: Workbench, method: str, budgets: list[float], fp32: float, sweep: bool
 ) -> tuple[list[Row], float, float | None]:
     """Mixed precision at each budget; also predicted-vs-measured Spearman over a sweep of the
-    primary metric's loss from `fp32`."""
+    primary metric's loss from `fp32` (positive when worse, whichever way the metric runs)."""
     started = time.perf_counter()
     cost, _sens, _timings = bench.cost_table(method)
     seconds = time.perf_counter() - started
@@ -262,7 +318,8 @@ def mixed_rows(
         uniform_bits = uniform_bits_for(bench.table, bench.spec.bits, resolved)
         solution, check = bench.check_against_uniform(solution, cost, uniform_bits)
         scores = metric_of(bench, bench.plan(solution.bits, {"method": method}))
-        points.append((solution.objective, fp32 - scores.metrics[primary]))
+        loss = fp32 - scores.metrics[primary]
+        points.append((solution.objective, loss if HIGHER_IS_BETTER[primary] else -loss))
         kept = " (uniform kept)" if check and check["kept"] == "uniform" else ""
         if b in budgets:
             rows.append(
@@ -288,14 +345,29 @@ def paired_difference(a: np.ndarray, b: np.ndarray) -> str:
     return f"{diff.mean() * 100:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
+def paired_perplexity(a: np.ndarray, b: np.ndarray) -> str:
+    """Perplexity from window losses `a` minus that from `b`, with its paired bootstrap 95 %
+    interval: both sides are resampled on the same windows, as `paired_difference` does."""
+    picks = np.random.default_rng(0).integers(0, len(a), (BOOTSTRAP_RESAMPLES, len(a)))
+    resampled = np.exp(a[picks].mean(axis=1)) - np.exp(b[picks].mean(axis=1))
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    return f"{math.exp(a.mean()) - math.exp(b.mean()):+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
 def paired_table(rows: list[Row]) -> str:
-    """Each mixed row minus the uniform row of the same size and quantizer, image by image."""
+    """Each mixed row minus the uniform row of the same size and quantizer, image by image (a
+    causal LM: window by window, in perplexity)."""
     by_label = {row.label: row for row in rows}
-    lines = [
-        "| mixed | uniform | top1 difference [95 % interval] "
-        "| agreement difference [95 % interval] |",
-        "|---|---|---|---|",
-    ]
+    lm = rows[0].scores.window_nll is not None
+    lines = (
+        ["| mixed | uniform | perplexity difference [95 % interval] |", "|---|---|---|"]
+        if lm
+        else [
+            "| mixed | uniform | top1 difference [95 % interval] "
+            "| agreement difference [95 % interval] |",
+            "|---|---|---|---|",
+        ]
+    )
     for row in rows:
         if row.budget is None or row.budget != int(row.budget):
             continue
@@ -303,10 +375,13 @@ def paired_table(rows: list[Row]) -> str:
         if uniform is None:
             continue
         mixed, base = row.scores, uniform.scores
-        lines.append(
-            f"| {row.label} | {uniform.label} | {paired_difference(mixed.correct, base.correct)} "
-            f"| {paired_difference(mixed.agrees, base.agrees)} |"
+        cells = (
+            paired_perplexity(mixed.window_nll, base.window_nll)
+            if lm
+            else f"{paired_difference(mixed.correct, base.correct)} "
+            f"| {paired_difference(mixed.agrees, base.agrees)}"
         )
+        lines.append(f"| {row.label} | {uniform.label} | {cells} |")
     return "\n".join(lines)
 
 
@@ -416,10 +491,17 @@ def run_model(name: str, model: BenchModel, methods: list[str], budgets: list[fl
         )
         out.append(f"| {row.label} | {row.avg_bits:.2f} | {cells} | {predicted} |")
     if model.paired:
+        lm = bench.evalset.tokens is not None
+        same = (
+            f"in perplexity on the same {bench.evalset.size} windows of "
+            f"{bench.evalset.tokens.shape[1]} tokens (negative: mixed is better)"
+            if lm
+            else f"in points on the same {bench.evalset.size} images"
+        )
         out += [
             "",
-            f"Mixed minus uniform at the same size and quantizer, in points on the same "
-            f"{bench.evalset.size} images (paired bootstrap, {BOOTSTRAP_RESAMPLES:,} resamples):",
+            f"Mixed minus uniform at the same size and quantizer, {same} "
+            f"(paired bootstrap, {BOOTSTRAP_RESAMPLES:,} resamples):",
             "",
             paired_table(rows),
         ]
@@ -540,7 +622,8 @@ def act_section(name: str, spec: JobSpec, method: str) -> str:
     for preset in presets:
         metric, _bits, _widths, kept = joint(preset, "W4A4")
         base = uniform_wa[4, 4, preset]
-        lines.append(f"| {preset} | {base:.2f} | {metric:.2f}{kept} | {metric - base:+.2f} |")
+        gain = metric - base if HIGHER_IS_BETTER[primary] else base - metric
+        lines.append(f"| {preset} | {base:.2f} | {metric:.2f}{kept} | {gain:+.2f} |")
     lines += [
         "",
         "`auto`, per width and role: held-out divergence from FP32 of each option (all sites at "
@@ -591,6 +674,8 @@ def main() -> None:
     out = args.out or str(ROOT / "bench" / "out" / ("act_quality.md" if args.act else "quality.md"))
     if args.act and "digits" in names and not (DIGITS / "vit.safetensors").exists():
         print(f"training the digits ViT first: {train_digits(DIGITS):.2f} % test top-1")
+    if "tinylm" in names and not (TINY_LM / "model").exists():
+        print(f"training the tiny LM first: dev perplexity {train_tiny_lm(TINY_LM):.2f}")
     if "effnetlite1" in names:
         register_example_source()
         split_imagenet(IMAGENET_SPLIT)
