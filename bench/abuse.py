@@ -28,14 +28,13 @@ import io
 import json
 import os
 import random
-import secrets
 import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,12 +42,10 @@ from typing import Any
 import httpx
 import numpy as np
 import psycopg
-from psycopg import sql
-from sqlalchemy import make_url
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
-from tests.serving import bitplan, serving  # noqa: E402
+from bench.deploy import create_key, serving, throwaway_database  # noqa: E402
 
 OUT = REPO_ROOT / "bench" / "out" / "abuse.md"
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -128,19 +125,12 @@ def _server_errors(statuses: Counter[int | str]) -> int:
 @contextmanager
 def _database() -> Iterator[str | None]:
     """A fresh PostgreSQL database for the run (dropped after), or None for SQLite."""
-    try:
-        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError:
-        yield None
-        return
-    name = f"bitplan_abuse_{secrets.token_hex(4)}"
-    with admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    with ExitStack() as stack:
         try:
-            url = make_url(POSTGRES_ADMIN_URL).set(database=name)
-            yield url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
-        finally:
-            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+            url = stack.enter_context(throwaway_database(POSTGRES_ADMIN_URL, "bitplan_abuse"))
+        except psycopg.OperationalError:
+            url = None
+        yield url
 
 
 def _environment(root: Path, database_url: str | None) -> dict[str, str]:
@@ -167,10 +157,7 @@ def _environment(root: Path, database_url: str | None) -> dict[str, str]:
 
 
 def _setup(url: str, env: dict[str, str], root: Path) -> Target:
-    keys = [
-        bitplan("keys", "create", "--tenant", tenant, env=env).strip()
-        for tenant in ("acme", "globex")
-    ]
+    keys = [create_key(env, tenant) for tenant in ("acme", "globex")]
     headers, other = ({"Authorization": f"Bearer {key}"} for key in keys)
     for known in (headers, other):  # both tenants have used their keys before any attack
         httpx.get(f"{url}/v1/jobs", headers=known, timeout=60).raise_for_status()

@@ -7,8 +7,8 @@ distributed deployment is, with everything real: the API (`bitplan serve --proce
 
 - GET /v1/jobs/{id} latency at an offered load of 50 and 200 requests/s (open loop: requests
   are scheduled at fixed intervals whether or not earlier ones answered, so a slow server shows
-  up as latency, not as a politely lower request rate), sent by `KeepAliveClient`, a minimal
-  keep-alive HTTP/1.1 client. Target p99 <= 20 ms. `p99 sched` counts from the scheduled send
+  up as latency, not as a politely lower request rate), sent by `KeepAliveClient`, the minimal
+  keep-alive HTTP/1.1 client of bench/loadgen.py. Target p99 <= 20 ms. `p99 sched` counts from the scheduled send
   time, so it includes any lag of this (Python) client on a busy box.
 - POST /v1/jobs submission throughput over the drain's jobs (workers not yet running).
 - The drain: those queued jobs (a tiny CNN registered through a throwaway `bitplan.models` entry
@@ -17,8 +17,9 @@ distributed deployment is, with everything real: the API (`bitplan serve --proce
 - POST /v1/profiles/{id}/solve at a new budget each time on a synthetic 100-layer profile.
 - GET /v1/jobs/{id} again at the highest rate, while the workers start and drain the queue.
 
-Every process, the throwaway PostgreSQL database and the Redis database it uses are removed at
-the end, even on failure.
+The deployment is started by bench/deploy.py, as the end-to-end tests start theirs. Every
+process, the throwaway PostgreSQL database and the Redis database it uses are removed at the
+end, even on failure.
 
 Run: `.venv/bin/python bench/service_load.py [--jobs 1000]`; tables also go to
 bench/out/service_load.md. Needs PostgreSQL and Redis on 127.0.0.1 (see --postgres, --redis).
@@ -33,45 +34,42 @@ import json
 import math
 import os
 import secrets
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import uvloop
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.serving import free_port, tiny_spec, write_plugins  # noqa: E402
+from bench.deploy import (  # noqa: E402
+    Deployment,
+    flushed_redis,
+    throwaway_database,
+    tiny_spec,
+    write_plugins,
+)
+from bench.loadgen import (  # noqa: E402
+    LoadResult,
+    client_cpu_per_get,
+    open_loop,
+    percentile,
+    resolve_latencies,
+    submit_jobs,
+)
 
 OUT = Path(__file__).parent / "out" / "service_load.md"
 TENANT = "bench"
 GET_TARGET_P99_MS = 20.0
 BITS = (2, 4, 8)
 
-# --- pure helpers (smoke-tested) -----------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0-100), linearly interpolated as numpy's default; nan when empty."""
-    if not values:
-        return math.nan
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile {q} is not in [0, 100]")
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+# --- tables (smoke-tested) ---------------------------------------------------------------------
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -86,31 +84,6 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 
 def ms(seconds: float) -> str:
     return "n/a" if math.isnan(seconds) else f"{seconds * 1000:.1f}"
-
-
-@dataclass(frozen=True)
-class LoadResult:
-    """One open-loop run: latencies in seconds, from the actual send and from the schedule."""
-
-    offered_rps: float
-    seconds: float
-    sent: int
-    errors: int
-    latencies: tuple[float, ...]
-    scheduled_latencies: tuple[float, ...]
-    failures: dict[str, int] = field(default_factory=dict)
-    """Failed GETs by HTTP status or exception."""
-
-    @property
-    def achieved_rps(self) -> float:
-        return (self.sent - self.errors) / self.seconds if self.seconds > 0 else math.nan
-
-    @property
-    def p99(self) -> float:
-        return percentile(self.latencies, 99)
-
-    def passes(self, target_ms: float = GET_TARGET_P99_MS) -> bool:
-        return self.errors == 0 and self.p99 * 1000 <= target_ms
 
 
 def latency_rows(results: Sequence[LoadResult], target_ms: float = GET_TARGET_P99_MS) -> list:
@@ -275,63 +248,7 @@ def synthetic_cost_table(layers: int, bits: Sequence[int] = BITS, seed: int = 0)
     }
 
 
-# --- the deployment ------------------------------------------------------------------------------
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.1)
-
-
-def _stop(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    """SIGTERM the process group it leads (a warm Celery shutdown), SIGKILL if it lingers."""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    if not path.exists():
-        return ""
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-@contextlib.contextmanager
-def throwaway_database(admin_url: str) -> Iterator[str]:
-    import psycopg
-    from psycopg import sql
-    from sqlalchemy import make_url
-
-    name = f"bitplan_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        try:
-            yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-        finally:
-            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
-@contextlib.contextmanager
-def flushed_redis(url: str) -> Iterator[str]:
-    import redis
-
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    try:
-        yield url
-    finally:
-        client.flushdb()
-        client.close()
+# --- the deployment and the measurements --------------------------------------------------------
 
 
 def bench_spec(plugins: Path) -> dict[str, Any]:
@@ -339,330 +256,25 @@ def bench_spec(plugins: Path) -> dict[str, Any]:
     return tiny_spec(plugins, budget="avg-bits=8", bits=[8], report_widths=False, report=False)
 
 
-class Deployment:
-    """The API process and the workers, sharing one environment; `close` stops them all."""
-
-    def __init__(self, folder: Path, database_url: str, broker_url: str, plugins: Path) -> None:
-        self.folder = folder
-        self.env = {
-            **os.environ,
-            "BITPLAN_EXECUTOR": "celery",
-            "BITPLAN_BROKER_URL": broker_url,
-            "BITPLAN_DATABASE_URL": database_url,
-            "BITPLAN_HOME": str(folder / "home"),
-            "BITPLAN_ALLOWED_INPUT_ROOTS": json.dumps([str(plugins)]),
-            # One tenant's key sends every request of the load: the per-key rate limit and the
-            # active-jobs quota protect tenants from each other, not the bench from itself.
-            "BITPLAN_RATE_LIMIT_PER_SECOND": "100000",
-            "BITPLAN_RATE_LIMIT_BURST": "100000",
-            "BITPLAN_MAX_ACTIVE_JOBS_PER_TENANT": "1000000",
-            "PYTHONPATH": os.pathsep.join([str(plugins), str(REPO_ROOT)]),
-            "OMP_NUM_THREADS": "1",
-        }
-        self.processes: list[subprocess.Popen[bytes]] = []
-        self.url = ""
-
-    def _spawn(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
-        with log.open("ab") as out:
-            process = subprocess.Popen(
-                args,
-                cwd=REPO_ROOT,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.processes.append(process)
-        return process
-
-    def start_api(self, processes: int, timeout: float = 120) -> str:
-        import httpx
-
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        log = self.folder / "api.log"
-        process = self._spawn(
-            [
-                *(sys.executable, "-m", "service.cli", "serve", "--processes", str(processes)),
-                *("--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"),
-            ],
-            log,
-        )
-
-        def ready() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(f"the API exited: {_tail(log)}")
-            try:
-                return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        _wait_for(ready, timeout, "the API to answer /readyz")
-        return self.url
-
-    def create_key(self) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "service.cli", "keys", "create", "--tenant", TENANT],
-            cwd=REPO_ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-        )
-        return done.stdout.strip()
-
-    def start_workers(self, count: int, timeout: float = 120) -> None:
-        logs = [self.folder / f"worker-{index}.log" for index in range(count)]
-        started = [
-            self._spawn(
-                [
-                    sys.executable,
-                    "-c",
-                    "from workers.celery_app import start_worker; "
-                    "start_worker(('interactive', 'batch'), 1)",
-                ],
-                log,
-            )
-            for log in logs
-        ]
-
-        def ready() -> bool:
-            for process, log in zip(started, logs, strict=True):
-                if process.poll() is not None:
-                    raise RuntimeError(f"a worker exited: {_tail(log)}")
-            return all(" ready." in log.read_text(errors="replace") for log in logs)
-
-        _wait_for(ready, timeout, "the workers to be ready")
-
-    def close(self) -> None:
-        for process in reversed(self.processes):
-            _stop(process)
-
-
-# --- the measurements ----------------------------------------------------------------------------
-
-
-class StaleConnection(ConnectionError):
-    """A kept-alive connection the server closed before it answered anything."""
-
-
-class KeepAliveClient:
-    """GET over a pool of keep-alive HTTP/1.1 connections, written out on asyncio streams.
-
-    The load generator shares two cores with the API processes and PostgreSQL, so its own CPU
-    per request is latency the server is charged for: an httpx AsyncClient spent 0.83-0.90 ms
-    of CPU per GET, this (on uvloop) 0.14 ms, measured side by side against `/healthz`. It is
-    what wrk would be, were there an open-loop wrk here, and it reads exactly what uvicorn
-    sends: a status line, headers with Content-Length, a body.
-    """
-
-    def __init__(self, url: str, headers: dict[str, str], timeout: float = 10.0) -> None:
-        parts = urlsplit(url)
-        if parts.scheme != "http" or parts.hostname is None or parts.port is None:
-            raise ValueError(f"{url}: expected http://HOST:PORT")
-        self.host, self.port, self.timeout = parts.hostname, parts.port, timeout
-        self.head = f"Host: {parts.netloc}\r\n" + "".join(
-            f"{name}: {value}\r\n" for name, value in headers.items()
-        )
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-
-    async def get(self, path: str) -> int:
-        """The response's status; the connection goes back to the pool only after a whole
-        response was read, so a failure never leaves a half-read stream for the next GET.
-
-        uvicorn closes a keep-alive connection idle for 5 s, and a pool that grew in a burst
-        holds such connections: one the server has closed is dropped, and a GET whose reused
-        connection closes before a single byte of answer is sent again once on a new one, as
-        HTTP clients do for idempotent requests."""
-        while self.idle:
-            reader, writer = self.idle.pop()
-            if not reader.at_eof():
-                break
-            writer.close()
-        else:
-            return await self._on_new_connection(path)
-        try:
-            return await self._over(reader, writer, path)
-        except StaleConnection:
-            return await self._on_new_connection(path)
-
-    async def _on_new_connection(self, path: str) -> int:
-        reader, writer = await asyncio.open_connection(self.host, self.port)
-        return await self._over(reader, writer, path)
-
-    async def _over(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str
-    ) -> int:
-        try:
-            status = await asyncio.wait_for(self._exchange(reader, writer, path), self.timeout)
-        except BaseException:
-            writer.close()
-            raise
-        self.idle.append((reader, writer))
-        return status
-
-    async def _exchange(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str
-    ) -> int:
-        writer.write(f"GET {path} HTTP/1.1\r\n{self.head}\r\n".encode())
-        status_line = await reader.readline()
-        if not status_line:
-            raise StaleConnection("the server closed the connection before answering")
-        status = int(status_line.split()[1])
-        length = None
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        if length is None:
-            raise ConnectionError("response without Content-Length")
-        await reader.readexactly(length)
-        return status
-
-    def close(self) -> None:
-        for _, writer in self.idle:
-            writer.close()
-        self.idle.clear()
-
-
-async def open_loop(
-    url: str, headers: dict[str, str], path: str, rate: float, seconds: float
-) -> LoadResult:
-    """`rate * seconds` GETs, the i-th sent at start + i / rate regardless of the others."""
-    count = max(1, int(rate * seconds))
-    latencies: list[float] = []
-    scheduled_latencies: list[float] = []
-    failures: Counter[str] = Counter()
-    client = KeepAliveClient(url, headers)
-    try:
-        await client.get(path)  # warm the connection and the route
-
-        async def one(scheduled: float) -> None:
-            sent = time.perf_counter()
-            try:
-                status = await client.get(path)
-                failure = None if status == 200 else f"HTTP {status}"
-            except (TimeoutError, OSError, EOFError, ValueError, IndexError) as error:
-                failure = type(error).__name__
-            done = time.perf_counter()
-            if failure is None:
-                latencies.append(done - sent)
-                scheduled_latencies.append(done - scheduled)
-            else:
-                failures[failure] += 1
-
-        start = time.perf_counter() + 0.05
-        tasks = []
-        for index in range(count):
-            scheduled = start + index / rate
-            delay = scheduled - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(scheduled)))
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - start
-    finally:
-        client.close()
-    return LoadResult(
-        rate,
-        elapsed,
-        count,
-        failures.total(),
-        tuple(latencies),
-        tuple(scheduled_latencies),
-        dict(failures),
-    )
-
-
-async def submit_jobs(
-    url: str, headers: dict[str, str], body: dict[str, Any], count: int, concurrency: int
-) -> tuple[list[str], float, list[float]]:
-    """POST `count` jobs, `concurrency` at a time: (ids, seconds, per-request latencies).
-
-    The first is a warm-up, queued like the rest but outside the timing."""
-    import httpx
-
-    ids: list[str] = []
-    latencies: list[float] = []
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for index in range(count - 1):
-        queue.put_nowait(index)
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60.0) as client:
-        warm = await client.post("/v1/jobs", json=body)  # untimed: first-request imports
-        if warm.status_code != 202:
-            raise RuntimeError(f"POST /v1/jobs: {warm.status_code} {warm.text}")
-        ids.append(warm.json()["id"])
-
-        async def submitter() -> None:
-            while True:
-                try:
-                    queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                sent = time.perf_counter()
-                response = await client.post("/v1/jobs", json=body)
-                latencies.append(time.perf_counter() - sent)
-                if response.status_code != 202:
-                    raise RuntimeError(f"POST /v1/jobs: {response.status_code} {response.text}")
-                ids.append(response.json()["id"])
-
-        start = time.perf_counter()
-        await asyncio.gather(*(submitter() for _ in range(concurrency)))
-        seconds = time.perf_counter() - start
-    return ids, seconds, latencies
-
-
-def client_cpu_per_get(url: str, headers: dict[str, str], count: int = 1000) -> dict:
-    """Milliseconds of this process's CPU per GET of /healthz at 200 rps, for httpx's
-    AsyncClient on asyncio and for `KeepAliveClient` on uvloop: why the latency loads use the
-    latter (whatever the client burns, the server's cores lose)."""
-    import httpx
-
-    async def paced(get: Callable[[], Any]) -> float:
-        started = time.process_time()
-        tasks = []
-        for _ in range(count):
-            tasks.append(asyncio.create_task(get()))
-            await asyncio.sleep(1 / 200)
-        await asyncio.gather(*tasks)
-        return (time.process_time() - started) / count * 1000
-
-    async def with_httpx() -> float:
-        async with httpx.AsyncClient(base_url=url, headers=headers) as client:
-            return await paced(lambda: client.get("/healthz"))
-
-    async def with_keep_alive() -> float:
-        client = KeepAliveClient(url, headers)
-        try:
-            return await paced(lambda: client.get("/healthz"))
-        finally:
-            client.close()
-
+def deployment_env(
+    folder: Path, database_url: str, broker_url: str, plugins: Path
+) -> dict[str, str]:
+    """The API's and the workers' environment: Celery on `broker_url`, PostgreSQL, the plugin."""
     return {
-        "httpx AsyncClient (asyncio)": asyncio.run(with_httpx()),
-        "KeepAliveClient (uvloop)": uvloop.run(with_keep_alive()),
+        **os.environ,
+        "BITPLAN_EXECUTOR": "celery",
+        "BITPLAN_BROKER_URL": broker_url,
+        "BITPLAN_DATABASE_URL": database_url,
+        "BITPLAN_HOME": str(folder / "home"),
+        "BITPLAN_ALLOWED_INPUT_ROOTS": json.dumps([str(plugins)]),
+        # One tenant's key sends every request of the load: the per-key rate limit and the
+        # active-jobs quota protect tenants from each other, not the bench from itself.
+        "BITPLAN_RATE_LIMIT_PER_SECOND": "100000",
+        "BITPLAN_RATE_LIMIT_BURST": "100000",
+        "BITPLAN_MAX_ACTIVE_JOBS_PER_TENANT": "1000000",
+        "PYTHONPATH": os.pathsep.join([str(plugins), str(REPO_ROOT)]),
+        "OMP_NUM_THREADS": "1",
     }
-
-
-def resolve_latencies(url: str, key: str, profile_id: str, count: int) -> tuple[list[float], int]:
-    """`count` sequential re-solves, each at a budget not asked before."""
-    from service.client import ApiError, BitplanClient
-
-    latencies: list[float] = []
-    errors = 0
-    with BitplanClient(url, key) as client:
-        client.solve_profile(profile_id, "avg-bits=5")  # warm up
-        for index in range(count):
-            budget = f"avg-bits={3.0 + 4.0 * index / max(count, 1):.4f}"
-            sent = time.perf_counter()
-            try:
-                client.solve_profile(profile_id, budget)
-            except ApiError:
-                errors += 1
-                continue
-            latencies.append(time.perf_counter() - sent)
-    return latencies, errors
 
 
 def drain(
@@ -743,11 +355,11 @@ def run(args: argparse.Namespace) -> str:
         database_url = stack.enter_context(throwaway_database(args.postgres))
         broker_url = stack.enter_context(flushed_redis(args.redis))
         plugins = write_plugins(folder / "plugins")
-        deployment = Deployment(folder, database_url, broker_url, plugins)
+        deployment = Deployment(folder, deployment_env(folder, database_url, broker_url, plugins))
         stack.callback(deployment.close)
 
         url = deployment.start_api(args.api_processes)
-        key = deployment.create_key()
+        key = deployment.create_key(TENANT)
         headers = {"Authorization": f"Bearer {key}"}
 
         engine = make_engine(database_url)

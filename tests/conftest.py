@@ -8,18 +8,17 @@ reachable, so the default run stays green on a laptop without one.
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import psycopg
 import pytest
 import torch
-from psycopg import sql
-from sqlalchemy import make_url
 
 from allocator.zoo import load_model
+from bench.deploy import throwaway_database
 
 pytest_plugins = ("tests.api_app",)
 """The HTTP API fixtures (settings, client, acme, globex, calib_ref) for every test module."""
@@ -33,19 +32,14 @@ def postgres_url() -> Iterator[str]:
     """A fresh `bitplan_test_<random>` database for this test session, dropped afterwards, so
     runs never see each other's rows or leave any behind."""
     admin_url = os.environ.get(POSTGRES_ADMIN_URL_ENV, DEFAULT_POSTGRES_ADMIN_URL)
-    try:
-        admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as error:
-        pytest.skip(
-            f"PostgreSQL unreachable at {admin_url} (set {POSTGRES_ADMIN_URL_ENV}): {error}"
-        )
-    name = f"bitplan_test_{secrets.token_hex(4)}"
-    with admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    with ExitStack() as stack:
         try:
-            yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-        finally:
-            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+            url = stack.enter_context(throwaway_database(admin_url, "bitplan_test"))
+        except psycopg.OperationalError as error:
+            pytest.skip(
+                f"PostgreSQL unreachable at {admin_url} (set {POSTGRES_ADMIN_URL_ENV}): {error}"
+            )
+        yield url
 
 
 @pytest.fixture(scope="session")

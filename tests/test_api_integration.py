@@ -18,8 +18,8 @@ import torch
 
 from allocator.apply import load_packed
 from allocator.zoo import load_model
+from bench.deploy import bitplan, serving
 from service.client import BitplanClient
-from tests.serving import bitplan, serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -1,4 +1,5 @@
-"""The pure parts of `bench/service_load.py`, checked without starting any server.
+"""The pure parts of `bench/service_load.py` and its load client `bench/loadgen.py`, checked
+without starting any server.
 
 The bench itself needs PostgreSQL, Redis, an API process and Celery workers and takes minutes,
 so it is run by hand; a wrong percentile, a broken table or a bad default would still quietly
@@ -15,6 +16,8 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+
+from bench.loadgen import KeepAliveClient
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "service_load.py"
 
@@ -121,7 +124,7 @@ def test_bench_spec_is_a_valid_one_width_job_without_report(
     assert not spec.report and not spec.report_widths
 
 
-def test_keep_alive_client_reads_whole_responses_over_one_connection(bench: ModuleType) -> None:
+def test_keep_alive_client_reads_whole_responses_over_one_connection() -> None:
     """The load generator times a GET until its body is read; a misparsed response would time
     the wrong thing or poison the next GET on the same connection."""
     import asyncio
@@ -147,7 +150,7 @@ def test_keep_alive_client_reads_whole_responses_over_one_connection(bench: Modu
     async def scenario() -> list[int]:
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        client = bench.KeepAliveClient(f"http://127.0.0.1:{port}", {"Authorization": "Bearer k"})
+        client = KeepAliveClient(f"http://127.0.0.1:{port}", {"Authorization": "Bearer k"})
         statuses = [await client.get(f"/v1/jobs/{index}") for index in range(3)]
         with pytest.raises(ConnectionError):
             await client.get("/bare")
@@ -161,9 +164,7 @@ def test_keep_alive_client_reads_whole_responses_over_one_connection(bench: Modu
     assert connections == 2  # kept alive; the failed exchange's connection was not reused
 
 
-def test_keep_alive_client_resends_a_get_the_server_dropped_on_a_kept_connection(
-    bench: ModuleType,
-) -> None:
+def test_keep_alive_client_resends_a_get_the_server_dropped_on_a_kept_connection() -> None:
     """uvicorn closes keep-alive connections idle for 5 s; a GET written onto one just as it
     closes must go out again on a new connection, not count as a server failure."""
     import asyncio
@@ -184,7 +185,7 @@ def test_keep_alive_client_resends_a_get_the_server_dropped_on_a_kept_connection
     async def scenario() -> list[int]:
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        client = bench.KeepAliveClient(f"http://127.0.0.1:{port}", {})
+        client = KeepAliveClient(f"http://127.0.0.1:{port}", {})
         statuses = [await client.get("/a"), await client.get("/b")]
         client.close()
         server.close()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serving import bitplan, serving
+from bench.deploy import bitplan, serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -48,12 +48,22 @@ from sqlalchemy.orm import Session, sessionmaker
 from allocator.apply import load_packed
 from allocator.pipeline import PHASES
 from allocator.zoo import load_model
+from bench.deploy import (
+    WORKER_COMMAND,
+    bitplan,
+    free_port,
+    log_tail,
+    serving,
+    spawn,
+    tiny_spec,
+    wait_for,
+    write_plugins,
+)
 from db import repositories as repo
 from db.models import Job, JobStatus, Result, utcnow
 from db.session import init_db, make_session_factory
 from service.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from tests.api_app import WEBHOOK_SECRET
-from tests.serving import bitplan, free_port, serving, tiny_spec, write_plugins
 from tests.test_webhooks import Receiver
 from workers.executor import CeleryExecutor
 from workers.settings import ExecutorKind, WorkerSettings
@@ -157,23 +167,11 @@ class Worker:
     """`start_worker(("interactive", "batch"), 1)` in a process group of its own, so a SIGKILL
     takes its pool children with it, as losing the machine would."""
 
-    command: tuple[str, ...] = (
-        sys.executable,
-        "-c",
-        "from workers.celery_app import start_worker; start_worker(('interactive', 'batch'), 1)",
-    )
+    command: tuple[str, ...] = WORKER_COMMAND
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
-        with log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.command,
-                cwd=REPO_ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.process = spawn(self.command, env, log_path, REPO_ROOT)
         wait_for(
             self._ready, timeout=WORKER_START_TIMEOUT, what=lambda: f"worker ({self.log_tail()})"
         )
@@ -197,9 +195,7 @@ class Worker:
             self.kill()
 
     def log_tail(self, lines: int = 40) -> str:
-        if not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
 
 class Fleet:
@@ -294,15 +290,6 @@ def fleet_on(
     yield make
     for fleet in fleets:
         fleet.close()
-
-
-def wait_for(condition: Callable[[], bool], *, timeout: float, what: Callable[[], str]) -> None:
-    """Poll `condition`; on timeout, fail with `what()` (worker logs as they are by then)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what()}")
-        time.sleep(0.05)
 
 
 def resnet20_spec(cifar: Path, calib_samples: int) -> dict[str, Any]:
