@@ -226,7 +226,7 @@ class ActivationBench:
         key = (site.name, kind, bits)
         if key not in self._cache:
             x = self.samples[site.name]
-            quantizer = calibrate(kind, x, bits)
+            quantizer = calibrate(kind, x, bits, site.channel_axis)
             # Calibration sees every sampled row; the error that ranks candidates needs fewer.
             rows = x[:: max(1, len(x) // ERROR_ROWS)][:ERROR_ROWS]
             self._cache[key] = (quantizer, self._relative_error(site, rows, quantizer(rows) - rows))

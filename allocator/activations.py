@@ -9,6 +9,13 @@ window partition and shift: reshape, permute, roll), the layer takes the role of
 module that ran before it, provided that module's output had as many values as the layer's
 input and no module but a pass-through (Identity, Dropout) ran in between.
 
+Which dimension holds the channels comes from the consuming layer, not from the tensor's rank:
+a convolution reads NCHW (dimension 1), a linear layer its last dimension, whatever the rank. A
+4D input is not always NCHW: ConvNeXt permutes to NHWC before its LayerNorm and MLP, Swin's
+patch merging normalises and reduces NHWC. Calibration rows and per-channel quantizers both
+follow the site's axis, so the ranges a quantizer learned are applied to the channels they
+were measured on.
+
 `instrument` is the one mechanism that both collects calibration samples and applies quantizers:
 pre-hooks on layer inputs, and a replacement of scaled dot-product attention (see
 allocator/attention.py) for the probabilities of the attention module being run.
@@ -33,6 +40,8 @@ from allocator.zoo.base import Inputs, LoadedModel
 ROLES = ("post-ln", "post-gelu", "post-softmax", "input", "other")
 PASS_THROUGH = (nn.Identity, nn.Dropout)
 """Leaf modules that leave a tensor's values as they were (in eval mode)."""
+CHANNELS_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+"""Layers whose input holds its channels in dimension 1; every other layer reads the last."""
 ROWS_PER_SITE = 4096
 """Calibration rows (or probabilities / 64) kept per site."""
 
@@ -49,6 +58,8 @@ class Site:
     """The layer whose input this is (None for attention probabilities)."""
     macs: int
     """Multiply-accumulates per sample of the matmul this activation feeds."""
+    channel_axis: int = -1
+    """The dimension of the activation that holds the consuming layer's input channels."""
 
 
 _local = threading.local()
@@ -111,7 +122,12 @@ def find_sites(model: LoadedModel, sample: Inputs, table: LayerTable) -> list[Si
         produced = producers.get(inputs.get(name, -1))
         return produced or reshaped.get(name) or "other"
 
-    sites = [Site(layer.name, role(layer.name), layer.name, layer.macs) for layer in table]
+    sites = [
+        Site(
+            layer.name, role(layer.name), layer.name, layer.macs, _channel_axis(modules[layer.name])
+        )
+        for layer in table
+    ]
     attention = attention_modules(model.module)
     per_module = table.attention_macs // max(2 * len(attention), 1)
     sites += [Site(f"{name}.probs", "post-softmax", None, per_module) for name in attention]
@@ -170,9 +186,10 @@ def collect(
     for probabilities; at most ROWS_PER_SITE rows per batch."""
     generator = torch.Generator().manual_seed(seed)
     samples: dict[str, list[torch.Tensor]] = {}
+    axes = {site.name: site.channel_axis for site in sites}
 
     def keep(name: str, x: torch.Tensor) -> torch.Tensor:
-        rows = _rows(name, x)
+        rows = _rows(name, x, axes[name])
         if rows.shape[0] > ROWS_PER_SITE:
             rows = rows[torch.randperm(rows.shape[0], generator=generator)[:ROWS_PER_SITE]]
         samples.setdefault(name, []).append(rows.detach().clone())
@@ -194,12 +211,14 @@ def quantized_activations(
         yield
 
 
-def _rows(name: str, x: torch.Tensor) -> torch.Tensor:
+def _rows(name: str, x: torch.Tensor, axis: int) -> torch.Tensor:
     if name.endswith(".probs"):
         return x.reshape(-1, 64) if x.numel() % 64 == 0 else x.reshape(-1, 1)
-    if x.dim() == 4:
-        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-    return x.reshape(-1, x.shape[-1])
+    return x.movedim(axis, -1).reshape(-1, x.shape[axis])
+
+
+def _channel_axis(layer: nn.Module) -> int:
+    return 1 if isinstance(layer, CHANNELS_FIRST) else -1
 
 
 def _producer_role(module: nn.Module) -> str | None:

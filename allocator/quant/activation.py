@@ -5,12 +5,17 @@ Why each exists
 - `minmax`, `percentile`, `mse`: asymmetric uniform per-tensor, the baseline every PTQ paper
   compares with. Post-LayerNorm activations defeat them: a few channels are 10-100x wider than
   the rest, so one scale leaves the narrow channels with one or two levels.
-- `channel`: asymmetric uniform with one range per channel (the last dimension). This is exactly
-  what RepQ-ViT's scale reparameterization computes: per-channel ranges at calibration, turned
-  into one per-tensor scale by dividing channel c by r_c = s_c / s~ in the LayerNorm affine and
+- `channel`: asymmetric uniform with one range per channel. This is exactly what RepQ-ViT's
+  scale reparameterization computes: per-channel ranges at calibration, turned into one
+  per-tensor scale by dividing channel c by r_c = s_c / s~ in the LayerNorm affine and
   multiplying it back into the next layer's input columns (`allocator.quant.reparam` does that
   fold and its test checks both forms agree). `channel-clip` clips each channel's range to its
   1 % and 99 % quantiles first, LRP-QViT's clipped channel-wise variant; it folds the same way.
+  It is calibrated on rows x channels but applied to the site's own tensor, whose channels lie
+  along `axis`: the last dimension for a linear layer's input (tokens, or NHWC pixels as ConvNeXt
+  and Swin feed their norms' outputs), dimension 1 for a convolution's NCHW input. A tensor with
+  another count there is refused, not broadcast: broadcasting ranges along the wrong dimension
+  runs silently when the counts agree by chance, and fails deep inside the model when they do not.
 - `log2`, `logsqrt2`: for post-Softmax probabilities, which follow a power law (most near 0, a
   few near 1). log2 spends levels on the small ones; log-sqrt2 (RepQ-ViT) halves the step and
   is re-parameterized to log2 with a parity bit (`logsqrt2_by_shifts`, tested equal).
@@ -65,13 +70,30 @@ class ActQuantizer:
     hi: Tensor = field(default_factory=lambda: torch.ones(()))
     shift: float = 0.0
     """sulq's eta; tanq's T."""
+    axis: int = -1
+    """The dimension of the activation that per-channel ranges run along: -1 (a linear layer's
+    input) or 1 (a convolution's NCHW input); rows x channels samples take either."""
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.bits >= NOT_QUANTIZED:
             return x
         if self.kind in UNIFORM_KINDS:
-            return _uniform(x, self.lo.to(x.dtype), self.hi.to(x.dtype), self.bits)
+            return _uniform(x, self._along(self.lo, x), self._along(self.hi, x), self.bits)
         return _SOFTMAX[self.kind](x, self.bits, self.shift)
+
+    def _along(self, bound: Tensor, x: Tensor) -> Tensor:
+        """`bound` in `x`'s dtype, shaped to broadcast along `axis` when it is per channel."""
+        bound = bound.to(x.dtype)
+        if bound.dim() == 0:
+            return bound
+        if not -x.dim() <= self.axis < x.dim() or x.shape[self.axis] != bound.numel():
+            raise ValueError(
+                f"{self.kind} quantizer with {bound.numel()} channels along dimension "
+                f"{self.axis} applied to an activation of shape {tuple(x.shape)}"
+            )
+        shape = [1] * x.dim()
+        shape[self.axis] = -1
+        return bound.reshape(shape)
 
     def to_dict(self) -> dict[str, object]:
         """What a runtime needs to reproduce the quantizer (goes into the packed metadata)."""
@@ -81,11 +103,13 @@ class ActQuantizer:
             "lo": self.lo.tolist(),
             "hi": self.hi.tolist(),
             "shift": self.shift,
+            "axis": self.axis,
         }
 
 
-def calibrate(kind: str, samples: Tensor, bits: int) -> ActQuantizer:
-    """A quantizer of `kind` at `bits` fitted to `samples` (rows x channels for `channel`)."""
+def calibrate(kind: str, samples: Tensor, bits: int, axis: int = -1) -> ActQuantizer:
+    """A quantizer of `kind` at `bits` fitted to `samples` (rows x channels for `channel`),
+    for activations whose channels lie along `axis`."""
     if kind not in KINDS:
         raise UnknownMethod(f"unknown activation quantizer {kind!r}; use one of {', '.join(KINDS)}")
     if bits >= NOT_QUANTIZED:
@@ -99,7 +123,7 @@ def calibrate(kind: str, samples: Tensor, bits: int) -> ActQuantizer:
             hi = torch.quantile(rows, CHANNEL_CLIP, dim=0)
         else:
             lo, hi = rows.amin(0), rows.amax(0)
-        return ActQuantizer(kind, bits, lo, torch.maximum(hi, lo + 1e-8))
+        return ActQuantizer(kind, bits, lo, torch.maximum(hi, lo + 1e-8), axis=axis)
     flat = samples.reshape(-1)
     flat = flat[_subsample(flat.numel(), SAMPLE_LIMIT)]
     if kind in _SEARCHED:
