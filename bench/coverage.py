@@ -126,7 +126,12 @@ IMAGE_FAMILIES: tuple[Family, ...] = (
     ),
     _timm("repvit", "repvit_m0_9", "num_classes=10&input_size=64"),
     _timm("fastvit", "fastvit_t8", "num_classes=10&input_size=64"),
-    _timm("efficientformer", "efficientformer_l1", "num_classes=10&img_size=64"),
+    # EfficientFormer's attention biases are fixed at 7x7 tokens: 224 pixels, even when tiny.
+    _timm(
+        "efficientformer",
+        "efficientformer_l1",
+        "num_classes=10&depths=1,1,1,2&embed_dims=16,24,32,48&input_size=224",
+    ),
     _timm("levit", "levit_128s", "num_classes=10&img_size=64"),
     _timm("poolformer", "poolformerv2_s12", "num_classes=10&input_size=64"),
     _timm("mobilevit", "mobilevit_xxs", "num_classes=10&input_size=64"),

@@ -34,6 +34,7 @@ TIMM_OPTIONS: Options = {
     "patch_size": Option("int", 1, 64, tuple_ok=True),
     "window_size": Option("int", 1, 64, tuple_ok=True),
     "embed_dim": Option("int", 1, 4096, tuple_ok=True),
+    "embed_dims": Option("int", 1, 4096, tuple_ok=True),
     "depth": Option("int", 1, 64),
     "depths": Option("int", 0, 64, tuple_ok=True),
     "num_heads": Option("int", 1, 64, tuple_ok=True),
