@@ -9,12 +9,13 @@ or queue layers.
 
 `progress(phase, fraction, message)` is called between phases and inside long loops; a caller
 that wants to cancel raises `JobCancelled` from it, which stops the run at the next call.
+The job's own types (`JobSpec`, `Result`, the phases) live in `allocator.job`, which needs no
+torch, so that clients can use them without this module.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -26,13 +27,7 @@ import numpy as np
 import torch
 
 from allocator import costs, memory
-from allocator.act_plan import (
-    ACT_QUANTIZERS,
-    PROBS_ACT_BITS,
-    ActivationBench,
-    joint_widths,
-    quantizers,
-)
+from allocator.act_plan import PROBS_ACT_BITS, ActivationBench, joint_widths, quantizers
 from allocator.activations import quantized_activations
 from allocator.apply import apply, pack
 from allocator.budget import Budget, parse_budget
@@ -43,18 +38,14 @@ from allocator.data import (
     holdout_batches,
     load_dataset,
 )
-from allocator.errors import BadBudget, BadSpec, BitplanError, UnknownMethod, UnsupportedModel
+from allocator.errors import BitplanError, UnsupportedModel
+from allocator.job import JobSpec, Progress, Result, act_bits_for, parse_method
 from allocator.layers import LayerTable, build_layer_table
 from allocator.limits import Limits
 from allocator.plan import BitPlan, LayerPlan
-from allocator.quant.activation import ACT_BITS, ActQuantizer
+from allocator.quant.activation import ActQuantizer
 from allocator.report import write_report
-from allocator.sensitivity import (
-    Sensitivity,
-    SensitivityContext,
-    parse_method,
-    sensitivity_costs,
-)
+from allocator.sensitivity import Sensitivity, SensitivityContext, sensitivity_costs
 from allocator.solve import Solution, check_budget, fixed_plan, solve, uniform_bits_for
 from allocator.weight_rules import (
     RULE_SETS,
@@ -67,174 +58,12 @@ from allocator.zoo import load_model
 from allocator.zoo.base import Inputs, LoadedModel
 from allocator.zoo.weights import first_line
 
-Progress = Callable[[str, float, str], None]
-DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
-WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
-"""Widths a layer's weights may take: `bits` and `pins` choose among these."""
-MAX_PINS = 10_000
-MAX_SEED = 2**32 - 1
-MAX_TEXT = {"model": 2048, "calib": 4096, "weights": 4096, "eval": 4096, "budget": 200}
-"""Longest accepted text per field; the rest are short names checked against their lists."""
-MAX_LAYER_NAME = 512
 FLOAT_ACT_BITS = 32
 """BOPs count float activations at 32 bits."""
-JOINT = "auto"
-"""`act_bits` value that lets the integer program choose every layer's activation width."""
-PHASES = (
-    "load",
-    "layers",
-    "statistics",
-    "sensitivity",
-    "solve",
-    "quantize",
-    "evaluate",
-    "pack",
-)
 
 
 def _silent(_phase: str, _fraction: float, _message: str) -> None:
     return None
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    """Everything that defines a job; JSON-serialisable as is (`asdict`)."""
-
-    model: str
-    calib: str
-    weights: str | None = None
-    eval: str | None = None
-    budget: str = "avg-bits=4"
-    method: str = "lrp+fisher"
-    bits: tuple[int, ...] = DEFAULT_BITS
-    calib_samples: int = 256
-    batch_size: int = 32
-    eval_samples: int | None = None
-    pin_first_last: bool = True
-    pins: Mapping[str, int] = field(default_factory=dict)
-    bias_correction: bool = True
-    time_limit: float = 10.0
-    seed: int = 0
-    report_widths: bool = True
-    """Also evaluate uniform W3..W8 (those in `bits`) for the report's predicted-vs-measured
-    ranking: one quantization and one evaluation pass each."""
-    report: bool = True
-    """Draw report.html and pareto.png with the artifacts (about a second of plotting); bulk
-    jobs that only need the plan turn it off."""
-    act_bits: int | str | None = None
-    """Activation width of every site, or "auto" to allocate them with the weights (joint
-    integer program). None: float activations, unless the budget is `match=WxAy`, which sets y."""
-    act_quantizers: str = "auto"
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["bits"] = list(self.bits)
-        data["pins"] = dict(self.pins)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:
-        values = dict(data)
-        if "bits" in values:
-            values["bits"] = tuple(int(b) for b in values["bits"])
-        return cls(**values)
-
-    def validate(self, limits: Limits | None = None) -> None:
-        """Cheap checks before any model is loaded, so bad input fails in milliseconds.
-
-        Every number is bounded (by `limits`, the operator's, where a machine's size decides):
-        a spec is written by a tenant, and a width of 1000 bits, a NaN time limit or a batch of
-        10^12 samples must be refused here, not discovered by a worker running out of memory.
-        """
-        limits = limits or Limits()
-        for name, longest in MAX_TEXT.items():
-            value = getattr(self, name)
-            if value is not None and len(value) > longest:
-                raise BadSpec(f"{name} is longer than {longest} characters; shorten it")
-        budget = parse_budget(self.budget)
-        parse_method(self.method)
-        _check_widths("bits", self.bits)
-        if len(set(self.bits)) != len(self.bits):
-            raise BadSpec(f"bits {list(self.bits)} lists a width twice; list each once")
-        if self.act_bits not in (None, JOINT, *ACT_BITS):
-            raise BadBudget(
-                f"activation bits {self.act_bits!r} is not one of "
-                f"{', '.join(map(str, ACT_BITS))} or {JOINT}"
-            )
-        act_bits_for(self, budget)
-        if self.act_quantizers not in ACT_QUANTIZERS:
-            raise UnknownMethod(
-                f"unknown activation quantizers {str(self.act_quantizers)[:40]!r}; use one of "
-                f"{', '.join(ACT_QUANTIZERS)}"
-            )
-        _check_range("calib_samples", self.calib_samples, 1, limits.max_calib_samples)
-        _check_range("batch_size", self.batch_size, 1, limits.max_batch_size)
-        if self.eval_samples is not None:
-            _check_range("eval_samples", self.eval_samples, 1, limits.max_eval_samples)
-        _check_range("seed", self.seed, 0, MAX_SEED)
-        if not (
-            math.isfinite(self.time_limit) and 0 < self.time_limit <= limits.max_solver_seconds
-        ):
-            raise BadSpec(
-                f"time_limit {self.time_limit} is not a number of seconds in "
-                f"(0, {limits.max_solver_seconds:g}]; give a finite positive limit"
-            )
-        if len(self.pins) > MAX_PINS:
-            raise BadSpec(f"{len(self.pins)} pins is above the limit of {MAX_PINS}")
-        for layer, width in self.pins.items():
-            if not layer or len(layer) > MAX_LAYER_NAME:
-                raise BadSpec(f"pin layer names must be 1 to {MAX_LAYER_NAME} characters")
-            _check_widths(f"pin {layer[:80]}", (width,))
-
-
-def _check_widths(what: str, widths: tuple[int, ...]) -> None:
-    allowed = ", ".join(map(str, WEIGHT_BITS))
-    if not widths:
-        raise BadSpec(f"{what} lists no width; give some of {allowed}")
-    for width in widths:
-        if isinstance(width, bool) or width not in WEIGHT_BITS:
-            raise BadSpec(f"{what}: weight width {width!r} is not one of {allowed}")
-
-
-def _check_range(what: str, value: int, low: int, high: int) -> None:
-    if isinstance(value, bool) or not low <= value <= high:
-        raise BadSpec(f"{what} {value} is outside {low}..{high}; give a value in that range")
-
-
-@dataclass
-class Result:
-    """What a job produced; `to_json()` is the object `bitplan run --json` prints."""
-
-    spec: JobSpec
-    allocation: list[dict[str, Any]]
-    avg_weight_bits: float
-    weight_bytes: float
-    solver: dict[str, Any]
-    metrics: dict[str, Any]
-    timings: dict[str, float]
-    plan: BitPlan
-    profile: dict[str, Any]
-    artifacts: dict[str, str] = field(default_factory=dict)
-    job_id: str | None = None
-    act_allocation: list[dict[str, Any]] | None = None
-    bops: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "job_id": self.job_id,
-            "model": self.spec.model,
-            "budget": self.spec.budget,
-            "method": self.spec.method,
-            "allocation": self.allocation,
-            "avg_weight_bits": self.avg_weight_bits,
-            "weight_bytes": self.weight_bytes,
-            "solver": self.solver,
-            "metrics": self.metrics,
-            "timings": self.timings,
-            "artifacts": self.artifacts,
-            "act_allocation": self.act_allocation,
-            "bops": self.bops,
-        }
 
 
 class _Clock:
@@ -519,23 +348,6 @@ def check_memory(spec: JobSpec, model: LoadedModel, sample: Inputs, limits: Limi
         samples=spec.calib_samples,
         widths=len(spec.bits),
     ).check(limits.max_job_memory)
-
-
-def act_bits_for(spec: JobSpec, budget: Budget) -> int | tuple[int, ...] | None:
-    """The activation width a job runs at: asked for, the A of a `match=WxAy` budget, or the
-    widths joint allocation chooses from."""
-    if spec.act_bits == JOINT:
-        return ACT_BITS
-    if isinstance(spec.act_bits, int):
-        return spec.act_bits
-    if budget.match is not None:
-        if budget.match[1] not in ACT_BITS:
-            raise BadBudget(
-                f"{budget}: activation width {budget.match[1]} is not one of "
-                f"{', '.join(map(str, ACT_BITS))}"
-            )
-        return budget.match[1]
-    return None
 
 
 def _baseline_act_bits(act_bits: int | tuple[int, ...], budget: Budget) -> int:

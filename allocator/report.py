@@ -25,7 +25,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -34,14 +34,11 @@ from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 from scipy.stats import spearmanr
 
 from allocator.budget import BITS_PER_MB, FP32_BITS, ResolvedBudget
-from allocator.data.evaluate import HIGHER_IS_BETTER
 from allocator.errors import InfeasibleBudget
+from allocator.job import HIGHER_IS_BETTER, Result
 from allocator.layers import LayerTable
 from allocator.profile import CostTable, file_sha256
 from allocator.solve import pareto
-
-if TYPE_CHECKING:
-    from allocator.pipeline import Result
 
 REPORT_FILE = "report.html"
 PARETO_FILE = "pareto.png"

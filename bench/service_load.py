@@ -282,7 +282,8 @@ def drain(
 ) -> DrainResult:
     from sqlalchemy import func, select
 
-    from db.models import TERMINAL_STATUSES, Job, JobStatus, Result
+    from allocator.job import TERMINAL_STATUSES, JobStatus
+    from db.models import Job, Result
     from db.session import make_engine, make_session_factory
 
     engine = make_engine(database_url)

@@ -4,7 +4,8 @@ The database row is the truth about a job (status, lease, attempts, cancel flag)
 must mean the same on SQLite (embedded) and PostgreSQL (distributed): timestamps are stored as
 UTC and always come back timezone-aware, JSON columns use JSONB on PostgreSQL and JSON text on
 SQLite, and enumerations are CHECK-constrained strings rather than native enum types so that
-migrations stay plain on both.
+migrations stay plain on both. The enumerations themselves (`JobStatus`, `UploadKind`) are
+`allocator.job`'s, so a client reads a job's status without SQLAlchemy.
 
 Only `db.repositories` writes these rows. Alembic migrations in `db/migrations/versions/` must
 match this module (a test compares them). Never import FastAPI, Celery or torch here.
@@ -35,6 +36,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from allocator.job import JobStatus, UploadKind
 
 # Deterministic constraint names, so Alembic can drop or alter them later on every backend.
 NAMING_CONVENTION = {
@@ -87,22 +90,6 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 # JSONB on PostgreSQL (indexable, compact); JSON text elsewhere.
 JSONType = JSON().with_variant(JSONB(), "postgresql")
-
-
-class JobStatus(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
-
-
-class UploadKind(StrEnum):
-    MODEL = "model"
-    DATASET = "dataset"
 
 
 def _string_enum(enum: type[StrEnum], name: str) -> Enum:

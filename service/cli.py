@@ -12,7 +12,8 @@ Errors a user can fix print one line and exit 2.
 (declared once, below) and queues the job on a server instead, uploading local files first;
 `status`, `wait` and `fetch` follow it there. A refusal by the server exits 2, a job that failed
 or was cancelled 1, an unreachable server 3. The service modules are imported by the commands
-that use them, so `bitplan run` never loads the web stack.
+that use them, so `bitplan run` never loads the web stack and `submit`, `status`, `wait` and
+`fetch` never load torch or SQLAlchemy (they need only `allocator.job` and `service.client`).
 """
 
 from __future__ import annotations
@@ -35,9 +36,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from allocator.data.evaluate import HIGHER_IS_BETTER
 from allocator.errors import BitplanError
-from allocator.pipeline import PHASES, JobSpec, run
+from allocator.job import HIGHER_IS_BETTER, INPUT_KINDS, PHASES, JobSpec
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -230,6 +230,8 @@ def spec_options(command: Callable[..., None]) -> Callable[..., None]:
 @spec_options
 def run_command(spec: SpecFactory, as_json: JsonOpt = False) -> None:
     """Find and apply the bit allocation for one model and budget, on this machine."""
+    from allocator.pipeline import run  # imported here: it loads torch
+
     with _user_errors():
         job = spec()
         with tempfile.TemporaryDirectory(prefix="bitplan-") as workdir:
@@ -509,8 +511,6 @@ def submit_command(
 def _uploaded(client: BitplanClient, spec: JobSpec) -> JobSpec:
     """`spec` with each local file replaced by its upload ref; anything else (an `upload:` ref,
     a path on the server) is passed on as written."""
-    from workers.record import INPUT_KINDS
-
     refs = {
         field: client.upload(kind, value).ref
         for field, kind in INPUT_KINDS.items()

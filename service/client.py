@@ -15,8 +15,7 @@ from typing import Any
 
 import httpx
 
-from allocator.pipeline import JobSpec
-from db.models import TERMINAL_STATUSES, JobStatus, UploadKind
+from allocator.job import TERMINAL_STATUSES, JobSpec, JobStatus, UploadKind
 from service.schemas import JobOut, ParetoOut, SolveOut, UploadOut
 
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, read=300.0)

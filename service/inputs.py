@@ -20,21 +20,15 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from allocator.errors import BadReference
+from allocator.job import INPUT_KINDS, UPLOAD_REF_PREFIX, JobSpec, UploadKind
 from allocator.limits import Limits
 from allocator.memory import image_sample
-from allocator.pipeline import JobSpec, check_memory
+from allocator.pipeline import check_memory
 from allocator.zoo import check_ref, meta_model, ref_paths
 from db import repositories
-from db.models import UploadKind
 from service.profiles import solve_budgets
 from service.schemas import ID_PATTERN
-from workers.record import (
-    INPUT_KINDS,
-    UPLOAD_REF_PREFIX,
-    confined_path,
-    file_sha256,
-    profile_key,
-)
+from workers.record import confined_path, file_sha256, profile_key
 
 UPLOAD_ID = re.compile(ID_PATTERN)
 FEASIBILITY_TIME_LIMIT = 1.0

@@ -1,22 +1,26 @@
 """The request and response bodies of the HTTP API, with the examples the OpenAPI page shows.
 
-A job's spec is `allocator.pipeline.JobSpec` itself, validated by pydantic, so the API, the CLI and
+A job's spec is `allocator.job.JobSpec` itself, validated by pydantic, so the API, the CLI and
 the workers can never disagree on what a job is or on its defaults. Everything else here is the
 wire form of a database row or of a solver answer; converting rows is done by the `of` class
 methods so routes stay one line per step.
+
+`service.client` imports this module, so it must load neither torch nor SQLAlchemy: the rows
+the `of` methods read are imported for type checking only.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import AnyHttpUrl, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-from allocator.pipeline import JobSpec
-from db.models import Artifact, Job, JobStatus, Profile, Upload, UploadKind
-from workers.record import UPLOAD_REF_PREFIX, artifact_url
+from allocator.job import UPLOAD_REF_PREFIX, JobSpec, JobStatus, UploadKind, artifact_url
 from workers.settings import BATCH_QUEUE, INTERACTIVE_QUEUE
+
+if TYPE_CHECKING:
+    from db.models import Artifact, Job, Profile, Upload
 
 Queue = Literal[INTERACTIVE_QUEUE, BATCH_QUEUE]
 MAX_SWEEP_JOBS = 1000

@@ -26,10 +26,11 @@ from sqlalchemy.orm import Session
 from allocator.data import load_dataset
 from allocator.data.readers import DATASET_SUFFIXES
 from allocator.errors import BitplanError
+from allocator.job import UploadKind
 from allocator.limits import Limits
 from allocator.zoo.weights import load_state_dict
 from db import repositories
-from db.models import Upload, UploadKind
+from db.models import Upload
 from db.store import CHUNK_SIZE, ArtifactStore
 from service.errors import UnsupportedFormat
 

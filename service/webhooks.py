@@ -43,8 +43,9 @@ from typing import Any
 import httpx
 from sqlalchemy.orm import Session
 
+from allocator.job import TERMINAL_STATUSES
 from db import repositories
-from db.models import TERMINAL_STATUSES, Job
+from db.models import Job
 from service.errors import BadReference
 from service.schemas import JobOut, WebhookEvent
 from service.settings import Settings

@@ -22,8 +22,8 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save
 
+from allocator.job import JobSpec
 from allocator.layers import Layer
-from allocator.pipeline import JobSpec
 from db import repositories
 from db.repositories import ProfileKey
 from service.app import create_app

@@ -115,7 +115,7 @@ def test_synthetic_cost_table_shape(bench: ModuleType) -> None:
 def test_bench_spec_is_a_valid_one_width_job_without_report(
     bench: ModuleType, tmp_path: Path
 ) -> None:
-    from allocator.pipeline import JobSpec
+    from allocator.job import JobSpec
 
     spec = JobSpec.from_dict(bench.bench_spec(tmp_path))
     spec.validate()

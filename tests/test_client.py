@@ -24,7 +24,7 @@ import uvicorn
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from allocator.pipeline import JobSpec
+from allocator.job import JobSpec
 from db import repositories
 from db.repositories import ArtifactRecord
 from db.store import sha256_uri

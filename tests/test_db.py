@@ -27,8 +27,9 @@ from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from allocator.job import JobStatus, UploadKind
 from db import repositories as repo
-from db.models import ApiKey, Artifact, Base, Job, JobStatus, Result, UploadKind, utcnow
+from db.models import ApiKey, Artifact, Base, Job, Result, utcnow
 from db.session import (
     alembic_config,
     database_url,

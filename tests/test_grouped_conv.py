@@ -23,8 +23,9 @@ from typer.testing import CliRunner
 from allocator import costs, unfold
 from allocator.apply import load_packed, pack
 from allocator.errors import BadSpec, UnsupportedModel
+from allocator.job import JobSpec
 from allocator.layers import build_layer_table
-from allocator.pipeline import JobSpec, prepare, run
+from allocator.pipeline import prepare, run
 from allocator.zoo import register_source
 from allocator.zoo.base import LoadedModel
 from service.cli import app

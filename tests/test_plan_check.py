@@ -9,8 +9,9 @@ from torch import nn
 from allocator import costs
 from allocator.act_plan import ActivationBench, quantizers
 from allocator.budget import ResolvedBudget
+from allocator.job import JobSpec
 from allocator.layers import build_layer_table
-from allocator.pipeline import JobSpec, Workbench
+from allocator.pipeline import Workbench
 from allocator.solve import solve, uniform_bits_for
 from allocator.weight_rules import fp32_outputs
 from allocator.zoo.base import LoadedModel

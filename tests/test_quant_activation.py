@@ -11,8 +11,9 @@ from allocator.act_plan import CANDIDATES, PER_SITE, ActivationBench
 from allocator.activations import collect, find_sites, quantized_activations
 from allocator.budget import parse_budget
 from allocator.errors import BadBudget, UnknownMethod
+from allocator.job import JobSpec
 from allocator.layers import LayerTable, build_layer_table
-from allocator.pipeline import JobSpec, run
+from allocator.pipeline import run
 from allocator.quant.activation import ActQuantizer, calibrate, logsqrt2_by_shifts
 from allocator.quant.reparam import fold
 from allocator.weight_rules import fp32_outputs

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from allocator.job import JobSpec, Result
 from allocator.layers import Layer
-from allocator.pipeline import JobSpec, Result
 from allocator.plan import BitPlan, LayerPlan
 from allocator.profile import CostTable, file_sha256
 from allocator.report import Point, build, degradation, rank_correlation, write_report

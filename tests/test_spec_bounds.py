@@ -17,9 +17,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from allocator.errors import BadSpec
+from allocator.job import JobSpec
 from allocator.limits import Limits
 from allocator.memory import JobTooLarge, estimate, image_sample
-from allocator.pipeline import JobSpec
 from allocator.zoo import load_model, meta_model
 from db.models import Job
 from tests.api_app import job_body

@@ -28,11 +28,12 @@ from allocator import memory
 from allocator.apply import load_packed
 from allocator.data import EvalSet, TextCorpus, calibration_batches, evaluate, load_dataset
 from allocator.data.batches import WINDOW_TOKENS, pool, token_windows, window_length
-from allocator.data.evaluate import HIGHER_IS_BETTER, kl_divergence, perplexity
+from allocator.data.evaluate import kl_divergence, perplexity
 from allocator.data.readers import MAX_LINE_CHARS, DatasetTooLarge
 from allocator.errors import BadDataset, UnknownModel
+from allocator.job import HIGHER_IS_BETTER, JobSpec
 from allocator.layers import build_layer_table, weight_layers
-from allocator.pipeline import JobSpec, run
+from allocator.pipeline import run
 from allocator.sensitivity.gradients import gradient_stats
 from allocator.sensitivity.hessian import hessian_traces
 from allocator.sensitivity.lrp import conservation

@@ -22,11 +22,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from allocator.errors import BadBudget, BadDataset
-from allocator.pipeline import PHASES, JobSpec, Progress, Result
+from allocator.job import PHASES, JobSpec, JobStatus, Progress, Result
 from allocator.plan import BitPlan, LayerPlan
 from allocator.zoo import known_prefixes
 from db import repositories as repo
-from db.models import Artifact, Job, JobStatus, utcnow
+from db.models import Artifact, Job, utcnow
 from db.models import Result as ResultRow
 from db.session import init_db, make_session_factory
 from db.store import ArtifactStore

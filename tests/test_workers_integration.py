@@ -46,7 +46,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from allocator.apply import load_packed
-from allocator.pipeline import PHASES
+from allocator.job import PHASES, JobStatus
 from allocator.zoo import load_model
 from bench.deploy import (
     WORKER_COMMAND,
@@ -60,7 +60,7 @@ from bench.deploy import (
     write_plugins,
 )
 from db import repositories as repo
-from db.models import Job, JobStatus, Result, utcnow
+from db.models import Job, Result, utcnow
 from db.session import init_db, make_session_factory
 from service.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from tests.api_app import WEBHOOK_SECRET

@@ -1,4 +1,4 @@
-"""Turn a stored job into pipeline inputs, and a finished `allocator.pipeline.Result` into rows.
+"""Turn a stored job into pipeline inputs, and a finished `allocator.job.Result` into rows.
 
 The only place that knows both the allocator's result and the database: the CLI's `run`, the
 inline executor and the Celery task all start a job through `runnable_spec` and finish it through
@@ -17,17 +17,13 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from allocator.errors import BadReference, BitplanError
-from allocator.pipeline import JobSpec, Result
+from allocator.job import INPUT_KINDS, UPLOAD_REF_PREFIX, JobSpec, Result, artifact_url
 from allocator.profile import file_sha256
 from allocator.zoo import ref_paths
 from db import repositories
-from db.models import Job, Profile, UploadKind
+from db.models import Job, Profile
 from db.repositories import ArtifactRecord, ProfileKey, canonical_sha256
 from db.store import ArtifactStore
-
-UPLOAD_REF_PREFIX = "upload:"
-INPUT_KINDS = {"weights": UploadKind.MODEL, "calib": UploadKind.DATASET, "eval": UploadKind.DATASET}
-"""The spec fields that name files, and the kind of upload each may name."""
 
 PROFILE_OPTIONS = (
     "bits",
@@ -53,11 +49,6 @@ ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/(?:[^\s'\"():,;/]+/)+([^\s'\"():,;/]
 """An absolute path in free text (not the path part of a URL); group 1 is its last component."""
 UPLOAD_LINK = r"/([0-9a-fA-F-]{36})\.[A-Za-z0-9]+"
 """How `runnable_spec` names an upload's link inside the job's folder."""
-
-
-def artifact_url(job_id: str, name: str) -> str:
-    """Where the API serves a job's artifact: what results and listings name, never a path."""
-    return f"/v1/jobs/{job_id}/artifacts/{name}"
 
 
 def public_error(text: str, workdir: Path) -> str:

@@ -31,10 +31,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from allocator.errors import BitplanError, JobCancelled
+from allocator.job import PHASES, TERMINAL_STATUSES, JobSpec, JobStatus, Progress, Result
 from allocator.limits import Limits
-from allocator.pipeline import PHASES, JobSpec, Progress, Result, run
+from allocator.pipeline import run
 from db import repositories
-from db.models import TERMINAL_STATUSES, Job, JobStatus
+from db.models import Job
 from db.store import ArtifactStore
 from workers.hooks import JobEnded, notify_ended
 from workers.periodic import Periodic

@@ -24,17 +24,8 @@ from torch.nn import functional as F
 from allocator.data.batches import check_compatible, pool, prepare_batches, take
 from allocator.data.readers import Dataset, ImageSet, SentencePairs, TextCorpus
 from allocator.errors import BadDataset
+from allocator.job import HIGHER_IS_BETTER as HIGHER_IS_BETTER  # defined with the job's types
 from allocator.zoo.base import LOGIT_TASKS, Inputs, LoadedModel
-
-HIGHER_IS_BETTER = {
-    "top1": True,
-    "spearman": True,
-    "agreement": True,
-    "kl": False,
-    "mse": False,
-    "perplexity": False,
-}
-"""Every metric `evaluate` reports, and which way is better."""
 
 REFERENCE_METRICS = frozenset({"agreement", "kl", "mse"})
 """Metrics that compare with the FP32 outputs and so need `reference`."""

@@ -31,7 +31,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from db.models import Artifact, Job, JobStatus, Result, UTCDateTime, utcnow
+from allocator.job import JobStatus
+from db.models import Artifact, Job, Result, UTCDateTime, utcnow
 from db.repositories.shared import LIVE_STATUSES, execute_guarded
 
 

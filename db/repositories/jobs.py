@@ -19,7 +19,8 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Artifact, Job, JobStatus, Result, utcnow
+from allocator.job import JobStatus
+from db.models import Artifact, Job, Result, utcnow
 from db.repositories.shared import LIVE_STATUSES, canonical_json, insert_or_existing
 
 DEFAULT_QUEUE = "batch"

@@ -18,7 +18,8 @@ from sqlalchemy import Update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db.models import Base, JobStatus
+from allocator.job import JobStatus
+from db.models import Base
 
 LIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
 _Row = TypeVar("_Row", bound=Base)

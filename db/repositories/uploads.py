@@ -8,7 +8,8 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Upload, UploadKind
+from allocator.job import UploadKind
+from db.models import Upload
 from db.repositories.shared import insert_or_existing
 
 

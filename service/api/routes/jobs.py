@@ -14,9 +14,9 @@ from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 
-from allocator.pipeline import JobSpec
+from allocator.job import JobSpec, JobStatus
 from db import repositories
-from db.models import Job, JobStatus
+from db.models import Job
 from db.repositories import IdempotencyConflict
 from db.store import UnknownObject
 from service.api.deps import (

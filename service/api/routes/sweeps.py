@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from fastapi import APIRouter, Response, status
 
-from allocator.pipeline import JobSpec
+from allocator.job import JobSpec
 from service.api.deps import UNAUTHORIZED, ExecutorDep, SessionDep, SettingsDep, TenantDep
 from service.api.routes.jobs import REJECTED, IdempotencyKey, check_request, enqueue
 from service.quotas import check_active_jobs

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from db.models import UploadKind
+from allocator.job import UploadKind
 from service.api.deps import UNAUTHORIZED, SessionDep, SettingsDep, StoreDep, TenantDep
 from service.errors import UnsupportedFormat
 from service.quotas import check_stored_bytes, declared_bytes

@@ -1,0 +1,279 @@
+"""What a job is and what it produced: the types every front end shares, with no torch.
+
+`JobSpec` (with its bounds and `validate`), `Result`, the pipeline's phases and progress
+callback, a job's statuses, the files a spec names, which way each metric is better, and the
+names a spec may choose from (sensitivity methods, activation widths, activation quantizers).
+`service.client`, `service.schemas` and the CLI's remote commands import this module, so an ML
+platform can build, check, submit and follow jobs without torch or a database driver installed.
+
+Never import torch, numpy, SQLAlchemy, FastAPI or Celery here, nor an allocator module that does
+(`tests/test_imports.py` checks it in a fresh interpreter). `allocator.budget`,
+`allocator.limits` and `allocator.errors` are torch-free.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from allocator.budget import Budget, parse_budget
+from allocator.errors import BadBudget, BadSpec, UnknownMethod
+from allocator.limits import Limits
+
+if TYPE_CHECKING:
+    from allocator.plan import BitPlan
+
+# --- what a job runs through and how it ends ----------------------------------------------------
+
+PHASES = (
+    "load",
+    "layers",
+    "statistics",
+    "sensitivity",
+    "solve",
+    "quantize",
+    "evaluate",
+    "pack",
+)
+"""The pipeline's phases, in order: what `Progress` names and a running job's `phase` shows."""
+Progress = Callable[[str, float, str], None]
+"""`progress(phase, fraction, message)`, called between phases and inside long loops."""
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+# --- the files a spec names ---------------------------------------------------------------------
+
+
+class UploadKind(StrEnum):
+    MODEL = "model"
+    DATASET = "dataset"
+
+
+UPLOAD_REF_PREFIX = "upload:"
+"""A spec names an uploaded file `upload:<id>`; anything else is a path on the machine."""
+INPUT_KINDS = {"weights": UploadKind.MODEL, "calib": UploadKind.DATASET, "eval": UploadKind.DATASET}
+"""The spec fields that name files, and the kind of upload each may name."""
+
+
+def artifact_url(job_id: str, name: str) -> str:
+    """Where the API serves a job's artifact: what results and listings name, never a path."""
+    return f"/v1/jobs/{job_id}/artifacts/{name}"
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+HIGHER_IS_BETTER = {
+    "top1": True,
+    "spearman": True,
+    "agreement": True,
+    "kl": False,
+    "mse": False,
+    "perplexity": False,
+}
+"""Every metric `allocator.data.evaluate` reports, and which way is better."""
+
+
+# --- the names and widths a spec may choose -----------------------------------------------------
+
+DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
+WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
+"""Widths a layer's weights may take: `bits` and `pins` choose among these."""
+ACT_BITS = (4, 6, 8, 16)
+"""Widths an activation may take (`allocator.quant.activation` quantizes at these)."""
+JOINT = "auto"
+"""`act_bits` value that lets the integer program choose every layer's activation width."""
+ACT_QUANTIZERS = ("baseline", "repq", "isvit", "dopq", "log2", "auto")
+"""`act_quantizers` values: the presets of `allocator.act_plan`, and `auto`."""
+SENSITIVITY_METHODS = ("lrp", "fisher", "hessian", "measured")
+"""Sensitivity methods a spec may name, alone or joined by '+' (`allocator.sensitivity`)."""
+MAX_PINS = 10_000
+MAX_SEED = 2**32 - 1
+MAX_TEXT = {"model": 2048, "calib": 4096, "weights": 4096, "eval": 4096, "budget": 200}
+"""Longest accepted text per field; the rest are short names checked against their lists."""
+MAX_LAYER_NAME = 512
+
+
+def parse_method(text: str) -> tuple[str, ...]:
+    """`lrp+fisher` -> ("lrp", "fisher"); unknown names raise `UnknownMethod`."""
+    names = tuple(part.strip() for part in text.split("+") if part.strip())
+    unknown = [n for n in names if n not in SENSITIVITY_METHODS]
+    if not names or unknown:
+        raise UnknownMethod(
+            f"unknown sensitivity method {text!r}: use one of {', '.join(SENSITIVITY_METHODS)}"
+            " or several joined by '+', e.g. lrp+fisher"
+        )
+    return names
+
+
+# --- the job and its result ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything that defines a job; JSON-serialisable as is (`asdict`)."""
+
+    model: str
+    calib: str
+    weights: str | None = None
+    eval: str | None = None
+    budget: str = "avg-bits=4"
+    method: str = "lrp+fisher"
+    bits: tuple[int, ...] = DEFAULT_BITS
+    calib_samples: int = 256
+    batch_size: int = 32
+    eval_samples: int | None = None
+    pin_first_last: bool = True
+    pins: Mapping[str, int] = field(default_factory=dict)
+    bias_correction: bool = True
+    time_limit: float = 10.0
+    seed: int = 0
+    report_widths: bool = True
+    """Also evaluate uniform W3..W8 (those in `bits`) for the report's predicted-vs-measured
+    ranking: one quantization and one evaluation pass each."""
+    report: bool = True
+    """Draw report.html and pareto.png with the artifacts (about a second of plotting); bulk
+    jobs that only need the plan turn it off."""
+    act_bits: int | str | None = None
+    """Activation width of every site, or "auto" to allocate them with the weights (joint
+    integer program). None: float activations, unless the budget is `match=WxAy`, which sets y."""
+    act_quantizers: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["bits"] = list(self.bits)
+        data["pins"] = dict(self.pins)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:
+        values = dict(data)
+        if "bits" in values:
+            values["bits"] = tuple(int(b) for b in values["bits"])
+        return cls(**values)
+
+    def validate(self, limits: Limits | None = None) -> None:
+        """Cheap checks before any model is loaded, so bad input fails in milliseconds.
+
+        Every number is bounded (by `limits`, the operator's, where a machine's size decides):
+        a spec is written by a tenant, and a width of 1000 bits, a NaN time limit or a batch of
+        10^12 samples must be refused here, not discovered by a worker running out of memory.
+        """
+        limits = limits or Limits()
+        for name, longest in MAX_TEXT.items():
+            value = getattr(self, name)
+            if value is not None and len(value) > longest:
+                raise BadSpec(f"{name} is longer than {longest} characters; shorten it")
+        budget = parse_budget(self.budget)
+        parse_method(self.method)
+        _check_widths("bits", self.bits)
+        if len(set(self.bits)) != len(self.bits):
+            raise BadSpec(f"bits {list(self.bits)} lists a width twice; list each once")
+        if self.act_bits not in (None, JOINT, *ACT_BITS):
+            raise BadBudget(
+                f"activation bits {self.act_bits!r} is not one of "
+                f"{', '.join(map(str, ACT_BITS))} or {JOINT}"
+            )
+        act_bits_for(self, budget)
+        if self.act_quantizers not in ACT_QUANTIZERS:
+            raise UnknownMethod(
+                f"unknown activation quantizers {str(self.act_quantizers)[:40]!r}; use one of "
+                f"{', '.join(ACT_QUANTIZERS)}"
+            )
+        _check_range("calib_samples", self.calib_samples, 1, limits.max_calib_samples)
+        _check_range("batch_size", self.batch_size, 1, limits.max_batch_size)
+        if self.eval_samples is not None:
+            _check_range("eval_samples", self.eval_samples, 1, limits.max_eval_samples)
+        _check_range("seed", self.seed, 0, MAX_SEED)
+        if not (
+            math.isfinite(self.time_limit) and 0 < self.time_limit <= limits.max_solver_seconds
+        ):
+            raise BadSpec(
+                f"time_limit {self.time_limit} is not a number of seconds in "
+                f"(0, {limits.max_solver_seconds:g}]; give a finite positive limit"
+            )
+        if len(self.pins) > MAX_PINS:
+            raise BadSpec(f"{len(self.pins)} pins is above the limit of {MAX_PINS}")
+        for layer, width in self.pins.items():
+            if not layer or len(layer) > MAX_LAYER_NAME:
+                raise BadSpec(f"pin layer names must be 1 to {MAX_LAYER_NAME} characters")
+            _check_widths(f"pin {layer[:80]}", (width,))
+
+
+def _check_widths(what: str, widths: tuple[int, ...]) -> None:
+    allowed = ", ".join(map(str, WEIGHT_BITS))
+    if not widths:
+        raise BadSpec(f"{what} lists no width; give some of {allowed}")
+    for width in widths:
+        if isinstance(width, bool) or width not in WEIGHT_BITS:
+            raise BadSpec(f"{what}: weight width {width!r} is not one of {allowed}")
+
+
+def _check_range(what: str, value: int, low: int, high: int) -> None:
+    if isinstance(value, bool) or not low <= value <= high:
+        raise BadSpec(f"{what} {value} is outside {low}..{high}; give a value in that range")
+
+
+def act_bits_for(spec: JobSpec, budget: Budget) -> int | tuple[int, ...] | None:
+    """The activation width a job runs at: asked for, the A of a `match=WxAy` budget, or the
+    widths joint allocation chooses from."""
+    if spec.act_bits == JOINT:
+        return ACT_BITS
+    if isinstance(spec.act_bits, int):
+        return spec.act_bits
+    if budget.match is not None:
+        if budget.match[1] not in ACT_BITS:
+            raise BadBudget(
+                f"{budget}: activation width {budget.match[1]} is not one of "
+                f"{', '.join(map(str, ACT_BITS))}"
+            )
+        return budget.match[1]
+    return None
+
+
+@dataclass
+class Result:
+    """What a job produced; `to_json()` is the object `bitplan run --json` prints."""
+
+    spec: JobSpec
+    allocation: list[dict[str, Any]]
+    avg_weight_bits: float
+    weight_bytes: float
+    solver: dict[str, Any]
+    metrics: dict[str, Any]
+    timings: dict[str, float]
+    plan: BitPlan
+    profile: dict[str, Any]
+    artifacts: dict[str, str] = field(default_factory=dict)
+    job_id: str | None = None
+    act_allocation: list[dict[str, Any]] | None = None
+    bops: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "model": self.spec.model,
+            "budget": self.spec.budget,
+            "method": self.spec.method,
+            "allocation": self.allocation,
+            "avg_weight_bits": self.avg_weight_bits,
+            "weight_bytes": self.weight_bytes,
+            "solver": self.solver,
+            "metrics": self.metrics,
+            "timings": self.timings,
+            "artifacts": self.artifacts,
+            "act_allocation": self.act_allocation,
+            "bops": self.bops,
+        }
