@@ -36,6 +36,7 @@ from torch import nn
 
 from allocator.activations import Site, collect, find_sites, quantized_activations
 from allocator.errors import UnknownMethod
+from allocator.job import ACT_QUANTIZERS
 from allocator.layers import LayerTable
 from allocator.quant.activation import NOT_QUANTIZED, ActQuantizer, calibrate
 from allocator.sensitivity.measured import mean_divergence
@@ -55,7 +56,9 @@ PRESETS: dict[str, dict[str, str]] = {
     "dopq": {"post-ln": "channel", "post-softmax": "tanq"},
     "log2": {"post-ln": "channel", "post-softmax": "log2"},
 }
-ACT_QUANTIZERS = (*PRESETS, "auto")
+AUTO = "auto"
+"""The preset that chooses each role's quantizer by measurement; `ACT_QUANTIZERS` (the names a
+spec may give) are the keys of `PRESETS` and this."""
 PER_SITE = "per-site"
 """`auto`'s option of keeping, for a role, each site's least-error candidate."""
 PINNED_ACT_BITS = 8
@@ -114,7 +117,7 @@ class ActivationBench:
         self._cache: dict[tuple[str, str, int], tuple[ActQuantizer, float]] = {}
         self._role_kinds: dict[int, dict[str, str]] = {}
 
-    def assign(self, widths: int | Mapping[str, int], preset: str = "auto") -> list[ActAssignment]:
+    def assign(self, widths: int | Mapping[str, int], preset: str = AUTO) -> list[ActAssignment]:
         """Each site's quantizer at its width (one width for all, or per site name)."""
         if preset not in ACT_QUANTIZERS:
             raise UnknownMethod(
@@ -215,7 +218,7 @@ class ActivationBench:
         return min(CANDIDATES[site.role], key=lambda k: self.error(site, k, bits))
 
     def _choose(self, site: Site, bits: int, preset: str) -> ActQuantizer:
-        if preset == "auto":
+        if preset == AUTO:
             role_kind = None if site.layer in self._pinned else self.role_kinds(bits).get(site.role)
             kind = role_kind or self._per_site(site, bits)
         else:

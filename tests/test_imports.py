@@ -26,6 +26,7 @@ import httpx
 from typer.testing import CliRunner
 
 import service.cli as cli
+import service.cli.remote as remote_commands
 from service.client import BitplanClient
 
 JOB_ID = "5f0c2a0e-4d7b-4c36-9b57-1c2b8c7f9e11"
@@ -66,7 +67,7 @@ def answer(request):
     return httpx.Response(200, json=JOB)
 
 
-cli._client = lambda server, key: BitplanClient(server, key, transport=httpx.MockTransport(answer))
+remote_commands._client = lambda server, key: BitplanClient(server, key, transport=httpx.MockTransport(answer))
 calib = Path(tempfile.mkdtemp()) / "calib.npz"
 calib.write_bytes(b"data")
 remote = ["--server", "http://bitplan.test", "--key", "bp_test"]
@@ -123,14 +124,12 @@ def test_cli_submit_status_and_wait_load_neither_torch_nor_sqlalchemy() -> None:
     assert found["loaded"] == []
 
 
-def test_the_names_a_spec_may_use_are_the_ones_the_allocator_implements() -> None:
+def test_every_name_a_spec_may_use_has_an_implementation() -> None:
     """`allocator.job` lists them without importing the torch modules that implement them."""
-    from allocator.act_plan import ACT_QUANTIZERS
-    from allocator.quant.activation import ACT_BITS
+    from allocator.act_plan import AUTO, PRESETS
     from allocator.sensitivity import METHODS
 
-    assert ACT_BITS == job.ACT_BITS
-    assert ACT_QUANTIZERS == job.ACT_QUANTIZERS
+    assert (*PRESETS, AUTO) == job.ACT_QUANTIZERS
     assert tuple(METHODS) == job.SENSITIVITY_METHODS
 
 

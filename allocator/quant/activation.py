@@ -40,10 +40,10 @@ import torch
 from torch import Tensor
 
 from allocator.errors import UnknownMethod
+from allocator.job import ACT_BITS as ACT_BITS  # the widths a site may take, re-exported
 
-ACT_BITS = (4, 6, 8, 16)
-"""Activation widths a site may take; 16 means kept in floating point."""
 NOT_QUANTIZED = 16
+"""The width of `ACT_BITS` (the widths a site may take) that means kept in floating point."""
 CHANNEL_KINDS = ("channel", "channel-clip")
 UNIFORM_KINDS = ("minmax", "percentile", "mse", *CHANNEL_KINDS)
 SOFTMAX_KINDS = ("log2", "logsqrt2", "sulq", "tanq")

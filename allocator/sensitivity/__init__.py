@@ -15,7 +15,6 @@ import torch
 
 from allocator import costs
 from allocator.costs import QuantChoice
-from allocator.errors import UnknownMethod
 from allocator.layers import LayerTable
 from allocator.sensitivity.gradients import GradientStats, gradient_stats
 from allocator.sensitivity.hessian import hessian_traces
@@ -146,18 +145,8 @@ METHODS: dict[str, Callable[[SensitivityContext], Sensitivity]] = {
     "hessian": _hessian,
     "measured": _measured,
 }
-
-
-def parse_method(text: str) -> tuple[str, ...]:
-    """`lrp+fisher` -> ("lrp", "fisher"); unknown names raise `UnknownMethod`."""
-    names = tuple(part.strip() for part in text.split("+") if part.strip())
-    unknown = [n for n in names if n not in METHODS]
-    if not names or unknown:
-        raise UnknownMethod(
-            f"unknown sensitivity method {text!r}: use one of {', '.join(METHODS)}"
-            " or several joined by '+', e.g. lrp+fisher"
-        )
-    return names
+"""One function per name a spec may give (`allocator.job.SENSITIVITY_METHODS`, which
+`allocator.job.parse_method` checks a spec's `lrp+fisher` against)."""
 
 
 def sensitivity_costs(ctx: SensitivityContext) -> tuple[np.ndarray, list[Sensitivity]]:
