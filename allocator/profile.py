@@ -1,6 +1,6 @@
 """A cached cost table read back, and the file hashes that say which inputs made it.
 
-`allocator.pipeline.profile_dict` writes a profile (layers, candidate widths, the cost matrix) as
+`profile_dict` writes a profile (layers, candidate widths, the cost matrix) as
 plain JSON data; the service re-solves new budgets from it and the report prices plans with it, so
 both read it through `CostTable.from_dict` instead of each rebuilding the layer table its own way.
 Imports the layer table and numpy; never the solver, the model zoo or any service.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +72,16 @@ def file_sha256(path: Path) -> str:
         while chunk := source.read(CHUNK_SIZE):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def profile_dict(
+    table: LayerTable, bits: tuple[int, ...], cost: np.ndarray, method: str
+) -> dict[str, Any]:
+    """The cached cost table: enough to re-solve any budget without touching the model."""
+    return {
+        "method": method,
+        "bits": list(bits),
+        "layers": [asdict(layer) for layer in table],
+        "attention_macs": table.attention_macs,
+        "cost": cost.tolist(),
+    }

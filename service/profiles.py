@@ -1,6 +1,6 @@
 """Answering a budget from a cached cost table: the integer program alone, no model pass.
 
-A profile row holds what `allocator.pipeline.profile_dict` wrote (layers, candidate widths, the
+A profile row holds what `allocator.profile.profile_dict` wrote (layers, candidate widths, the
 cost matrix); `allocator.profile.CostTable` reads it back and this module shapes the solver's
 answer for the API. The science stays in `allocator.solve` and `allocator.budget`; nothing here reads a
 model or the database.
