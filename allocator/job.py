@@ -1,8 +1,9 @@
 """What a job is and what it produced: the types every front end shares, with no torch.
 
-`JobSpec` (with its bounds and `validate`), `Result`, the pipeline's phases and progress
-callback, a job's statuses, the files a spec names, which way each metric is better, and the
-names a spec may choose from (sensitivity methods, activation widths, activation quantizers).
+`JobSpec` (with its bounds and `validate`), `Result` and the `JobMetrics` in it, the pipeline's
+phases and progress callback, a job's statuses, the files a spec names, which way each metric is
+better, and the names a spec may choose from (sensitivity methods, activation widths, activation
+quantizers).
 `service.client`, `service.schemas` and the CLI's remote commands import this module, so an ML
 platform can build, check, submit and follow jobs without torch or a database driver installed.
 
@@ -71,19 +72,6 @@ INPUT_KINDS = {"weights": UploadKind.MODEL, "calib": UploadKind.DATASET, "eval":
 def artifact_url(job_id: str, name: str) -> str:
     """Where the API serves a job's artifact: what results and listings name, never a path."""
     return f"/v1/jobs/{job_id}/artifacts/{name}"
-
-
-# --- metrics ------------------------------------------------------------------------------------
-
-HIGHER_IS_BETTER = {
-    "top1": True,
-    "spearman": True,
-    "agreement": True,
-    "kl": False,
-    "mse": False,
-    "perplexity": False,
-}
-"""Every metric `allocator.data.evaluate` reports, and which way is better."""
 
 
 # --- the names and widths a spec may choose -----------------------------------------------------
@@ -243,6 +231,143 @@ def act_bits_for(spec: JobSpec, budget: Budget) -> int | tuple[int, ...] | None:
     return None
 
 
+# --- what a job measured ------------------------------------------------------------------------
+
+HIGHER_IS_BETTER = {
+    "top1": True,
+    "spearman": True,
+    "agreement": True,
+    "kl": False,
+    "mse": False,
+    "perplexity": False,
+}
+"""Every metric `allocator.data.evaluate` reports, and which way is better."""
+Scores = dict[str, float]
+"""One model's metrics on the evaluation set, by name (the keys of `HIGHER_IS_BETTER`)."""
+
+
+@dataclass(frozen=True)
+class UniformScores:
+    """The scores of a uniform plan: every free layer's weights at `bits`, every activation at
+    `act_bits` (None: float activations)."""
+
+    bits: int
+    scores: Scores
+    act_bits: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bits": self.bits, "act_bits": self.act_bits, **self.scores}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> UniformScores:
+        scores = dict(data)
+        bits = int(scores.pop("bits"))
+        act_bits = scores.pop("act_bits", None)
+        return cls(bits, scores, act_bits)
+
+
+@dataclass(frozen=True)
+class PlanCheck:
+    """How far the solver's plan (`mixed`) and the uniform plan of the same size moved from FP32
+    on held-out samples, and the one the job `kept` ("mixed" or "uniform")."""
+
+    mixed: float
+    uniform: float
+    kept: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mixed": self.mixed, "uniform": self.uniform, "kept": self.kept}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PlanCheck:
+        return cls(data["mixed"], data["uniform"], data["kept"])
+
+
+@dataclass(frozen=True)
+class FloatLayer:
+    """A weight layer bitplan leaves in float, and why (a line a user can act on)."""
+
+    name: str
+    type: str
+    params: int
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.type, "params": self.params, "reason": self.reason}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FloatLayer:
+        return cls(data["name"], data["type"], data["params"], data["reason"])
+
+
+@dataclass(frozen=True)
+class JobMetrics:
+    """What a job measured: the scores of FP32, of the plan it returns (`quantized`) and of the
+    uniform plans, with the checks and choices behind the plan.
+
+    `to_dict()` is the `metrics` object of results (API, database, `bitplan run --json`), whose
+    keys clients read; `from_dict` reads it back.
+    """
+
+    primary: str
+    """The metric plans are compared by (`allocator.data.evaluate` picks it from the data)."""
+    fp32: Scores
+    quantized: Scores
+    """The returned plan: mixed widths, or the uniform plan when `plan_check` kept it."""
+    uniform: UniformScores | None = None
+    """The widest uniform plan that fits the budget, None when none does."""
+    uniform_widths: tuple[UniformScores, ...] = ()
+    """Every uniform plan evaluated for the report, narrow to wide, `uniform` included."""
+    weight_rules: Mapping[str, Any] = field(default_factory=dict)
+    """Per width, the clipping/rounding rule set chosen and why (`allocator.weight_rules`)."""
+    act_rules: Mapping[str, Any] | None = None
+    """Per width, each activation role's quantizer `auto` chose; None without activations."""
+    plan_check: PlanCheck | None = None
+    float_layers: tuple[FloatLayer, ...] = ()
+    predicted_cost: float | None = None
+    """The cost table's summed loss of the returned plan (what the solver minimised)."""
+
+    def measured_uniform(self) -> tuple[UniformScores, ...]:
+        """Every evaluated uniform plan; a result from before `uniform_widths` has one."""
+        if self.uniform_widths:
+            return self.uniform_widths
+        return (self.uniform,) if self.uniform is not None else ()
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "fp32": self.fp32,
+            "quantized": self.quantized,
+            "uniform": None if self.uniform is None else self.uniform.to_dict(),
+            "uniform_widths": [u.to_dict() for u in self.uniform_widths],
+            "primary": self.primary,
+            "weight_rules": dict(self.weight_rules),
+        }
+        if self.act_rules is not None:
+            data["act_rules"] = dict(self.act_rules)
+        data["plan_check"] = None if self.plan_check is None else self.plan_check.to_dict()
+        data["float_layers"] = [layer.to_dict() for layer in self.float_layers]
+        data["predicted_cost"] = self.predicted_cost
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobMetrics:
+        uniform, check = data.get("uniform"), data.get("plan_check")
+        return cls(
+            primary=data["primary"],
+            fp32=dict(data["fp32"]),
+            quantized=dict(data["quantized"]),
+            uniform=None if uniform is None else UniformScores.from_dict(uniform),
+            uniform_widths=tuple(
+                UniformScores.from_dict(u) for u in data.get("uniform_widths", ())
+            ),
+            weight_rules=dict(data.get("weight_rules") or {}),
+            act_rules=data.get("act_rules"),
+            plan_check=None if check is None else PlanCheck.from_dict(check),
+            float_layers=tuple(FloatLayer.from_dict(f) for f in data.get("float_layers", ())),
+            predicted_cost=data.get("predicted_cost"),
+        )
+
+
 @dataclass
 class Result:
     """What a job produced; `to_json()` is the object `bitplan run --json` prints."""
@@ -252,7 +377,7 @@ class Result:
     avg_weight_bits: float
     weight_bytes: float
     solver: dict[str, Any]
-    metrics: dict[str, Any]
+    metrics: JobMetrics
     timings: dict[str, float]
     plan: BitPlan
     profile: dict[str, Any]
@@ -271,7 +396,7 @@ class Result:
             "avg_weight_bits": self.avg_weight_bits,
             "weight_bytes": self.weight_bytes,
             "solver": self.solver,
-            "metrics": self.metrics,
+            "metrics": self.metrics.to_dict(),
             "timings": self.timings,
             "artifacts": self.artifacts,
             "act_allocation": self.act_allocation,

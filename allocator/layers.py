@@ -26,6 +26,7 @@ from torch import nn
 
 from allocator import unfold
 from allocator.errors import BadSpec, UnsupportedModel
+from allocator.job import FloatLayer
 from allocator.zoo.base import Inputs, LoadedModel
 
 WEIGHT_LAYER_TYPES = (nn.Linear, nn.Conv2d)
@@ -54,19 +55,6 @@ class Layer:
         """Codes plus per-channel scales; a float16 layer (bits=16) needs no scales."""
         scales = 0 if bits >= 16 else self.out_channels * SCALE_BITS
         return self.params * bits + scales
-
-
-@dataclass(frozen=True)
-class FloatLayer:
-    """A weight layer bitplan leaves in float, and why (a line a user can act on)."""
-
-    name: str
-    type: str
-    params: int
-    reason: str
-
-    def to_dict(self) -> dict[str, object]:
-        return {"name": self.name, "type": self.type, "params": self.params, "reason": self.reason}
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from allocator.act_plan import PROBS_ACT_BITS, quantizers
 from allocator.artifacts import write_artifacts
 from allocator.budget import Budget, parse_budget
 from allocator.clock import Clock, silent
-from allocator.job import JobSpec, Progress, Result, act_bits_for
+from allocator.job import JobMetrics, JobSpec, Progress, Result, UniformScores, act_bits_for
 from allocator.layers import LayerTable
 from allocator.limits import Limits
 from allocator.plan import BitPlan
@@ -104,27 +104,28 @@ def run(
         plan = replace(bench.plan(solution.bits, meta), activations=plan_activations)
         mixed = bench.quantize(plan)
     with clock.phase("evaluate") as tick:
-        metrics: dict[str, Any] = {"fp32": bench.evaluate()}
+        fp32 = bench.evaluate()
         tick(0.4, "fp32")
-        metrics["quantized"] = bench.evaluate(mixed, act_quantizers)
+        quantized = bench.evaluate(mixed, act_quantizers)
         tick(0.7, "mixed")
-        metrics["uniform"] = None
+        uniform_act = None if act_bits is None else baseline_act
+        uniform = None
         if uniform_bits is not None:
-            uniform = bench.quantize(bench.uniform_plan(uniform_bits, meta))
-            metrics["uniform"] = {
-                "bits": uniform_bits,
-                "act_bits": None if act_bits is None else baseline_act,
-                **bench.evaluate(uniform, uniform_acts),
-            }
+            model = bench.quantize(bench.uniform_plan(uniform_bits, meta))
+            uniform = UniformScores(uniform_bits, bench.evaluate(model, uniform_acts), uniform_act)
         tick(0.8, "uniform")
-        metrics["uniform_widths"] = _uniform_widths(bench, metrics["uniform"], meta, uniform_acts)
-        metrics["primary"] = bench.evalset.primary_metric
-        metrics["weight_rules"] = bench.rules.to_dict() if bench.rules else {}
-        if bench.activations is not None:
-            metrics["act_rules"] = bench.activations.rules_to_dict()
-        metrics["plan_check"] = plan_check
-        metrics["float_layers"] = [layer.to_dict() for layer in table.floating]
-        metrics["predicted_cost"] = solution.objective
+        metrics = JobMetrics(
+            primary=bench.evalset.primary_metric,
+            fp32=fp32,
+            quantized=quantized,
+            uniform=uniform,
+            uniform_widths=_uniform_widths(bench, uniform, meta, uniform_acts, uniform_act),
+            weight_rules=bench.rules.to_dict() if bench.rules else {},
+            act_rules=None if bench.activations is None else bench.activations.rules_to_dict(),
+            plan_check=plan_check,
+            float_layers=table.floating,
+            predicted_cost=solution.objective,
+        )
     result = Result(
         spec=spec,
         allocation=_allocation(table, solution, plan, sensitivities),
@@ -180,20 +181,22 @@ and would decide the ranking alone."""
 
 def _uniform_widths(
     bench: Workbench,
-    matched: dict[str, Any] | None,
+    matched: UniformScores | None,
     meta: Mapping[str, Any],
     activations: Mapping[str, ActQuantizer],
-) -> list[dict[str, Any]]:
-    """Metrics of every uniform width in REPORT_WIDTHS and of the budget's own (reused), with
-    the job's activation quantizers."""
-    known = {matched["bits"]: matched} if matched else {}
+    act_bits: int | None,
+) -> tuple[UniformScores, ...]:
+    """Scores of every uniform width in REPORT_WIDTHS and of the budget's own (reused), with
+    the job's activation quantizers (at `act_bits`)."""
+    known = {matched.bits: matched} if matched else {}
     asked = REPORT_WIDTHS if bench.spec.report_widths else ()
     widths = sorted({b for b in bench.spec.bits if b in asked} | set(known))
-    return [
+    return tuple(
         known.get(b)
-        or {
-            "bits": b,
-            **bench.evaluate(bench.quantize(bench.uniform_plan(b, meta)), activations),
-        }
+        or UniformScores(
+            b,
+            bench.evaluate(bench.quantize(bench.uniform_plan(b, meta)), activations),
+            act_bits,
+        )
         for b in widths
-    ]
+    )

@@ -30,7 +30,7 @@ from allocator.data import (
     load_dataset,
 )
 from allocator.errors import BitplanError, UnsupportedModel
-from allocator.job import JobSpec, act_bits_for, parse_method
+from allocator.job import JobSpec, PlanCheck, act_bits_for, parse_method
 from allocator.layers import LayerTable, build_layer_table
 from allocator.limits import Limits
 from allocator.plan import BitPlan, LayerPlan
@@ -167,7 +167,7 @@ class Workbench:
         act_bits: int | tuple[int, ...] | None = None,
         uniform_act_bits: int = FLOAT_ACT_BITS,
         act_quantizers: str = "auto",
-    ) -> tuple[Solution, dict[str, Any] | None]:
+    ) -> tuple[Solution, PlanCheck | None]:
         """The solver's plan, or the uniform plan of the same budget when that one stays closer
         to FP32 on held-out samples.
 
@@ -194,7 +194,7 @@ class Workbench:
         mixed_divergence = self.holdout_divergence(solution.bits, mixed_acts)
         uniform_divergence = self.holdout_divergence(uniform, uniform_acts)
         kept = "uniform" if uniform_divergence < mixed_divergence else "mixed"
-        check = {"mixed": mixed_divergence, "uniform": uniform_divergence, "kept": kept}
+        check = PlanCheck(mixed_divergence, uniform_divergence, kept)
         if kept == "mixed":
             return solution, check
         checked = fixed_plan(

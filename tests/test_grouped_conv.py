@@ -315,7 +315,7 @@ def test_a_job_on_the_tiny_cnn_ends_with_a_plan_and_a_report(calib: Path, tmp_pa
     assert set(result.plan.layers) == {"stem", "dw", "g2", "g4", "pw", "head"}
     kinds = {entry["layer"]: entry["kind"] for entry in result.allocation}
     assert kinds["dw"] == "depthwise-conv2d" and kinds["g4"] == "grouped-conv2d"
-    assert result.metrics["float_layers"] == []
+    assert result.metrics.float_layers == ()
     assert len(result.plan.layers["dw"].bias_correction) == 8
     table = build_layer_table(gconv_source("tiny", None), torch.randn(1, 3, IMAGE, IMAGE))
     assert table.get("stem").padding == "tf-same"
@@ -346,18 +346,16 @@ def test_layers_without_a_rule_stay_float_listed_with_their_reason(
     calib: Path, tmp_path: Path
 ) -> None:
     result = run(tiny_spec(calib, model="gconv:unsupported"), workdir=tmp_path)
-    floating = {entry["name"]: entry for entry in result.metrics["float_layers"]}
+    floating = {layer.name: layer for layer in result.metrics.float_layers}
     assert set(floating) == {"std", "cond", "conv1d", "attn", "attn.out_proj", "token"}
     assert set(result.plan.layers) == {"stem", "route", "mlp", "head"}
-    assert "transforms the weight" in floating["std"]["reason"]
-    assert (
-        floating["conv1d"]["type"] == "Conv1d" and "nn.Conv2d only" in floating["conv1d"]["reason"]
-    )
-    assert "in_proj_weight" in floating["attn"]["reason"]
-    assert floating["attn"]["params"] == 3 * 8 * 8
-    assert "never called" in floating["attn.out_proj"]["reason"]
-    assert "CondConv2d is not nn.Linear or nn.Conv2d" in floating["cond"]["reason"]
-    assert floating["token"]["type"] == "Token"
+    assert "transforms the weight" in floating["std"].reason
+    assert floating["conv1d"].type == "Conv1d" and "nn.Conv2d only" in floating["conv1d"].reason
+    assert "in_proj_weight" in floating["attn"].reason
+    assert floating["attn"].params == 3 * 8 * 8
+    assert "never called" in floating["attn.out_proj"].reason
+    assert "CondConv2d is not nn.Linear or nn.Conv2d" in floating["cond"].reason
+    assert floating["token"].type == "Token"
     assert json.loads(json.dumps(result.to_json()))["metrics"]["float_layers"]
     page = Path(result.artifacts["report"]).read_text()
     assert "Layers left in float" in page and "in_proj_weight" in page
@@ -407,10 +405,10 @@ def test_timm_cnn_families_run_end_to_end(name: str, tmp_path: Path) -> None:
     result = run(spec)
     kinds = [entry["kind"] for entry in result.allocation]
     assert TIMM_FAMILIES[name][0] in kinds
-    assert result.metrics["float_layers"] == []
+    assert result.metrics.float_layers == ()
     assert len(result.plan.layers) == len(kinds)
     assert {entry.weight_bits for entry in result.plan.layers.values()} <= set(BITS)
-    assert math.isfinite(result.metrics["quantized"]["kl"])
+    assert math.isfinite(result.metrics.quantized["kl"])
     if name.startswith("tf_"):
         model = gtimm_source(name, None)
         table = build_layer_table(model, torch.randn(1, 3, TIMM_IMAGE, TIMM_IMAGE))

@@ -56,10 +56,10 @@ def test_a_plan_worse_than_uniform_on_held_out_samples_gives_way_to_it() -> None
 
     assert check is not None
     uniform = bench.table.uniform(4)
-    assert check["mixed"] == bench.holdout_divergence(solution.bits)
-    assert check["uniform"] == bench.holdout_divergence(uniform)
-    best = "uniform" if check["uniform"] < check["mixed"] else "mixed"
-    assert check["kept"] == best == "uniform"  # 2-bit weights in the widest layer hurt most
+    assert check.mixed == bench.holdout_divergence(solution.bits)
+    assert check.uniform == bench.holdout_divergence(uniform)
+    best = "uniform" if check.uniform < check.mixed else "mixed"
+    assert check.kept == best == "uniform"  # 2-bit weights in the widest layer hurt most
     assert checked.bits == (uniform if best == "uniform" else solution.bits)
     assert checked.storage_bits <= budget.size_bits
 
@@ -96,9 +96,9 @@ def test_with_activations_each_plan_is_checked_with_its_own_and_uniform_takes_it
     checked, check = bench.check_against_uniform(solution, cost, 4, widths, 8, "baseline")
 
     assert check is not None
-    assert check["mixed"] == bench.holdout_divergence(solution.bits, mixed)
-    assert check["uniform"] == bench.holdout_divergence(bench.table.uniform(4), uniform)
-    assert check["uniform"] != bench.holdout_divergence(bench.table.uniform(4))  # acts applied
-    assert check["kept"] == "uniform"
+    assert check.mixed == bench.holdout_divergence(solution.bits, mixed)
+    assert check.uniform == bench.holdout_divergence(bench.table.uniform(4), uniform)
+    assert check.uniform != bench.holdout_divergence(bench.table.uniform(4))  # acts applied
+    assert check.kept == "uniform"
     assert checked.bits == bench.table.uniform(4)
     assert set(checked.act_bits.values()) == {8}

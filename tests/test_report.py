@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from allocator.job import JobSpec, Result
+from allocator.job import FloatLayer, JobMetrics, JobSpec, PlanCheck, Result, UniformScores
 from allocator.layers import Layer
 from allocator.plan import BitPlan, LayerPlan
 from allocator.profile import CostTable, file_sha256
@@ -49,14 +50,14 @@ def make_result(calib: Path) -> Result:
         avg_weight_bits=3.5,
         weight_bytes=700.0,
         solver={"name": "highs", "status": "optimal", "gap": 0.0, "seconds": 0.01},
-        metrics={
-            "fp32": {"top1": 81.0, "kl": 0.0},
-            "quantized": {"top1": 70.0, "kl": 0.2},
-            "uniform": {"bits": 4, "top1": metric[4], "kl": 0.1},
-            "uniform_widths": [{"bits": b, "top1": metric[b], "kl": 8 / b} for b in BITS],
-            "primary": "top1",
-            "predicted_cost": 3.0,
-        },
+        metrics=JobMetrics(
+            primary="top1",
+            fp32={"top1": 81.0, "kl": 0.0},
+            quantized={"top1": 70.0, "kl": 0.2},
+            uniform=UniformScores(4, {"top1": metric[4], "kl": 0.1}),
+            uniform_widths=tuple(UniformScores(b, {"top1": metric[b], "kl": 8 / b}) for b in BITS),
+            predicted_cost=3.0,
+        ),
         timings={"load": 0.1, "solve": 0.01},
         plan=BitPlan(layers={name: LayerPlan(weight_bits=b) for name, b in MIXED.items()}),
         profile={
@@ -130,7 +131,7 @@ def test_points_are_priced_with_the_cost_table(result: Result) -> None:
 
 def test_plan_cost_matches_the_solver_objective_and_skips_pins(result: Result) -> None:
     costs = CostTable.from_dict(result.profile)
-    assert costs.plan_cost(MIXED) == pytest.approx(result.metrics["predicted_cost"])
+    assert costs.plan_cost(MIXED) == pytest.approx(result.metrics.predicted_cost)
     assert costs.uniform_plan(2) == {"stem": 8, "body": 2, "head": 2}
 
 
@@ -169,10 +170,8 @@ def test_a_width_the_table_forbids_leaves_its_plans_out_but_still_reports(
 
 def test_a_job_with_activations_reports_bops(result: Result, tmp_path: Path) -> None:
     """With activations quantized the points carry BOPs and the page adds a quality/BOPs chart."""
-    metrics = {
-        **result.metrics,
-        "uniform_widths": [{**u, "act_bits": 8} for u in result.metrics["uniform_widths"]],
-    }
+    widths = tuple(replace(u, act_bits=8) for u in result.metrics.uniform_widths)
+    metrics = replace(result.metrics, uniform_widths=widths)
     acts = replace(result, metrics=metrics, act_allocation=[{"site": "body"}], bops=123_000.0)
     points = {p.label: p for p in build(acts).measured}
     assert points["W4A8"].bops == (1000 * 8 + 9000 * 4 + 500 * 4) * 8
@@ -182,3 +181,32 @@ def test_a_job_with_activations_reports_bops(result: Result, tmp_path: Path) -> 
     assert "GBOPs" in page
     assert page.count("data:image/png;base64,") == 4
     assert all(p.bops is None for p in build(result).measured)
+
+
+def test_metrics_keep_the_json_shape_results_store(result: Result) -> None:
+    """`metrics` in results (API, database, `bitplan run --json`) keeps its keys and reads back."""
+    metrics = replace(
+        result.metrics,
+        act_rules={"8": {"chosen": {"post-ln": "channel"}}},
+        plan_check=PlanCheck(0.5, 0.25, "uniform"),
+        float_layers=(FloatLayer("conv1d", "Conv1d", 24, "nn.Conv2d only"),),
+    )
+    data = json.loads(json.dumps(metrics.to_dict()))
+    assert list(data) == [
+        "fp32",
+        "quantized",
+        "uniform",
+        "uniform_widths",
+        "primary",
+        "weight_rules",
+        "act_rules",
+        "plan_check",
+        "float_layers",
+        "predicted_cost",
+    ]
+    assert data["uniform"] == {"bits": 4, "act_bits": None, "top1": 78.0, "kl": 0.1}
+    assert data["plan_check"] == {"mixed": 0.5, "uniform": 0.25, "kept": "uniform"}
+    assert data["float_layers"][0]["reason"] == "nn.Conv2d only"
+    assert JobMetrics.from_dict(data) == metrics
+    assert "act_rules" not in result.metrics.to_dict()  # float activations: no key, as before
+    assert result.to_json()["metrics"] == result.metrics.to_dict()

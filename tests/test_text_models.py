@@ -204,18 +204,20 @@ def test_a_whole_job_runs_per_family(family: str, folders, tmp_path: Path) -> No
         report_widths=False,
     )
     result = run(spec, workdir=tmp_path / "job")
-    primary = result.metrics["primary"]
+    primary = result.metrics.primary
     assert primary == PRIMARY[family]
     assert set(result.plan.layers) == {row["layer"] for row in result.allocation}
     assert {row["weight_bits"] for row in result.allocation} <= {3, 4, 8}
-    for plan in ("fp32", "quantized", "uniform"):
-        assert math.isfinite(result.metrics[plan][primary])
-    assert result.metrics["quantized"]["kl"] >= 0
+    metrics = result.metrics
+    assert metrics.uniform is not None
+    for scores in (metrics.fp32, metrics.quantized, metrics.uniform.scores):
+        assert math.isfinite(scores[primary])
+    assert metrics.quantized["kl"] >= 0
     scores = [row["sensitivity"] for row in result.allocation]
     assert any(score["lrp"] for score in scores) and any(score["fisher"] for score in scores)
     if primary == "perplexity":
-        assert result.metrics["fp32"]["agreement"] == 100.0
-        assert result.metrics["quantized"]["perplexity"] > 1.0
+        assert metrics.fp32["agreement"] == 100.0
+        assert metrics.quantized["perplexity"] > 1.0
         # A causal LM's packed artifact, tied head included, reloads to the model evaluated.
         model = load_model(spec.model)
         reloaded, _plan = load_packed(result.artifacts["model"], model.module)

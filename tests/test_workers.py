@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from allocator.errors import BadBudget, BadDataset
-from allocator.job import PHASES, JobSpec, JobStatus, Progress, Result
+from allocator.job import PHASES, JobMetrics, JobSpec, JobStatus, Progress, Result
 from allocator.plan import BitPlan, LayerPlan
 from allocator.zoo import known_prefixes
 from db import repositories as repo
@@ -76,7 +76,7 @@ class ScriptedPipeline:
             avg_weight_bits=4.0,
             weight_bytes=5.0,
             solver={"status": "optimal"},
-            metrics={"primary": "top1"},
+            metrics=JobMetrics(primary="top1", fp32={}, quantized={}),
             timings={"load": 0.0},
             plan=BitPlan(layers={"fc": LayerPlan(weight_bits=4)}),
             profile={"method": spec.method},

@@ -95,7 +95,7 @@ def record_success(
         session,
         job_id=job_id,
         bit_plan=result.plan.to_dict(),
-        metrics=result.metrics,
+        metrics=result.metrics.to_dict(),
         solver=result.solver,
         result={**payload, "profile": result.profile},
         artifacts=records,

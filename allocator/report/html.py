@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from allocator.job import Result
+from allocator.job import FloatLayer, Result
 from allocator.profile import file_sha256
 from allocator.report.model import MIN_RANK_POINTS, Report, sensitivities
 
@@ -50,7 +50,7 @@ def render_html(result: Result, report: Report, images: Mapping[str, bytes]) -> 
         "<h2>Layers</h2>",
         _image(images["layers"], "Bits per layer and sensitivity"),
         _layers_table(result.allocation),
-        *_float_section(result.metrics.get("float_layers") or []),
+        *_float_section(result.metrics.float_layers),
         "<h2>Inputs (to reproduce this run)</h2>",
         _pairs_table(_input_rows(result)),
         "<h2>Timings (seconds)</h2>",
@@ -65,9 +65,9 @@ def render_html(result: Result, report: Report, images: Mapping[str, bytes]) -> 
 
 def _summary(result: Result, report: Report) -> str:
     fp32, mixed = report.fp32, report.measured[-1]
-    matched = result.metrics.get("uniform")
+    matched = result.metrics.uniform
     baseline = (
-        f"uniform W{matched['bits']} at the same size {_number(matched[report.primary])}"
+        f"uniform W{matched.bits} at the same size {_number(matched.scores[report.primary])}"
         if matched
         else "no uniform width fits this budget"
     )
@@ -81,7 +81,7 @@ def _summary(result: Result, report: Report) -> str:
 
 
 def _points_table(report: Report) -> str:
-    keys = list(report.fp32.metrics or {})
+    keys = list(report.fp32.scores or {})
     with_bops = any(p.bops is not None for p in report.measured)
     head = ["plan", "avg bits", "weight MB", *(["GBOPs"] if with_bops else []), *keys]
     head += [f"{report.primary} loss", "predicted loss"]
@@ -92,7 +92,7 @@ def _points_table(report: Report) -> str:
             f"{point.avg_bits:.3f}",
             f"{point.weight_mb:.4g}",
             *([_number(None if point.bops is None else point.bops / 1e9)] if with_bops else []),
-            *(_number((point.metrics or {}).get(key)) for key in keys),
+            *(_number((point.scores or {}).get(key)) for key in keys),
             _number(report.degradation(point)),
             _number(point.predicted),
         ]
@@ -141,14 +141,11 @@ def _layers_table(allocation: Sequence[Mapping[str, Any]]) -> str:
     return _table(head, rows)
 
 
-def _float_section(floating: Sequence[Mapping[str, Any]]) -> list[str]:
+def _float_section(floating: Sequence[FloatLayer]) -> list[str]:
     """The weight layers the job left in float and why; nothing when it quantized them all."""
     if not floating:
         return []
-    rows = [
-        ([entry["name"], entry["type"], str(entry["params"]), entry["reason"]], "")
-        for entry in floating
-    ]
+    rows = [([layer.name, layer.type, str(layer.params), layer.reason], "") for layer in floating]
     return [
         "<h2>Layers left in float</h2>",
         "<p>Not in the plan or the budget: stored as float32 in the artifact.</p>",

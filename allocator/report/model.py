@@ -21,7 +21,7 @@ from scipy.stats import spearmanr
 
 from allocator.budget import BITS_PER_MB, FP32_BITS, ResolvedBudget
 from allocator.errors import InfeasibleBudget
-from allocator.job import HIGHER_IS_BETTER, Result
+from allocator.job import HIGHER_IS_BETTER, Result, Scores
 from allocator.layers import LayerTable
 from allocator.profile import CostTable
 from allocator.solve import pareto
@@ -49,7 +49,8 @@ class Point:
     avg_bits: float
     predicted: float
     quality: float | None = None
-    metrics: Mapping[str, float] | None = None
+    scores: Scores | None = None
+    """Every metric measured on the plan (None for a predicted point)."""
     bops: float | None = None
     """Bit operations per sample, for jobs that quantize activations (None otherwise)."""
 
@@ -83,7 +84,7 @@ def degradation(primary: str, fp32: Point, point: Point) -> float | None:
 def build(result: Result) -> Report:
     """Price every measured plan with the job's cost table and solve the predicted frontier."""
     costs = CostTable.from_dict(result.profile)
-    primary = result.metrics["primary"]
+    primary = result.metrics.primary
     measured = measured_points(result, costs)
     compared = [p for p in measured[1:] if math.isfinite(p.predicted)]
     correlation = rank_correlation(
@@ -96,34 +97,24 @@ def build(result: Result) -> Report:
 def measured_points(result: Result, costs: CostTable) -> list[Point]:
     """FP32 first, then the uniform widths from narrow to wide, then the chosen mixed plan."""
     metrics = result.metrics
-    primary = metrics["primary"]
+    primary = metrics.primary
     table = costs.table
     fp32_mb = FP32_BITS * table.total_params / BITS_PER_MB
     with_acts = result.act_allocation is not None
     macs = sum(layer.macs for layer in table)
     fp32_bops = float(macs * FP32_BITS * FP32_BITS) if with_acts else None
-    points = [
-        Point(
-            "FP32",
-            "fp32",
-            fp32_mb,
-            FP32_BITS,
-            0.0,
-            metrics["fp32"][primary],
-            metrics["fp32"],
-            fp32_bops,
-        )
-    ]
-    for uniform in sorted(_uniform_metrics(metrics), key=lambda entry: entry["bits"]):
-        plan = costs.uniform_plan(uniform["bits"])
-        values = {k: uniform[k] for k in metrics["fp32"] if k in uniform}
-        act = uniform.get("act_bits")
-        label = f"W{uniform['bits']}" + (f"A{act}" if act else "")
+    fp32 = metrics.fp32
+    points = [Point("FP32", "fp32", fp32_mb, FP32_BITS, 0.0, fp32[primary], fp32, fp32_bops)]
+    for uniform in sorted(metrics.measured_uniform(), key=lambda entry: entry.bits):
+        plan = costs.uniform_plan(uniform.bits)
+        scores = {k: uniform.scores[k] for k in fp32 if k in uniform.scores}
+        act = uniform.act_bits
+        label = f"W{uniform.bits}" + (f"A{act}" if act else "")
         bops = _bops(table, plan, act) if with_acts and act else None
-        points.append(_point(label, "uniform", costs, plan, values, primary, bops))
+        points.append(_point(label, "uniform", costs, plan, scores, primary, bops))
     mixed = {entry["layer"]: entry["weight_bits"] for entry in result.allocation}
     mixed_bops = result.bops if with_acts else None
-    points.append(_point("mixed", "mixed", costs, mixed, metrics["quantized"], primary, mixed_bops))
+    points.append(_point("mixed", "mixed", costs, mixed, metrics.quantized, primary, mixed_bops))
     return points
 
 
@@ -131,19 +122,12 @@ def _bops(table: LayerTable, plan: Mapping[str, int], act_bits: int) -> float:
     return float(sum(layer.macs * plan[layer.name] * act_bits for layer in table))
 
 
-def _uniform_metrics(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Every evaluated uniform width; a result from before `uniform_widths` existed has one."""
-    if metrics.get("uniform_widths"):
-        return list(metrics["uniform_widths"])
-    return [metrics["uniform"]] if metrics.get("uniform") else []
-
-
 def _point(
     label: str,
     kind: str,
     costs: CostTable,
     plan: Mapping[str, int],
-    metrics: Mapping[str, float],
+    scores: Scores,
     primary: str,
     bops: float | None = None,
 ) -> Point:
@@ -154,8 +138,8 @@ def _point(
         weight_mb=table.storage_bits(plan) / BITS_PER_MB,
         avg_bits=_avg_bits(table, plan),
         predicted=costs.plan_cost(plan),
-        quality=metrics[primary],
-        metrics=metrics,
+        quality=scores[primary],
+        scores=scores,
         bops=bops,
     )
 
