@@ -36,7 +36,7 @@ from torch import nn
 
 from allocator.activations import Site, collect, find_sites, quantized_activations
 from allocator.errors import UnknownMethod
-from allocator.job import ACT_QUANTIZERS
+from allocator.job import ACT_QUANTIZERS, JointActs
 from allocator.layers import LayerTable
 from allocator.quant.activation import NOT_QUANTIZED, ActQuantizer, calibrate
 from allocator.sensitivity.measured import mean_divergence
@@ -62,11 +62,6 @@ spec may give) are the keys of `PRESETS` and this."""
 PER_SITE = "per-site"
 """`auto`'s option of keeping, for a role, each site's least-error candidate."""
 PINNED_ACT_BITS = 8
-PROBS_ACT_BITS = 8
-"""Width of attention probabilities under joint allocation when the budget names no activation
-width (a plain `bops=` budget): they feed no layer of the table, so the integer program does
-not choose it. A `match=WxAy` budget runs them at y, as the uniform plan it matches does:
-otherwise the joint plan would get 8-bit probabilities that the BOPs budget never paid for."""
 REFERENCE_WEIGHT_BITS = 4
 ERROR_ROWS = 4096
 """Rows (spread over all calibration batches) each candidate's error is measured on."""
@@ -136,10 +131,10 @@ class ActivationBench:
         weight_cost: np.ndarray,
         bits: Sequence[int],
         weight_error: Mapping[tuple[str, int], float],
-        act_bits: Sequence[int],
+        acts: JointActs,
         preset: str,
     ) -> np.ndarray:
-        """The cost table over (weight width, activation width) pairs, weight-major.
+        """The cost table over (weight width, activation width of `acts`) pairs, weight-major.
 
         cost(l, w, a) = cost(l, w) + s_l * e_a(l, a): s_l is the sensitivity the weight cost
         implies, cost(l, w_ref) / e_w(l, w_ref) at w_ref = 4 bits (both are relative output
@@ -154,7 +149,7 @@ class ActivationBench:
         for i, layer in enumerate(self.table):
             error = weight_error.get((layer.name, reference), 0.0)
             scale = weight_cost[i, column] / error if error > 0 else 0.0
-            act = np.array([self._act_error(sites[layer.name], a, preset) for a in act_bits])
+            act = np.array([self._act_error(sites[layer.name], a, preset) for a in acts.widths])
             rows.append((weight_cost[i][:, None] + scale * act[None, :]).ravel())
         return np.array(rows)
 

@@ -83,6 +83,13 @@ ACT_BITS = (4, 6, 8, 16)
 """Widths an activation may take (`allocator.quant.activation` quantizes at these)."""
 JOINT = "auto"
 """`act_bits` value that lets the integer program choose every layer's activation width."""
+FLOAT_ACT_BITS = 32
+"""The width BOPs count a float (not quantized) activation at."""
+PROBS_ACT_BITS = 8
+"""Width of attention probabilities under joint allocation when the budget names no activation
+width (a plain `bops=` budget): they feed no layer of the table, so the integer program does
+not choose it. A `match=WxAy` budget runs them at y, as the uniform plan it matches does:
+otherwise the joint plan would get 8-bit probabilities that the BOPs budget never paid for."""
 ACT_QUANTIZERS = ("baseline", "repq", "isvit", "dopq", "log2", "auto")
 """`act_quantizers` values: the presets of `allocator.act_plan`, and `auto`."""
 SENSITIVITY_METHODS = ("lrp", "fisher", "hessian", "measured")
@@ -92,6 +99,56 @@ MAX_SEED = 2**32 - 1
 MAX_TEXT = {"model": 2048, "calib": 4096, "weights": 4096, "eval": 4096, "budget": 200}
 """Longest accepted text per field; the rest are short names checked against their lists."""
 MAX_LAYER_NAME = 512
+
+
+@dataclass(frozen=True)
+class FixedActs:
+    """Every activation at one width: one of `ACT_BITS`, or `FLOAT_ACT_BITS` for float
+    activations (how BOPs count them)."""
+
+    bits: int
+
+    @property
+    def choices(self) -> tuple[int, ...]:
+        """The widths the integer program may give a layer's input: this one."""
+        return (self.bits,)
+
+    @property
+    def widest(self) -> int:
+        return self.bits
+
+    @property
+    def baseline_bits(self) -> int:
+        """The activation width of the uniform plan the job is compared with."""
+        return self.bits
+
+
+@dataclass(frozen=True)
+class JointActs:
+    """Joint allocation: the integer program chooses each layer's input width among `widths`
+    together with its weight width (a cost table column per pair, weight-major).
+
+    `baseline_bits` is the width of what the program does not choose: attention probabilities
+    (they feed no layer of the table) and the uniform plan the job is compared with.
+    """
+
+    widths: tuple[int, ...]
+    baseline_bits: int = PROBS_ACT_BITS
+
+    @property
+    def choices(self) -> tuple[int, ...]:
+        return self.widths
+
+    @property
+    def widest(self) -> int:
+        """The width pinned layers' inputs run at."""
+        return max(self.widths)
+
+
+ActWidths = FixedActs | JointActs
+"""The activation widths of a job, a solve or a cost table: one width, or a joint choice."""
+FLOAT_ACTS = FixedActs(FLOAT_ACT_BITS)
+"""Float activations, as the integer program prices them."""
 
 
 def parse_method(text: str) -> tuple[str, ...]:
@@ -136,7 +193,8 @@ class JobSpec:
     jobs that only need the plan turn it off."""
     act_bits: int | str | None = None
     """Activation width of every site, or "auto" to allocate them with the weights (joint
-    integer program). None: float activations, unless the budget is `match=WxAy`, which sets y."""
+    integer program). None: float activations, unless the budget is `match=WxAy`, which sets y.
+    The wire form; `act_widths(spec, budget)` reads it into an `ActWidths`."""
     act_quantizers: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,7 +232,7 @@ class JobSpec:
                 f"activation bits {self.act_bits!r} is not one of "
                 f"{', '.join(map(str, ACT_BITS))} or {JOINT}"
             )
-        act_bits_for(self, budget)
+        act_widths(self, budget)
         if self.act_quantizers not in ACT_QUANTIZERS:
             raise UnknownMethod(
                 f"unknown activation quantizers {str(self.act_quantizers)[:40]!r}; use one of "
@@ -214,20 +272,21 @@ def _check_range(what: str, value: int, low: int, high: int) -> None:
         raise BadSpec(f"{what} {value} is outside {low}..{high}; give a value in that range")
 
 
-def act_bits_for(spec: JobSpec, budget: Budget) -> int | tuple[int, ...] | None:
-    """The activation width a job runs at: asked for, the A of a `match=WxAy` budget, or the
-    widths joint allocation chooses from."""
+def act_widths(spec: JobSpec, budget: Budget) -> ActWidths | None:
+    """The activation widths a job runs at, read once from its spec and budget: the one asked
+    for, the y of a `match=WxAy` budget, or joint allocation over `ACT_BITS` (`JOINT`). None:
+    float activations, nothing quantized."""
     if spec.act_bits == JOINT:
-        return ACT_BITS
+        return JointActs(ACT_BITS, budget.match[1] if budget.match is not None else PROBS_ACT_BITS)
     if isinstance(spec.act_bits, int):
-        return spec.act_bits
+        return FixedActs(spec.act_bits)
     if budget.match is not None:
         if budget.match[1] not in ACT_BITS:
             raise BadBudget(
                 f"{budget}: activation width {budget.match[1]} is not one of "
                 f"{', '.join(map(str, ACT_BITS))}"
             )
-        return budget.match[1]
+        return FixedActs(budget.match[1])
     return None
 
 

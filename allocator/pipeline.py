@@ -24,11 +24,20 @@ from typing import Any
 
 import torch
 
-from allocator.act_plan import PROBS_ACT_BITS, quantizers
+from allocator.act_plan import quantizers
 from allocator.artifacts import write_artifacts
-from allocator.budget import Budget, parse_budget
+from allocator.budget import parse_budget
 from allocator.clock import Clock, silent
-from allocator.job import JobMetrics, JobSpec, Progress, Result, UniformScores, act_bits_for
+from allocator.job import (
+    FLOAT_ACTS,
+    JobMetrics,
+    JobSpec,
+    JointActs,
+    Progress,
+    Result,
+    UniformScores,
+    act_widths,
+)
 from allocator.layers import LayerTable
 from allocator.limits import Limits
 from allocator.plan import BitPlan
@@ -36,16 +45,9 @@ from allocator.profile import profile_dict
 from allocator.quant.activation import ActQuantizer
 from allocator.sensitivity import Sensitivity
 from allocator.solve import Solution, solve, uniform_bits_for
-from allocator.workbench import FLOAT_ACT_BITS, Workbench, prepare
+from allocator.workbench import Workbench, prepare
 
 __all__ = ["JobSpec", "Result", "Workbench", "prepare", "run"]
-
-
-def _baseline_act_bits(act_bits: int | tuple[int, ...], budget: Budget) -> int:
-    """The activation width of the uniform plan a job is compared with."""
-    if isinstance(act_bits, int):
-        return act_bits
-    return budget.match[1] if budget.match is not None else PROBS_ACT_BITS
 
 
 def run(
@@ -59,42 +61,43 @@ def run(
     limits = limits or Limits()
     spec.validate(limits)
     budget = parse_budget(spec.budget)
+    acts = act_widths(spec, budget)
     torch.manual_seed(spec.seed)
     clock = Clock(progress)
     bench = prepare(spec, clock, budget, limits)
     table = bench.table
     resolved = budget.resolve(table)
-    act_bits = act_bits_for(spec, budget)
-    bops_act = FLOAT_ACT_BITS if act_bits is None else act_bits
+    act_bench = bench.activations  # the activation sites: None exactly when `acts` is None
     with clock.phase("sensitivity") as tick:
         cost, sensitivities, sensitivity_timings = bench.cost_table(spec.method, tick)
         solve_cost = cost
-        if isinstance(act_bits, tuple) and bench.activations is not None:
+        if isinstance(acts, JointActs) and act_bench is not None:
             errors = {key: choice.output_error for key, choice in bench.choices.items()}
-            solve_cost = bench.activations.joint_cost(
-                cost, spec.bits, errors, act_bits, spec.act_quantizers
-            )
-    baseline_act = FLOAT_ACT_BITS if act_bits is None else _baseline_act_bits(act_bits, budget)
+            solve_cost = act_bench.joint_cost(cost, spec.bits, errors, acts, spec.act_quantizers)
+    baseline_act = (acts or FLOAT_ACTS).baseline_bits
     uniform_bits = uniform_bits_for(table, spec.bits, resolved, act_bits=baseline_act)
-    acts = bench.activations if act_bits is not None else None
     uniform_acts: dict[str, ActQuantizer] = {}
-    if acts is not None:
-        uniform_acts = quantizers(acts.assign(baseline_act, spec.act_quantizers))
+    if act_bench is not None:
+        uniform_acts = quantizers(act_bench.assign(baseline_act, spec.act_quantizers))
     with clock.phase("solve"):
         solution = solve(
-            table, spec.bits, solve_cost, resolved, act_bits=bops_act, time_limit=spec.time_limit
+            table,
+            spec.bits,
+            solve_cost,
+            resolved,
+            acts=acts or FLOAT_ACTS,
+            time_limit=spec.time_limit,
         )
         solution, plan_check = bench.check_against_uniform(
-            solution, solve_cost, uniform_bits, act_bits, baseline_act, spec.act_quantizers
+            solution, solve_cost, uniform_bits, acts, spec.act_quantizers
         )
     meta: dict[str, Any] = {"model": spec.model, "budget": spec.budget, "method": spec.method}
     act_quantizers: dict[str, ActQuantizer] = {}
     act_allocation = None
     # The packed artifact carries what a runtime needs to reproduce the activations.
     plan_activations: dict[str, dict[str, Any]] = {}
-    if acts is not None and act_bits is not None:
-        widths = bench.site_widths(solution, act_bits, baseline_act)
-        assignments = acts.assign(widths, spec.act_quantizers)
+    if act_bench is not None and acts is not None:
+        assignments = act_bench.assign(bench.site_widths(solution, acts), spec.act_quantizers)
         act_quantizers = quantizers(assignments)
         act_allocation = [a.to_dict() for a in assignments]
         plan_activations = {
@@ -108,7 +111,7 @@ def run(
         tick(0.4, "fp32")
         quantized = bench.evaluate(mixed, act_quantizers)
         tick(0.7, "mixed")
-        uniform_act = None if act_bits is None else baseline_act
+        uniform_act = None if acts is None else baseline_act
         uniform = None
         if uniform_bits is not None:
             model = bench.quantize(bench.uniform_plan(uniform_bits, meta))

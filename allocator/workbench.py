@@ -30,7 +30,16 @@ from allocator.data import (
     load_dataset,
 )
 from allocator.errors import BitplanError, UnsupportedModel
-from allocator.job import JobSpec, PlanCheck, act_bits_for, parse_method
+from allocator.job import (
+    FLOAT_ACTS,
+    ActWidths,
+    FixedActs,
+    JobSpec,
+    JointActs,
+    PlanCheck,
+    act_widths,
+    parse_method,
+)
 from allocator.layers import LayerTable, build_layer_table
 from allocator.limits import Limits
 from allocator.plan import BitPlan, LayerPlan
@@ -47,9 +56,6 @@ from allocator.weight_rules import (
 from allocator.zoo import load_model
 from allocator.zoo.base import Inputs, LoadedModel
 from allocator.zoo.weights import first_line
-
-FLOAT_ACT_BITS = 32
-"""BOPs count float activations at 32 bits."""
 
 
 def make_plan(
@@ -148,24 +154,21 @@ class Workbench:
                 )
             return divergence_from_fp32(self.model, self.holdout, self.holdout_reference, layers)
 
-    def site_widths(
-        self, solution: Solution, act_bits: int | tuple[int, ...], probs_bits: int
-    ) -> int | dict[str, int]:
-        """The activation width of every site under `solution`: `act_bits` when it is one
-        width, else (joint) each layer's chosen input width and `probs_bits` for attention
+    def site_widths(self, solution: Solution, acts: ActWidths) -> int | dict[str, int]:
+        """The activation width of every site under `solution`: the one width of `FixedActs`,
+        or (joint) each layer's chosen input width and `baseline_bits` for attention
         probabilities."""
-        if isinstance(act_bits, int):
-            return act_bits
+        if isinstance(acts, FixedActs):
+            return acts.bits
         sites = self.activations.sites if self.activations is not None else []
-        return joint_widths(sites, solution.act_bits, probs_bits)
+        return joint_widths(sites, solution.act_bits, acts.baseline_bits)
 
     def check_against_uniform(
         self,
         solution: Solution,
         cost: np.ndarray,
         uniform_bits: int | None,
-        act_bits: int | tuple[int, ...] | None = None,
-        uniform_act_bits: int = FLOAT_ACT_BITS,
+        acts: ActWidths | None = None,
         act_quantizers: str = "auto",
     ) -> tuple[Solution, PlanCheck | None]:
         """The solver's plan, or the uniform plan of the same budget when that one stays closer
@@ -175,22 +178,21 @@ class Workbench:
         cannot see, and on CIFAR ResNet20 at avg 3 bits every method's mixed plan measured about
         0.5 points below uniform W3 with the same quantizer. Two forward passes over the
         held-out samples make sure a job never returns a plan its own check finds worse than
-        the uniform one it is compared with. A job that quantizes activations (`act_bits`: one
-        width, or the widths of a joint `cost` table) runs each plan with its own
-        `act_quantizers`, the uniform one at `uniform_act_bits`, which a kept uniform plan then
-        records for every layer. None when nothing was checked.
+        the uniform one it is compared with. A job that quantizes activations (`acts`: the
+        widths `cost` was priced at) runs each plan with its own `act_quantizers`, the uniform
+        one at `acts.baseline_bits`, which a kept uniform plan then records for every layer.
+        None when nothing was checked.
         """
         if uniform_bits is None or not self.holdout or not solution.bits:
             return solution, None
-        joint = act_bits if isinstance(act_bits, tuple) else None
         uniform = self.table.uniform(uniform_bits)
-        if uniform == solution.bits and joint is None:
+        if uniform == solution.bits and not isinstance(acts, JointActs):
             return solution, None
         mixed_acts = uniform_acts = None
-        if act_bits is not None and self.activations is not None:
-            widths = self.site_widths(solution, act_bits, uniform_act_bits)
+        if acts is not None and self.activations is not None:
+            widths = self.site_widths(solution, acts)
             mixed_acts = quantizers(self.activations.assign(widths, act_quantizers))
-            uniform_acts = quantizers(self.activations.assign(uniform_act_bits, act_quantizers))
+            uniform_acts = quantizers(self.activations.assign(acts.baseline_bits, act_quantizers))
         mixed_divergence = self.holdout_divergence(solution.bits, mixed_acts)
         uniform_divergence = self.holdout_divergence(uniform, uniform_acts)
         kept = "uniform" if uniform_divergence < mixed_divergence else "mixed"
@@ -198,13 +200,7 @@ class Workbench:
         if kept == "mixed":
             return solution, check
         checked = fixed_plan(
-            self.table,
-            uniform,
-            self.spec.bits,
-            cost,
-            solution,
-            act_bits=uniform_act_bits,
-            act_choices=joint,
+            self.table, uniform, self.spec.bits, cost, solution, acts=acts or FLOAT_ACTS
         )
         return checked, check
 
@@ -235,6 +231,7 @@ def prepare(
     """
     clock = clock or Clock()
     limits = limits or Limits()
+    acts = act_widths(spec, budget or parse_budget(spec.budget))
     with clock.phase("load"):
         model = load_model(spec.model, spec.weights)
         calib = load_dataset(spec.calib, max_bytes=limits.max_dataset_bytes)
@@ -252,8 +249,7 @@ def prepare(
             model, _first(batches[0]), pin_first_last=spec.pin_first_last, pins=spec.pins
         )
         if budget is not None:
-            act_bits = act_bits_for(spec, budget) or FLOAT_ACT_BITS
-            check_budget(table, spec.bits, budget.resolve(table), act_bits=act_bits)
+            check_budget(table, spec.bits, budget.resolve(table), acts=acts or FLOAT_ACTS)
     with clock.phase("statistics") as tick:
         stats = costs.input_stats(
             model, batches, table, on_batch=lambda i: tick((i + 1) / len(batches), "inputs")
@@ -268,9 +264,7 @@ def prepare(
         del candidates
         tick(1.0, "activations")
         activations = (
-            ActivationBench(model, batches, table, holdout, reference)
-            if act_bits_for(spec, budget or parse_budget(spec.budget)) is not None
-            else None
+            ActivationBench(model, batches, table, holdout, reference) if acts is not None else None
         )
     return Workbench(
         spec, model, batches, evalset, table, choices, activations, rules, holdout, reference

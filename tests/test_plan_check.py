@@ -9,7 +9,7 @@ from torch import nn
 from allocator import costs
 from allocator.act_plan import ActivationBench, quantizers
 from allocator.budget import ResolvedBudget
-from allocator.job import JobSpec
+from allocator.job import JobSpec, JointActs
 from allocator.layers import build_layer_table
 from allocator.pipeline import Workbench
 from allocator.solve import solve, uniform_bits_for
@@ -83,17 +83,17 @@ def test_with_activations_each_plan_is_checked_with_its_own_and_uniform_takes_it
         bench.model, bench.batches, bench.table, bench.holdout, bench.holdout_reference
     )
     bench.activations = acts
-    widths = (4, 8)
+    widths = JointActs((4, 8), baseline_bits=8)
     budget = ResolvedBudget(size_bits=bench.table.uniform_storage_bits(4))
     # Columns (w, a) weight-major: 8-bit inputs cost a little more, layer "2" is free to crush.
     cost = np.tile([1.0, 1.1, 0.5, 0.6, 0.0, 0.1], (len(bench.table), 1))
     cost[bench.table.names.index("2")] = [0.0, 0.1, 0.0, 0.1, 0.0, 0.1]
-    solution = solve(bench.table, BITS, cost, budget, act_bits=widths)
+    solution = solve(bench.table, BITS, cost, budget, acts=widths)
     assert set(solution.act_bits.values()) == {4}
     mixed = quantizers(acts.assign(4, "baseline"))
     uniform = quantizers(acts.assign(8, "baseline"))
 
-    checked, check = bench.check_against_uniform(solution, cost, 4, widths, 8, "baseline")
+    checked, check = bench.check_against_uniform(solution, cost, 4, widths, "baseline")
 
     assert check is not None
     assert check.mixed == bench.holdout_divergence(solution.bits, mixed)

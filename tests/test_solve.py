@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 from allocator.budget import BITS_PER_MB, ResolvedBudget
 from allocator.errors import InfeasibleBudget
+from allocator.job import FLOAT_ACTS, JointActs
 from allocator.layers import Layer, LayerTable
 from allocator.solve import SOLVERS, Solution, fixed_plan, pareto, solve, uniform_bits_for
 from allocator.solve import knapsack as knapsack_module
@@ -252,12 +254,14 @@ def test_a_fixed_plan_is_priced_as_the_program_prices_its_own() -> None:
 
 def test_a_fixed_plan_on_a_joint_table_takes_its_activation_width() -> None:
     table = LayerTable((layer("stem", pinned=8), layer("a"), layer("b")))
-    acts = (4, 8)
+    acts = JointActs((4, 8))
     # Columns weight-major over BITS x acts: (2,4) (2,8) (4,4) (4,8) (8,4) (8,8).
     cost = np.array([[0.0] * 6, [9.0, 8.0, 3.0, 2.0, 1.0, 0.5], [7.0, 6.0, 2.0, 1.5, 0.5, 0.2]])
     budget = ResolvedBudget(size_bits=table.uniform_storage_bits(4))
-    solved = solve(table, BITS, cost, budget, act_bits=acts)
-    uniform = fixed_plan(table, table.uniform(4), BITS, cost, solved, act_bits=4, act_choices=acts)
+    solved = solve(table, BITS, cost, budget, acts=acts)
+    uniform = fixed_plan(
+        table, table.uniform(4), BITS, cost, solved, acts=replace(acts, baseline_bits=4)
+    )
     assert uniform.act_bits == {"stem": 4, "a": 4, "b": 4}
     assert uniform.objective == 5.0  # the (4, 4) column of a and b
     assert uniform.bops == sum(
@@ -371,12 +375,14 @@ def test_time_limit_reports_feasible_not_optimal(solver: str) -> None:
 
 def test_status_infeasible_and_unknown_carry_no_plan() -> None:
     table = LayerTable((layer("a"), layer("b")))
-    program = build_program(table, BITS, convex_costs(2), 32)
+    program = build_program(table, BITS, convex_costs(2), FLOAT_ACTS)
     too_small = np.array([program.min_use[0] - 1, np.inf])
     for backend in (HighsBackend(program), CbcBackend(program)):
         outcome = backend.solve(too_small, None, 1e-4, 5.0)
         assert (outcome.status, outcome.columns) == ("infeasible", None)
-    empty = to_solution(table, program, Outcome("unknown", None, -math.inf), "highs", 32, 0.1)
+    empty = to_solution(
+        table, program, Outcome("unknown", None, -math.inf), "highs", FLOAT_ACTS, 0.1
+    )
     assert (empty.bits, empty.objective, empty.gap) == ({}, math.inf, math.inf)
 
 
@@ -476,13 +482,13 @@ def test_joint_allocation_trades_activation_bits_for_weight_bits_under_bops() ->
     weights: the layer whose activations barely matter takes 4-bit inputs and buys 8-bit
     weights with the BOPs saved; the other keeps 8-bit inputs."""
     table = LayerTable((layer("cheap_act", macs=1000), layer("dear_act", macs=1000)))
-    acts = (4, 8)
+    acts = JointActs((4, 8))
     weight_cost = convex_costs(2)
     act_cost = np.array([[0.001, 0.0], [50.0, 0.0]])
     cost = (weight_cost[:, :, None] + act_cost[:, None, :]).reshape(2, -1)
     bops = sum(e.macs * 4 * 8 for e in table)
     budget = ResolvedBudget(size_bits=table.uniform_storage_bits(6), bops=bops)
-    solution = solve(table, BITS, cost, budget, act_bits=acts)
+    solution = solve(table, BITS, cost, budget, acts=acts)
     assert solution.act_bits == {"cheap_act": 4, "dear_act": 8}
     assert solution.bits == {"cheap_act": 8, "dear_act": 4}
     assert solution.bops <= bops

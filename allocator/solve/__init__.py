@@ -14,7 +14,7 @@ Imports numpy, PuLP and highspy (lazily); the layer table only for type hints, s
 cached profile never loads torch. Never services.
 """
 
-from allocator.solve.program import ActBits, Choice, Status
+from allocator.solve.program import Choice, Status
 from allocator.solve.solver import (
     SOLVERS,
     Solution,
@@ -27,7 +27,6 @@ from allocator.solve.solver import (
 
 __all__ = [
     "SOLVERS",
-    "ActBits",
     "Choice",
     "Solution",
     "Status",

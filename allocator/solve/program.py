@@ -8,9 +8,9 @@ integer program solves it to a proven gap (HAWQ-V3, CalibTIP) where greedy rules
   and BOPs add up. A group with a pinned member is fixed at that width (which need not be one of
   `bits`, e.g. 8 or 16) and leaves the program; its storage and BOPs are taken off the budget.
 - Choices: option k of a free group is a `Choice` (weight width, activation width) with a storage
-  and a BOPs coefficient: one per entry of `bits` at one activation width, or, when `act_bits`
-  is a sequence (joint allocation), one per (weight width, activation width) pair, weight-major,
-  and the cost table has a column per pair. Pinned groups run their inputs at the widest
+  and a BOPs coefficient: one per entry of `bits` at one activation width (`FixedActs`), or,
+  under joint allocation (`JointActs`), one per (weight width, activation width) pair,
+  weight-major, and the cost table has a column per pair. Pinned groups run their inputs at the widest
   activation width. A choice is forbidden (no variable) when any member's cost is inf.
 - Variables: x[g, k] in {0, 1} for every free group g and allowed choice k.
 - Constraints: sum_k x[g, k] = 1 for every g; sum storage[g, k] x[g, k] <= size budget - pinned
@@ -41,6 +41,7 @@ import numpy as np
 
 from allocator.budget import BITS_PER_MB, ResolvedBudget
 from allocator.errors import InfeasibleBudget
+from allocator.job import ActWidths
 
 if TYPE_CHECKING:
     from allocator.layers import Layer, LayerTable
@@ -48,8 +49,6 @@ if TYPE_CHECKING:
 Status = Literal["optimal", "feasible", "infeasible", "unknown"]
 FEASIBILITY_TOL = 1e-9
 """Primal and integrality tolerance given to both solvers, on rows scaled to at most 1."""
-ActBits = int | Sequence[int]
-"""One activation width for every layer, or the widths joint allocation chooses from."""
 STORAGE, BOPS = 0, 1
 """Indices of the two resources in every usage array."""
 
@@ -116,10 +115,10 @@ class Program:
 
 
 def build_program(
-    table: LayerTable, bits: Sequence[int], cost: np.ndarray, act_bits: ActBits
+    table: LayerTable, bits: Sequence[int], cost: np.ndarray, acts: ActWidths
 ) -> Program:
     """Sum tied layers into groups, fix pinned groups, and keep one column per allowed choice."""
-    choices = choices_of(bits, act_bits)
+    choices = choices_of(bits, acts)
     cost = np.asarray(cost, dtype=float)
     if cost.shape != (len(table), len(choices)):
         raise ValueError(f"cost has shape {cost.shape}, expected {(len(table), len(choices))}")
@@ -131,7 +130,7 @@ def build_program(
     names: dict[str, list[str]] = {}
     for index, layer in enumerate(table.layers):
         if layer.name in fixed:
-            fixed_use += Choice(fixed[layer.name], widest(act_bits)).usage(layer)
+            fixed_use += Choice(fixed[layer.name], acts.widest).usage(layer)
         else:
             rows.append(index)
             names.setdefault(layer.group, []).append(layer.name)
@@ -165,19 +164,14 @@ def build_program(
     )
 
 
-def choices_of(bits: Sequence[int], act_bits: ActBits) -> tuple[Choice, ...]:
+def choices_of(bits: Sequence[int], acts: ActWidths) -> tuple[Choice, ...]:
     """Every (weight width, activation width) option, weight-major: the cost table's columns."""
     widths = [int(b) for b in bits]
-    acts = [act_bits] if isinstance(act_bits, int) else [int(a) for a in act_bits]
-    for name, values in (("bits", widths), ("act_bits", acts)):
+    act_widths = [int(a) for a in acts.choices]
+    for name, values in (("bits", widths), ("activation widths", act_widths)):
         if not values or len(set(values)) != len(values) or min(values) < 1:
             raise ValueError(f"{name} must be distinct positive widths, got {values}")
-    return tuple(Choice(width, act) for width in widths for act in acts)
-
-
-def widest(act_bits: ActBits) -> int:
-    """The activation width pinned layers run at: the one width, or the widest of a joint set."""
-    return act_bits if isinstance(act_bits, int) else max(act_bits)
+    return tuple(Choice(width, act) for width in widths for act in act_widths)
 
 
 def plan_usage(

@@ -19,20 +19,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from allocator.budget import ResolvedBudget
+from allocator.job import FLOAT_ACT_BITS, FLOAT_ACTS, ActWidths
 from allocator.solve.backend import Backend, Outcome, SolverError, relative_gap
 from allocator.solve.cbc import CbcBackend
 from allocator.solve.heuristics import greedy_start
 from allocator.solve.highs import HighsBackend
 from allocator.solve.knapsack import Knapsack, frontier_outcome
 from allocator.solve.program import (
-    ActBits,
     Program,
     Status,
     build_program,
     choices_of,
     plan_usage,
     resource_limits,
-    widest,
 )
 
 if TYPE_CHECKING:
@@ -80,7 +79,7 @@ def solve(
     cost: np.ndarray,
     budget: ResolvedBudget,
     *,
-    act_bits: ActBits = 32,
+    acts: ActWidths = FLOAT_ACTS,
     time_limit: float = 10.0,
     rel_gap: float = 1e-3,
     solver: str = "highs",
@@ -95,7 +94,7 @@ def solve(
         bits,
         cost,
         [budget],
-        act_bits=act_bits,
+        acts=acts,
         time_limit=time_limit,
         rel_gap=rel_gap,
         solver=solver,
@@ -103,15 +102,19 @@ def solve(
 
 
 def check_budget(
-    table: LayerTable, bits: Sequence[int], budget: ResolvedBudget, *, act_bits: ActBits = 32
+    table: LayerTable,
+    bits: Sequence[int],
+    budget: ResolvedBudget,
+    *,
+    acts: ActWidths = FLOAT_ACTS,
 ) -> None:
     """Raise InfeasibleBudget now if no plan can fit, before any cost is computed.
 
     Feasibility depends on sizes only, so a job checks its budget right after the layer table
     is known instead of after minutes of calibration.
     """
-    columns = len(choices_of(bits, act_bits))
-    resource_limits(build_program(table, bits, np.zeros((len(table), columns)), act_bits), budget)
+    columns = len(choices_of(bits, acts))
+    resource_limits(build_program(table, bits, np.zeros((len(table), columns)), acts), budget)
 
 
 def pareto(
@@ -120,7 +123,7 @@ def pareto(
     cost: np.ndarray,
     budgets: Sequence[ResolvedBudget],
     *,
-    act_bits: ActBits = 32,
+    acts: ActWidths = FLOAT_ACTS,
     time_limit: float = 10.0,
     rel_gap: float = 1e-3,
     solver: str = "highs",
@@ -133,7 +136,7 @@ def pareto(
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; use one of {SOLVERS}")
-    program = build_program(table, bits, cost, act_bits)
+    program = build_program(table, bits, cost, acts)
     limits = [resource_limits(program, budget) for budget in budgets]
     backend: Backend | None = None
     knapsacks: dict[int, Knapsack] = {}
@@ -159,7 +162,7 @@ def pareto(
                 outcome = backend.solve(limit, greedy_start(program, limit), rel_gap, time_limit)
             name = backend.name
         solutions.append(
-            to_solution(table, program, outcome, name, act_bits, time.perf_counter() - started)
+            to_solution(table, program, outcome, name, acts, time.perf_counter() - started)
         )
     return solutions
 
@@ -171,48 +174,52 @@ def fixed_plan(
     cost: np.ndarray,
     like: Solution,
     *,
-    act_bits: int = 32,
-    act_choices: Sequence[int] | None = None,
+    acts: ActWidths = FLOAT_ACTS,
 ) -> Solution:
     """A full plan chosen outside the program (the uniform one, when the held-out check in
-    allocator.pipeline prefers it), every layer's input at `act_bits`, priced as the program
-    prices its own plans; the solver's report (name, status, gap, time) stays `like`'s.
-
-    `act_choices`: the activation widths of a joint cost table (columns weight-major over
-    `bits` x `act_choices`); the plan then records `act_bits` as every layer's choice."""
+    allocator.workbench prefers it), every layer's input at `acts.baseline_bits`, priced as
+    the program prices its own plans on `cost` (columns weight-major over `bits` x
+    `acts.choices`); the solver's report (name, status, gap, time) stays `like`'s."""
     plan = dict(widths)
+    act_bits = acts.baseline_bits
     storage, bops = plan_usage(table, plan, act_bits)
     columns = list(bits)
     pinned = table.pinned_widths()
 
     def column(width: int) -> int:
-        index = columns.index(width)
-        if act_choices is None:
-            return index
-        return index * len(act_choices) + list(act_choices).index(act_bits)
+        return columns.index(width) * len(acts.choices) + acts.choices.index(act_bits)
 
     objective = sum(
         float(cost[i, column(plan[layer.name])])
         for i, layer in enumerate(table)
         if layer.name not in pinned and plan[layer.name] in columns
     )
-    acts = like.act_bits if act_choices is None else dict.fromkeys(plan, act_bits)
     return replace(
-        like, bits=plan, act_bits=acts, objective=objective, storage_bits=storage, bops=bops
+        like,
+        bits=plan,
+        act_bits=dict.fromkeys(plan, act_bits),
+        objective=objective,
+        storage_bits=storage,
+        bops=bops,
     )
 
 
 def uniform_bits_for(
-    table: LayerTable, bits: Sequence[int], budget: ResolvedBudget, *, act_bits: ActBits = 32
+    table: LayerTable,
+    bits: Sequence[int],
+    budget: ResolvedBudget,
+    *,
+    act_bits: int = FLOAT_ACT_BITS,
 ) -> int | None:
-    """The widest single width of `bits` that fits `budget` on every unpinned layer, or None.
+    """The widest single width of `bits` that fits `budget` on every unpinned layer, with
+    every activation at `act_bits`, or None.
 
     This is the baseline a mixed plan is compared with at the same size.
     """
     fixed = table.pinned_widths()
     for width in sorted(set(bits), reverse=True):
         plan = {layer.name: fixed.get(layer.name, width) for layer in table}
-        storage, bops = plan_usage(table, plan, widest(act_bits))
+        storage, bops = plan_usage(table, plan, act_bits)
         if (budget.size_bits is None or storage <= budget.size_bits) and (
             budget.bops is None or bops <= budget.bops
         ):
@@ -235,21 +242,21 @@ def to_solution(
     program: Program,
     outcome: Outcome,
     solver: str,
-    act_bits: ActBits,
+    acts: ActWidths,
     seconds: float,
 ) -> Solution:
     """A backend's outcome as a plan over every layer, pinned ones included, with its usage."""
     if outcome.columns is None:
         return Solution({}, math.inf, 0, 0.0, solver, outcome.status, math.inf, seconds)
     chosen = dict(program.fixed_bits)
-    acts = dict.fromkeys(program.fixed_bits, widest(act_bits))
+    act_widths = dict.fromkeys(program.fixed_bits, acts.widest)
     for column in outcome.columns:
         choice = program.choices[program.col_choice[column]]
         members = program.groups[program.col_group[column]]
         chosen.update(dict.fromkeys(members, choice.weight_bits))
-        acts.update(dict.fromkeys(members, choice.act_bits))
+        act_widths.update(dict.fromkeys(members, choice.act_bits))
     plan = {layer.name: chosen[layer.name] for layer in table}
-    act_plan = {layer.name: acts[layer.name] for layer in table}
+    act_plan = {layer.name: act_widths[layer.name] for layer in table}
     storage, bops = plan_usage(table, plan, act_plan)
     objective = program.cost(outcome.columns)
     return Solution(
