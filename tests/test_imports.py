@@ -26,6 +26,7 @@ import httpx
 from typer.testing import CliRunner
 
 import service.cli as cli
+import service.cli.remote as remote_commands
 from service.client import BitplanClient
 
 JOB_ID = "5f0c2a0e-4d7b-4c36-9b57-1c2b8c7f9e11"
@@ -66,7 +67,7 @@ def answer(request):
     return httpx.Response(200, json=JOB)
 
 
-cli._client = lambda server, key: BitplanClient(server, key, transport=httpx.MockTransport(answer))
+remote_commands._client = lambda server, key: BitplanClient(server, key, transport=httpx.MockTransport(answer))
 calib = Path(tempfile.mkdtemp()) / "calib.npz"
 calib.write_bytes(b"data")
 remote = ["--server", "http://bitplan.test", "--key", "bp_test"]

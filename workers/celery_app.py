@@ -13,12 +13,14 @@ redelivers an unacknowledged message only after a visibility timeout above the l
 results are not stored (the result row is). Redelivery is always safe because a task claims its
 job in the database first and does nothing if the job is not queued.
 
-Only this package knows Celery exists. Never import FastAPI, SQLAlchemy or torch here.
+Only this package knows Celery exists. Never import FastAPI, SQLAlchemy or torch here at
+module level: `worker_session` reaches `workers.celery_worker` only when a worker process calls it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from celery import Celery
 from celery.signals import worker_process_shutdown, worker_shutdown
@@ -26,6 +28,9 @@ from kombu import Exchange, Queue
 
 from workers.hooks import JobEnded
 from workers.settings import BATCH_QUEUE, QUEUES, WorkerSettings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 TASK_NAME = "bitplan.run_job"
 WORKER_MODULE = "workers.celery_worker"
@@ -66,6 +71,15 @@ settings = WorkerSettings.from_env()
 app = make_celery(settings)
 job_ended_hook: JobEnded | None = None
 """Set by `start_worker`, read by the worker's task and sweeper; pool children inherit it."""
+
+
+def worker_session() -> Session:
+    """A new session on the database of the worker process that calls it, for the hooks given to
+    `start_worker` (what `bitplan worker`'s webhook notifier reads jobs with). Each process opens
+    its database on first use and drops the parent's connections after a fork."""
+    from workers.celery_worker import runtime  # a worker has imported it already (`include`)
+
+    return runtime.sessions()
 
 
 def start_worker(

@@ -1,0 +1,101 @@
+"""`bitplan run`: one job in this process, with progress bars, recorded on the embedded default.
+
+The job runs in a temporary folder, then the job, its result and its artifacts are recorded
+under `$BITPLAN_HOME` (default `./bitplan-data`), with a copy of its HTML report at
+`reports/<job id>.html` there. The job is recorded only once it has succeeded, so a run that
+fails on bad input leaves everything already stored untouched.
+
+The pipeline (torch) and the database layer are imported inside the command, so loading the CLI
+for another command loads neither; this module never imports the web stack.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from allocator.job import PHASES, JobSpec
+from service.cli.options import JsonOpt, SpecFactory, spec_options
+from service.cli.output import err, print_summary, user_errors
+
+LOCAL_TENANT = "local"
+
+
+@spec_options
+def run_command(spec: SpecFactory, as_json: JsonOpt = False) -> None:
+    """Find and apply the bit allocation for one model and budget, on this machine."""
+    from allocator.pipeline import run  # imported here: it loads torch
+
+    with user_errors():
+        job = spec()
+        with tempfile.TemporaryDirectory(prefix="bitplan-") as workdir:
+            with _progress_bars(sys.stderr.isatty()) as progress:
+                result = run(job, progress, workdir)
+            payload = _record(job, result)
+        kept = _keep_report(payload) if job.report else None
+    if as_json:
+        typer.echo(json.dumps(payload))
+    else:
+        print_summary(payload)
+        if kept is not None:
+            Console().print(f"open the report in a browser: {kept}", soft_wrap=True)
+
+
+@contextmanager
+def _progress_bars(enabled: bool) -> Iterator:
+    """A progress callback for the pipeline: one bar per phase on stderr, or nothing."""
+    if not enabled:
+        yield lambda _phase, _fraction, _message: None
+        return
+    with Progress(
+        TextColumn("{task.description:<12}"),
+        BarColumn(),
+        TextColumn("{task.fields[message]}"),
+        TimeElapsedColumn(),
+        console=err,
+    ) as bars:
+        tasks = {p: bars.add_task(p, total=1.0, message="", visible=False) for p in PHASES}
+
+        def update(phase: str, fraction: float, message: str) -> None:
+            task = tasks.get(phase)
+            if task is not None:
+                bars.update(task, completed=fraction, message=message, visible=True)
+
+        yield update
+
+
+def _record(spec: JobSpec, result) -> dict:
+    """Store the finished job (imports the database layer only once there is something to keep)."""
+    from db import repositories
+    from db.session import init_db, make_session_factory
+    from db.store import ArtifactStore
+    from workers.record import record_success
+
+    engine = init_db()
+    try:
+        with make_session_factory(engine)() as session:
+            job, _ = repositories.create_job(session, tenant=LOCAL_TENANT, spec=spec.to_dict())
+            return record_success(session, ArtifactStore(), job.id, result)
+    finally:
+        # Closing the pool checkpoints SQLite's WAL now, not whenever the engine is collected.
+        engine.dispose()
+
+
+def _keep_report(payload: dict) -> Path:
+    """A copy of the job's report at `$BITPLAN_HOME/reports/<job id>.html`: the artifact store
+    names files by their hash, without a suffix, and browsers will not open that as a page."""
+    from db.home import bitplan_home
+
+    target = bitplan_home() / "reports" / f"{payload['job_id']}.html"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(payload["artifacts"]["report"], target)
+    return target

@@ -1,0 +1,56 @@
+"""What the `bitplan` commands print: errors a user can fix (one line on stderr, exit 2) and a
+finished job's summary, the same for `run` (local) and `wait` (remote).
+
+Imports only `allocator.job` and `allocator.errors` of the allocator: never torch, SQLAlchemy or
+the web stack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import typer
+from rich.console import Console
+
+from allocator.errors import BitplanError
+from allocator.job import HIGHER_IS_BETTER
+
+EXIT_USER_ERROR = 2
+err = Console(stderr=True)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """A `BitplanError` becomes one red line on stderr and exit code 2."""
+    try:
+        yield
+    except BitplanError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_USER_ERROR) from None
+
+
+def print_summary(payload: dict) -> None:
+    """A finished job's result payload (as `run` records it and the API returns it), in four
+    lines and one per artifact."""
+    out = Console()
+    metrics = payload["metrics"]
+    primary = metrics["primary"]
+    out.print(f"job {payload['job_id']}  {payload['model']}  budget {payload['budget']}")
+    out.print(
+        f"avg weight bits {payload['avg_weight_bits']:.3f}  "
+        f"weight bytes {payload['weight_bytes']:.0f}  "
+        f"solver {payload['solver']['name']} {payload['solver']['status']}"
+    )
+    direction = "" if HIGHER_IS_BETTER.get(primary, True) else " (lower is better)"
+    out.print(
+        f"{primary}{direction}: fp32 {metrics['fp32'][primary]:.2f}  "
+        f"mixed {metrics['quantized'][primary]:.2f}  "
+        + (
+            f"uniform W{metrics['uniform']['bits']} {metrics['uniform'][primary]:.2f}"
+            if metrics["uniform"]
+            else "uniform: none fits"
+        )
+    )
+    for name, path in payload["artifacts"].items():
+        out.print(f"{name}: {path}", soft_wrap=True)
