@@ -2,8 +2,9 @@
 
 With the rules of `rules.py`, the explained output is a sum of contributions of everything that
 enters the network additively: the input (pixels, or the token/position/type embeddings of a
-text model), biases, position embeddings and class tokens, and the effective bias of each
-eval-mode BatchNorm (beta - gamma * mean / std). If a rule is wrong for some block, relevance is
+text model), biases, position embeddings and class tokens, the effective bias of each
+eval-mode BatchNorm (beta - gamma * mean / std), and the offset f(0) of each activation the
+identity rule passes relevance through. If a rule is wrong for some block, relevance is
 created or destroyed there and the sum stops matching.
 """
 
@@ -26,6 +27,8 @@ ADDITIVE_PARAMETERS = (
     "absolute_pos_embed",
     "position_embeddings",  # Hugging Face ViT's (a parameter there, an nn.Embedding in BERT)
 )
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+"""Their channels are dim 1 whatever the rank (LeViT's BatchNorm1d sees (tokens, channels))."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ def conservation(model: LoadedModel, inputs: Inputs, seed: int = 0) -> Conservat
     for child in module.modules():
         if isinstance(child, nn.Embedding):
             handles.append(child.register_forward_hook(lambda _m, _a, out: sources.append(out)))
-        elif isinstance(child, nn.BatchNorm2d):
+        elif isinstance(child, BATCH_NORMS):
             handles.append(_bn_hook(child, bn_terms))
     params = [
         p
@@ -64,20 +67,23 @@ def conservation(model: LoadedModel, inputs: Inputs, seed: int = 0) -> Conservat
     ]
     try:
         with relevance_rules(module, build_lrp=True) as state:
+            offsets: list[torch.Tensor] = []
+            state.offsets = offsets
             out = model(inputs)
             _loss, explained = _objectives(model, inputs, out, torch.Generator().manual_seed(seed))
             state.backward = "lrp"
-            targets = sources + params + [y for y, _ in bn_terms]
+            absorbing = params + offsets
+            targets = sources + absorbing + [y for y, _ in bn_terms]
             grads = torch.autograd.grad(explained.sum(), targets, allow_unused=True)
     finally:
         for handle in handles:
             handle.remove()
-    n_src, n_par = len(sources), len(params)
+    n_src, n_abs = len(sources), len(absorbing)
     input_rel = sum(_dot(t, g) for t, g in zip(sources, grads[:n_src], strict=True))
-    absorbed = sum(_dot(p, g) for p, g in zip(params, grads[n_src : n_src + n_par], strict=True))
-    for (_y, bias), g in zip(bn_terms, grads[n_src + n_par :], strict=True):
+    absorbed = sum(_dot(c, g) for c, g in zip(absorbing, grads[n_src : n_src + n_abs], strict=True))
+    for (_y, bias), g in zip(bn_terms, grads[n_src + n_abs :], strict=True):
         if g is not None:
-            absorbed += float((g * bias.view(1, -1, 1, 1)).sum())
+            absorbed += float((g * bias.view(1, -1, *(1,) * (g.dim() - 2))).sum())
     return Conservation(float(explained.detach().sum()), float(input_rel), float(absorbed))
 
 
@@ -85,16 +91,24 @@ def _dot(t: torch.Tensor, g: torch.Tensor | None) -> float:
     return 0.0 if g is None else float((t.detach() * g).sum())
 
 
-def _bn_hook(norm: nn.BatchNorm2d, terms: list) -> torch.utils.hooks.RemovableHandle:
-    """Record the batch norm's output and the constant it adds. timm's BatchNormAct2d applies
+def _bn_hook(
+    norm: nn.modules.batchnorm._BatchNorm, terms: list
+) -> torch.utils.hooks.RemovableHandle:
+    """Record the batch norm's output and the constant it adds besides its `bias` parameter
+    (which `conservation` already counts as a parameter when it is trainable): the shift
+    `-gamma * mean / std` of eval-mode normalisation. timm's BatchNormAct2d applies
     its activation inside its own forward: its module output is past the activation, so the
-    norm's output is read where it enters the activation instead."""
+    norm's output is read where it enters the activation instead (`relevance_rules` runs
+    activations out of place while it builds the LRP graph, so that input is still the norm's
+    output)."""
 
     def record(y: torch.Tensor) -> None:
         std = torch.sqrt(norm.running_var + norm.eps)
         weight = norm.weight if norm.weight is not None else 1
-        bias = (norm.bias if norm.bias is not None else 0) - weight * norm.running_mean / std
-        terms.append((y, bias.detach()))
+        shift = -weight * norm.running_mean / std
+        if norm.bias is not None and not norm.bias.requires_grad:
+            shift = shift + norm.bias
+        terms.append((y, shift.detach()))
 
     act = getattr(norm, "act", None)
     if isinstance(act, nn.Module) and not isinstance(act, nn.Identity):

@@ -4,19 +4,29 @@ captum's LRP cannot run timm ViTs (no rule for Identity/LayerNorm/GELU, function
 invisible, relevance explodes to NaN once patched: see shared/design/LRP.md). What works is LRP
 as a *modified gradient* followed by gradient x input (CP-LRP / AttnLRP):
 
-- LayerNorm: the identity rule, i.e. the standard deviation is a constant in the backward pass;
+- LayerNorm (channels-last, or channels-first as timm's LayerNorm2d) and GroupNorm: the standard
+  deviation is a constant in the backward pass, so the normalisation is a linear map of its input
+  and its affine bias absorbs the rest;
 - RMSNorm (Llama and its kin): the same, `x * (f(x) / x).detach()`: the root mean square and the
   gain are constants, and with no mean or bias there is nothing else;
-- element-wise non-linearities (GELU, SiLU, ...): the identity rule, `x * (f(x) / x).detach()`;
+- element-wise non-linearities (GELU, SiLU, ReLU6, StarReLU, ...): the identity rule on
+  `f(x) - f(0)`, `x * ((f(x) - f(0)) / x).detach() + f(0)`, the offset a constant like a bias;
 - RoBERTa-style classification heads (`out_proj(tanh(dense(x)))` with a functional tanh): the
   identity rule on the tanh, read from the layers around it;
 - gated MLPs (`down_proj(act_fn(gate_proj(x)) * up_proj(x))`): the product of two activations
   takes the uniform rule, half of its relevance to each factor; plain gradient x input would
   hand each factor all of it and double the relevance at every such block;
 - embedding normalisation (`x / ||x||`): the norm is a constant;
+- gated products (`x * gate(f(x))`: squeeze-excitation and its kin, recognised by an activation
+  module named `gate`): the gate is a constant weight, so all relevance of the product flows to
+  `x`; gradient x input would hand the gate branch a second copy of it;
 - softmax attention: the attention probabilities are constants (CP-LRP), so all relevance of
   `attn @ v` flows to `v`; this is exactly conservative;
 - linear, convolution, ReLU, BatchNorm (eval), residual adds: plain gradient x input.
+
+In-place activations are switched to out-of-place while the LRP graph is built: an in-place op
+overwrites its input, so the identity rule (and the BatchNorm constant `lrp.py` reads where a
+fused BatchNormAct enters its activation) would see the activation's output instead.
 
 Each hooked site computes *both* outputs in the forward pass (they are equal in value) and joins
 them with `_Switch`, whose backward routes the incoming gradient to the true graph or to the LRP
@@ -30,7 +40,7 @@ supports the double backward Hutchinson needs.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -60,13 +70,21 @@ ELEMENTWISE_ACTIVATIONS = (
 Hardtanh saturate), so gradient x input through them would lose relevance. nn.ReLU6 is a
 Hardtanh."""
 
+ACTIVATION_NAMES = ("GELU", "SiLU", "ReLU", "Swish", "Sigmoid", "Tanh", "Mish")
+"""Class-name tokens of activations outside torch.nn (timm's, Hugging Face's); same rule."""
+
 
 @dataclass
 class RuleState:
-    """Which graph the next backward pass follows, and whether the LRP graph is built at all."""
+    """Which graph the next backward pass follows, and whether the LRP graph is built at all.
+
+    `offsets`, when a list, collects the constants the LRP graph adds, as leaves that absorb
+    relevance as biases do, for the conservation check to count; None (the default) adds them
+    as plain constants, so a long sensitivity pass keeps none of them."""
 
     backward: Backward = "true"
     build_lrp: bool = True
+    offsets: list[torch.Tensor] | None = None
 
 
 _local = threading.local()
@@ -92,28 +110,70 @@ class _Switch(torch.autograd.Function):
         return grad, None
 
 
-def _switch(true_out: torch.Tensor, make_lrp) -> torch.Tensor:
+def _building() -> bool:
     state = _state()
-    if state is None or not state.build_lrp or not torch.is_grad_enabled():
+    return state is not None and state.build_lrp and torch.is_grad_enabled()
+
+
+def _switch(true_out: torch.Tensor, make_lrp: Callable[[], torch.Tensor]) -> torch.Tensor:
+    if not _building():
         return true_out
     return _Switch.apply(true_out, make_lrp())
 
 
-def _layer_norm_hook(module: nn.LayerNorm, args: tuple, out: torch.Tensor) -> torch.Tensor:
-    x = args[0]
-    dims = tuple(range(-len(module.normalized_shape), 0))
+def _standardized(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
+    """(x - mean) / std over `dims`, the standard deviation a constant: a linear map of x
+    without offset, so gradient x input through it conserves relevance."""
+    mean = x.mean(dim=dims, keepdim=True)
+    std = torch.sqrt(x.var(dim=dims, unbiased=False, keepdim=True) + eps).detach()
+    return (x - mean) / std
 
-    def lrp() -> torch.Tensor:
-        mean = x.mean(dim=dims, keepdim=True)
-        std = torch.sqrt(x.var(dim=dims, unbiased=False, keepdim=True) + module.eps).detach()
-        y = (x - mean) / std
-        if module.weight is not None:
-            y = y * module.weight
-        if module.bias is not None:
-            y = y + module.bias
-        return y
 
-    return _switch(out, lrp)
+def _affine(y: torch.Tensor, module: nn.Module, channels_first: bool) -> torch.Tensor:
+    """The norm's elementwise affine; channels-first layouts broadcast it over dims 2+."""
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    shape = (-1, *(1,) * (y.dim() - 2)) if channels_first else (-1,)
+    if weight is not None:
+        y = y * (weight.view(shape) if channels_first else weight)
+    if bias is not None:
+        y = y + (bias.view(shape) if channels_first else bias)
+    return y
+
+
+def _layer_norm_candidates(module: nn.LayerNorm, x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """nn.LayerNorm normalises the trailing dims; timm's LayerNorm2d (same class, its own
+    forward) normalises dim 1 of NCHW. Which one a module does is read off its output."""
+    shape = tuple(module.normalized_shape)
+    if tuple(x.shape[-len(shape) :]) == shape:
+        dims = tuple(range(-len(shape), 0))
+        yield _affine(_standardized(x, dims, module.eps), module, channels_first=False)
+    if len(shape) == 1 and x.dim() > 2 and x.shape[1] == shape[0]:
+        yield _affine(_standardized(x, (1,), module.eps), module, channels_first=True)
+
+
+def _group_norm_candidates(module: nn.GroupNorm, x: torch.Tensor) -> Iterator[torch.Tensor]:
+    grouped = x.reshape(x.shape[0], module.num_groups, -1)
+    y = _standardized(grouped, (-1,), module.eps).view_as(x)
+    yield _affine(y, module, channels_first=True)
+
+
+def _normalization_hook(
+    candidates: Callable[[nn.Module, torch.Tensor], Iterator[torch.Tensor]],
+) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]:
+    """The first candidate LRP graph whose value is the module's output (to the square root of
+    the dtype's precision: a wrong layout is off by the order of the values); none that is
+    leaves the module on its true gradient (a layout this rule does not know)."""
+
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        if not _building():
+            return out
+        tolerance = torch.finfo(out.dtype).eps ** 0.5
+        for lrp in candidates(module, args[0]):
+            if lrp.shape == out.shape and torch.allclose(lrp, out, tolerance, tolerance):
+                return _Switch.apply(out, lrp)
+        return out
+
+    return hook
 
 
 def _identity_rule(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -125,7 +185,28 @@ def _identity_rule(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def _identity_rule_hook(_module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    """The identity rule over a whole module whose output is its input times something: an
+    RMSNorm, or a gated product `x * gate(...)` (the gate a constant weight)."""
+    if not isinstance(out, torch.Tensor) or out.shape != args[0].shape:
+        return out
     return _switch(out, lambda: _identity_rule(args[0], out))
+
+
+def _activation_hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    """The identity rule on `f(x) - f(0)`; the offset `f(0)` (a sigmoid's 1/2, StarReLU's bias)
+    is a constant that absorbs its share, as a bias does. Left in the ratio `f(x) / x` it
+    would grow without bound as x nears 0 and the relevance upstream would cancel in float."""
+    state, x = _state(), args[0]
+    if state is None or not _building() or out.shape != x.shape:
+        return out
+    with torch.no_grad():
+        offset = module.forward(torch.zeros_like(x[:1]))
+    if not offset.any():
+        return _Switch.apply(out, _identity_rule(x, out))
+    if state.offsets is not None:
+        offset = offset.requires_grad_(True)
+        state.offsets.append(offset)
+    return _Switch.apply(out, _identity_rule(x, out - offset.detach()) + offset)
 
 
 def _classification_head_hooks(module: nn.Module) -> list:
@@ -234,36 +315,78 @@ def _is_gated_mlp(module: nn.Module) -> bool:
 
 
 def _is_activation(module: nn.Module) -> bool:
+    """An element-wise non-linearity other than ReLU, whose gradient x input already is the
+    identity rule. Custom ones (timm's StarReLU `s * relu(x)**2 + b`, Hugging Face's GELU
+    classes, timm's own Swish/HardSigmoid) are known by their class name, and hold no layer
+    with weights (a `SwishMlp` would be a block, not an activation)."""
+    if isinstance(module, ELEMENTWISE_ACTIVATIONS):
+        return True
     name = type(module).__name__
-    return isinstance(module, ELEMENTWISE_ACTIVATIONS) or (
-        "GELU" in name or name in {"SiLUActivation", "NewGELUActivation", "FastGELUActivation"}
+    return (
+        not isinstance(module, nn.ReLU)
+        and any(token in name for token in ACTIVATION_NAMES)
+        and not any(any(True for _ in child.parameters()) for child in module.children())
     )
+
+
+def _is_gated_product(module: nn.Module) -> bool:
+    gate = getattr(module, "gate", None)
+    return isinstance(gate, nn.Module) and _is_activation(gate)
+
+
+def _forward_hook(hook: Callable[..., object]) -> Callable[[nn.Module], list]:
+    return lambda module: [module.register_forward_hook(hook)]
+
+
+RULES: tuple[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], list]], ...] = (
+    (
+        lambda m: isinstance(m, nn.LayerNorm),
+        _forward_hook(_normalization_hook(_layer_norm_candidates)),
+    ),
+    (
+        lambda m: isinstance(m, nn.GroupNorm),
+        _forward_hook(_normalization_hook(_group_norm_candidates)),
+    ),
+    (_is_activation, _forward_hook(_activation_hook)),
+    (_is_rms_norm, _forward_hook(_identity_rule_hook)),
+    (_is_gated_product, _forward_hook(_identity_rule_hook)),
+    (_is_normalize, _normalize_hooks),
+    (_is_classification_head, _classification_head_hooks),
+)
+"""(recognises a module, installs its hooks); the first match wins. Gated MLPs come after all of
+these: their hooks read the activation's output as the activation hook left it."""
+
+
+def _override(module: nn.Module, attribute: str, value: bool) -> list[tuple[nn.Module, bool]]:
+    """Set a boolean `attribute` on every submodule that has one; the previous values."""
+    changed = []
+    for child in module.modules():
+        previous = getattr(child, attribute, None)
+        if isinstance(previous, bool):
+            changed.append((child, previous))
+            setattr(child, attribute, value)
+    return changed
 
 
 @contextmanager
 def relevance_rules(module: nn.Module, build_lrp: bool = True) -> Iterator[RuleState]:
     """Install the rule switches on `module` (and attention globally, for this thread only).
 
-    timm attention is forced onto its fused branch so that it calls the replaced function.
+    timm attention is forced onto its fused branch so that it calls the replaced function, and
+    in-place activations run out of place while the LRP graph is built.
     """
     state = RuleState(build_lrp=build_lrp)
     handles = []
-    fused: list[tuple[nn.Module, bool]] = []
     for child in module.modules():
-        if isinstance(child, nn.LayerNorm) and "2d" not in type(child).__name__.lower():
-            handles.append(child.register_forward_hook(_layer_norm_hook))
-        elif _is_activation(child) or _is_rms_norm(child):
-            handles.append(child.register_forward_hook(_identity_rule_hook))
-        elif _is_normalize(child):
-            handles.extend(_normalize_hooks(child))
-        elif _is_classification_head(child):
-            handles.extend(_classification_head_hooks(child))
-        if hasattr(child, "fused_attn"):
-            fused.append((child, child.fused_attn))
-            child.fused_attn = True
+        installer = next((install for matches, install in RULES if matches(child)), None)
+        if installer is not None:
+            handles.extend(installer(child))
     for child in module.modules():
         if _is_gated_mlp(child):
             handles.extend(_gated_mlp_hooks(child))
+    overrides = {"fused_attn": _override(module, "fused_attn", True)}
+    if build_lrp:
+        overrides["inplace"] = _override(module, "inplace", False)
     previous = _state()
     _local.state = state
     F.scaled_dot_product_attention = attention
@@ -273,5 +396,6 @@ def relevance_rules(module: nn.Module, build_lrp: bool = True) -> Iterator[RuleS
         _local.state = previous
         for handle in handles:
             handle.remove()
-        for child, value in fused:
-            child.fused_attn = value
+        for attribute, changed in overrides.items():
+            for child, value in changed:
+                setattr(child, attribute, value)
