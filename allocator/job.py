@@ -91,7 +91,7 @@ width (a plain `bops=` budget): they feed no layer of the table, so the integer 
 not choose it. A `match=WxAy` budget runs them at y, as the uniform plan it matches does:
 otherwise the joint plan would get 8-bit probabilities that the BOPs budget never paid for."""
 ACT_QUANTIZERS = ("baseline", "repq", "isvit", "dopq", "log2", "auto")
-"""`act_quantizers` values: the presets of `allocator.act_plan`, and `auto`."""
+"""`act_quantizers` values: the presets of `allocator.activation_bench`, and `auto`."""
 SENSITIVITY_METHODS = ("lrp", "fisher", "hessian", "measured")
 """Sensitivity methods a spec may name, alone or joined by '+' (`allocator.sensitivity`)."""
 MAX_PINS = 10_000

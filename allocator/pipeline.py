@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from allocator.act_plan import quantizers
+from allocator.activation_bench import quantizers
 from allocator.artifacts import write_artifacts
 from allocator.budget import parse_budget
 from allocator.clock import Clock, silent

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from allocator import costs, memory
-from allocator.act_plan import ActivationBench, joint_widths, quantizers
+from allocator.activation_bench import ActivationBench, joint_widths, quantizers
 from allocator.activations import quantized_activations
 from allocator.apply import apply
 from allocator.budget import Budget, parse_budget

@@ -41,7 +41,7 @@ from torch import nn
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from allocator.act_plan import quantizers  # noqa: E402
+from allocator.activation_bench import quantizers  # noqa: E402
 from allocator.activations import quantized_activations  # noqa: E402
 from allocator.apply import load_packed, pack  # noqa: E402
 from allocator.budget import parse_budget  # noqa: E402

@@ -55,7 +55,7 @@ from train_digits_vit import train as train_digits  # noqa: E402
 from train_tiny_lm import OUT as TINY_LM  # noqa: E402
 from train_tiny_lm import train as train_tiny_lm  # noqa: E402
 
-from allocator.act_plan import (  # noqa: E402
+from allocator.activation_bench import (  # noqa: E402
     ACT_QUANTIZERS,
     CANDIDATES,
     PER_SITE,

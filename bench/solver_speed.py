@@ -27,7 +27,7 @@ import numpy as np
 
 from allocator.budget import ResolvedBudget
 from allocator.layers import Layer, LayerTable
-from allocator.solve import Solution, pareto, solve
+from allocator.solve import Solution, solve, solve_budgets
 
 BITS = (2, 3, 4, 5, 6, 8)
 SIZES = (50, 1_000, 10_000)
@@ -118,7 +118,7 @@ def measure(
 
 
 def measure_resolves(layers: int = RESOLVE_LAYERS, count: int = RESOLVES) -> list[Resolve]:
-    """A fresh `solve` per budget (what a request does) and one `pareto` sweep over them all."""
+    """A fresh `solve` per budget (what a request does) and one `solve_budgets` over them all."""
     table, cost = synthetic_table(layers, seed=1)
     budgets = [
         ResolvedBudget(size_bits=table.uniform_storage_bits(avg))
@@ -129,12 +129,12 @@ def measure_resolves(layers: int = RESOLVE_LAYERS, count: int = RESOLVES) -> lis
         started = time.perf_counter()
         statuses.add(solve(table, BITS, cost, budget).status)
         fresh.append((time.perf_counter() - started) * 1e3)
-    sweep = pareto(table, BITS, cost, budgets)
+    sweep = solve_budgets(table, BITS, cost, budgets)
     return [
         Resolve(layers, "solve() per budget", fresh, statuses),
         Resolve(
             layers,
-            "pareto() per budget",
+            "solve_budgets() per budget",
             [s.seconds * 1e3 for s in sweep],
             {s.status for s in sweep},
         ),

@@ -229,8 +229,9 @@ class Job(Base):
     dispatched_attempt: Mapped[int | None]
 
 
-class Result(Base):
-    """What a succeeded job produced; at most one per job, which makes finishing idempotent."""
+class ResultRow(Base):
+    """The row of what a succeeded job produced (`allocator.job.Result` as stored); at most one
+    per job, which makes finishing idempotent."""
 
     __tablename__ = "results"
 

@@ -26,7 +26,7 @@ from allocator.memory import image_sample
 from allocator.workbench import check_memory
 from allocator.zoo import check_ref, meta_model, ref_paths
 from db import repositories
-from service.profiles import solve_budgets
+from service.profiles import answer_budgets
 from service.schemas import ID_PATTERN
 from workers.record import confined_path, file_sha256, profile_key
 
@@ -55,7 +55,7 @@ def check_spec(
         session, tenant=tenant, key=profile_key(spec, shas.get("weights"), shas["calib"])
     )
     if profile is not None:
-        solve_budgets(profile.cost_table, [spec.budget], FEASIBILITY_TIME_LIMIT)
+        answer_budgets(profile.cost_table, [spec.budget], FEASIBILITY_TIME_LIMIT)
 
 
 def _check_memory(spec: JobSpec, limits: Limits) -> None:

@@ -14,17 +14,19 @@ from typing import Any
 from allocator.budget import parse_budget
 from allocator.layers import LayerTable
 from allocator.profile import CostTable
-from allocator.solve import Solution, pareto
+from allocator.solve import Solution, solve_budgets
 from service.schemas import LayerBits, SolveOut
 
 
-def solve_budgets(
+def answer_budgets(
     cost_table: Mapping[str, Any], budgets: Sequence[str], time_limit: float
 ) -> list[SolveOut]:
     """One plan per budget; raises BadBudget or InfeasibleBudget naming what to change."""
     profile = CostTable.from_dict(cost_table)
     resolved = [parse_budget(budget).resolve(profile.table) for budget in budgets]
-    solutions = pareto(profile.table, profile.bits, profile.cost, resolved, time_limit=time_limit)
+    solutions = solve_budgets(
+        profile.table, profile.bits, profile.cost, resolved, time_limit=time_limit
+    )
     return [
         _answer(profile.table, budget, solution)
         for budget, solution in zip(budgets, solutions, strict=True)

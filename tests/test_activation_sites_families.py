@@ -14,7 +14,7 @@ import torch
 from timm.models.metaformer import GroupNorm1NoBias, MetaFormer
 from torch import nn
 
-from allocator.act_plan import CANDIDATES, ActivationBench, quantizers
+from allocator.activation_bench import CANDIDATES, ActivationBench, quantizers
 from allocator.activations import Site, instrument, quantized_activations
 from allocator.layers import build_layer_table
 from allocator.quant.activation import calibrate

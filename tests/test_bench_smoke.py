@@ -17,7 +17,7 @@ def test_solver_speed_bench_at_ten_layers() -> None:
     rows = measure(sizes=(10,), solvers=("highs", "cbc"), rel_gaps=(1e-3,))
     resolves = measure_resolves(layers=10, count=3)
     assert {(row.constraints, row.solution.solver) for row in rows} == {
-        ("size", "frontier"),  # one binding resource: the exact knapsack search answers
+        ("size", "knapsack"),  # one binding resource: the exact knapsack search answers
         ("size", "cbc"),
         ("size+bops", "highs"),
         ("size+bops", "cbc"),

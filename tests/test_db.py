@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from allocator.job import JobStatus, UploadKind
 from db import repositories as repo
-from db.models import ApiKey, Artifact, Base, Job, Result, utcnow
+from db.models import ApiKey, Artifact, Base, Job, ResultRow, utcnow
 from db.session import (
     alembic_config,
     database_url,
@@ -472,7 +472,7 @@ def test_finish_is_idempotent(session: Session) -> None:
     assert finish(session, job.id, artifacts)
     assert not finish(session, job.id, artifacts)
 
-    results = session.scalars(select(Result).where(Result.job_id == job.id)).all()
+    results = session.scalars(select(ResultRow).where(ResultRow.job_id == job.id)).all()
     stored_artifacts = session.scalars(select(Artifact).where(Artifact.job_id == job.id)).all()
     assert len(results) == 1 and len(stored_artifacts) == 2
     stored = repo.get_job(session, tenant="acme", job_id=job.id)
@@ -496,7 +496,7 @@ def test_concurrent_finishes_store_one_result(sessions: sessionmaker[Session]) -
 
     assert sorted(in_threads(4, finish_once)) == [False, False, False, True]
     with sessions() as session:
-        count = select(func.count()).select_from(Result).where(Result.job_id == job_id)
+        count = select(func.count()).select_from(ResultRow).where(ResultRow.job_id == job_id)
         assert session.scalar(count) == 1
 
 

@@ -126,7 +126,7 @@ def test_cli_submit_status_and_wait_load_neither_torch_nor_sqlalchemy() -> None:
 
 def test_every_name_a_spec_may_use_has_an_implementation() -> None:
     """`allocator.job` lists them without importing the torch modules that implement them."""
-    from allocator.act_plan import AUTO, PRESETS
+    from allocator.activation_bench import AUTO, PRESETS
     from allocator.sensitivity import METHODS
 
     assert (*PRESETS, AUTO) == job.ACT_QUANTIZERS

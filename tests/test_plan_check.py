@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from allocator import costs
-from allocator.act_plan import ActivationBench, quantizers
+from allocator.activation_bench import ActivationBench, quantizers
 from allocator.budget import ResolvedBudget
 from allocator.job import JobSpec, JointActs
 from allocator.layers import build_layer_table

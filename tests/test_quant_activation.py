@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from allocator.act_plan import CANDIDATES, PER_SITE, ActivationBench
+from allocator.activation_bench import CANDIDATES, PER_SITE, ActivationBench
 from allocator.activations import collect, find_sites, quantized_activations
 from allocator.budget import parse_budget
 from allocator.errors import BadBudget, UnknownMethod

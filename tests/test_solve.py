@@ -17,7 +17,7 @@ from allocator.budget import BITS_PER_MB, ResolvedBudget
 from allocator.errors import InfeasibleBudget
 from allocator.job import FLOAT_ACTS, JointActs
 from allocator.layers import Layer, LayerTable
-from allocator.solve import SOLVERS, Solution, fixed_plan, pareto, solve, uniform_bits_for
+from allocator.solve import SOLVERS, Solution, fixed_plan, solve, solve_budgets, uniform_bits_for
 from allocator.solve import knapsack as knapsack_module
 from allocator.solve.backend import Outcome, SolverError
 from allocator.solve.cbc import CbcBackend
@@ -136,7 +136,7 @@ def check_against_brute_force(
         return
     solution = solve(table, BITS, cost, budget, rel_gap=1e-9, solver=solver)
     assert solution.status == "optimal"
-    assert solution.solver in ({solver, "frontier"} if solver == "highs" else {solver})
+    assert solution.solver in ({solver, "knapsack"} if solver == "highs" else {solver})
     assert math.isclose(solution.objective, best[0], rel_tol=1e-6, abs_tol=1e-4)
     assert solution.storage_bits == table.storage_bits(solution.bits)
     assert budget.size_bits is None or solution.storage_bits <= budget.size_bits
@@ -161,10 +161,10 @@ def test_cbc_matches_brute_force(instance: tuple[LayerTable, np.ndarray, Resolve
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_frontier_agrees_with_the_integer_program(
+def test_knapsack_agrees_with_the_integer_program(
     seed: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The frontier and HiGHS's MIP find the same optimum over a sweep of size budgets."""
+    """The knapsack search and HiGHS's MIP find the same optimum over a sweep of size budgets."""
     rows = 40
     rng = np.random.default_rng(seed)
     table = LayerTable(
@@ -177,10 +177,10 @@ def test_frontier_agrees_with_the_integer_program(
     budgets = [
         ResolvedBudget(size_bits=table.uniform_storage_bits(avg)) for avg in np.linspace(2, 8, 25)
     ]
-    fast = pareto(table, BITS, cost, budgets, rel_gap=1e-9)
+    fast = solve_budgets(table, BITS, cost, budgets, rel_gap=1e-9)
     monkeypatch.setattr(knapsack_module, "MAX_GROUPS", 0)
-    slow = pareto(table, BITS, cost, budgets, rel_gap=1e-9)
-    assert {s.solver for s in fast} == {"frontier"}
+    slow = solve_budgets(table, BITS, cost, budgets, rel_gap=1e-9)
+    assert {s.solver for s in fast} == {"knapsack"}
     assert {s.solver for s in slow} == {"highs"}
     for quick, proven in zip(fast, slow, strict=True):
         assert quick.status == "optimal"
@@ -188,7 +188,7 @@ def test_frontier_agrees_with_the_integer_program(
         assert quick.storage_bits <= budgets[fast.index(quick)].size_bits
 
 
-def test_frontier_hands_over_when_it_grows_too_large(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_knapsack_hands_over_when_it_grows_too_large(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Knapsack.solve, "__defaults__", (math.inf, 1))
     table = LayerTable(tuple(layer(f"l{i}", params=1000 + 37 * i) for i in range(12)))
     budget = ResolvedBudget(size_bits=table.uniform_storage_bits(5))
@@ -412,12 +412,12 @@ def test_cbc_when_asked_and_as_fallback(monkeypatch: pytest.MonkeyPatch) -> None
     assert solve(table, BITS, cost, budget).solver == "cbc"
 
 
-def test_pareto_matches_single_solves_and_cost_falls_with_budget() -> None:
+def test_solve_budgets_matches_single_solves_and_cost_falls_with_budget() -> None:
     table = LayerTable(tuple(layer(f"l{i}", params=800 + 13 * i) for i in range(20)))
     cost = convex_costs(20, seed=5)
     budgets = [ResolvedBudget(size_bits=table.uniform_storage_bits(b)) for b in (2.5, 4, 6, 8)]
     for solver in ("highs", "cbc"):
-        sweep = pareto(table, BITS, cost, budgets, rel_gap=1e-9, solver=solver)
+        sweep = solve_budgets(table, BITS, cost, budgets, rel_gap=1e-9, solver=solver)
         singles = [solve(table, BITS, cost, b, rel_gap=1e-9, solver=solver) for b in budgets]
         objectives = [s.objective for s in sweep]
         assert objectives == sorted(objectives, reverse=True)
@@ -457,7 +457,7 @@ def test_solution_to_dict_is_strict_json() -> None:
     table = LayerTable((layer("a"),))
     solution = solve(table, BITS, np.array([[2.0, 1.0, 0.0]]), ResolvedBudget())
     data = solution.to_dict()
-    assert data["name"] == "frontier" and data["status"] == "optimal" and data["bits"] == {"a": 8}
+    assert data["name"] == "knapsack" and data["status"] == "optimal" and data["bits"] == {"a": 8}
     assert set(data) == set(Solution.__dataclass_fields__) - {"solver", "act_bits"} | {"name"}
     empty = Solution({}, math.inf, 0, 0.0, "cbc", "unknown", math.inf, 0.5).to_dict()
     assert (empty["objective"], empty["gap"]) == (None, None)

@@ -26,8 +26,7 @@ from allocator.job import PHASES, JobMetrics, JobSpec, JobStatus, Progress, Resu
 from allocator.plan import BitPlan, LayerPlan
 from allocator.zoo import known_prefixes
 from db import repositories as repo
-from db.models import Artifact, Job, utcnow
-from db.models import Result as ResultRow
+from db.models import Artifact, Job, ResultRow, utcnow
 from db.session import init_db, make_session_factory
 from db.store import ArtifactStore
 from workers.executor import CeleryExecutor, InlineExecutor, make_executor

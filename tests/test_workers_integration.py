@@ -60,7 +60,7 @@ from bench.deploy import (
     write_plugins,
 )
 from db import repositories as repo
-from db.models import Job, Result, utcnow
+from db.models import Job, ResultRow, utcnow
 from db.session import init_db, make_session_factory
 from service.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from tests.api_app import WEBHOOK_SECRET
@@ -263,7 +263,7 @@ class Fleet:
         with self.sessions() as session:
             return (
                 session.scalar(
-                    select(func.count()).select_from(Result).where(Result.job_id.in_(job_ids))
+                    select(func.count()).select_from(ResultRow).where(ResultRow.job_id.in_(job_ids))
                 )
                 or 0
             )

@@ -6,7 +6,8 @@
 - `workers.celery_app`: the Celery app, `start_worker(queues, concurrency)` (`bitplan worker`)
   and `worker_session()`, a session on the calling worker process's database for its hooks.
 - `workers.settings`: `WorkerSettings.from_env()`, the `BITPLAN_*` variables.
-- `workers.hooks`: `JobEnded`, the callable told of every job a worker or sweep ends (webhooks).
+- `workers.hooks`: `JobEndedHook`, the callable told of every job a worker or sweep ends
+  (webhooks).
 - `workers.record`: a finished pipeline result into rows and artifacts.
 
 The only package that knows Celery exists; `allocator/` and `db/` never import it, and it never

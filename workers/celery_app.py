@@ -26,7 +26,7 @@ from celery import Celery
 from celery.signals import worker_process_shutdown, worker_shutdown
 from kombu import Exchange, Queue
 
-from workers.hooks import JobEnded
+from workers.hooks import JobEndedHook
 from workers.settings import BATCH_QUEUE, QUEUES, WorkerSettings
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def make_celery(settings: WorkerSettings) -> Celery:
 
 settings = WorkerSettings.from_env()
 app = make_celery(settings)
-job_ended_hook: JobEnded | None = None
+job_ended_hook: JobEndedHook | None = None
 """Set by `start_worker`, read by the worker's task and sweeper; pool children inherit it."""
 
 
@@ -87,7 +87,7 @@ def start_worker(
     concurrency: int = 1,
     *,
     loglevel: str = "INFO",
-    on_ended: JobEnded | None = None,
+    on_ended: JobEndedHook | None = None,
     on_shutdown: Callable[[], None] | None = None,
 ) -> None:
     """Run a Celery worker in this process until it is stopped (what `bitplan worker` does).

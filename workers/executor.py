@@ -44,7 +44,7 @@ from db.models import Job, utcnow
 from db.repositories import PendingDispatch
 from db.store import ArtifactStore
 from workers.celery_app import TASK_NAME, make_celery
-from workers.hooks import JobEnded, notify_ended
+from workers.hooks import JobEndedHook, notify_ended
 from workers.periodic import Periodic
 from workers.settings import QUEUES, ExecutorKind, WorkerSettings, time_limit_error
 
@@ -88,7 +88,7 @@ class InlineExecutor(Executor):
         *,
         queues: Collection[str] | None = None,
         pipeline: Pipeline | None = None,
-        on_ended: JobEnded | None = None,
+        on_ended: JobEndedHook | None = None,
     ) -> None:
         """`queues=None` serves every queue; `pipeline` replaces the real one in tests only;
         `on_ended` hears of every job these threads or the sweeper end."""
@@ -215,7 +215,7 @@ class CeleryExecutor(Executor):
         sessions: sessionmaker[Session],
         *,
         app: Celery | None = None,
-        on_ended: JobEnded | None = None,
+        on_ended: JobEndedHook | None = None,
     ) -> None:
         """`on_ended` hears of the jobs a sweep ends (a dead worker's job out of attempts)."""
         self.settings = settings
@@ -312,7 +312,7 @@ def make_executor(
     sessions: sessionmaker[Session],
     store: ArtifactStore,
     *,
-    on_ended: JobEnded | None = None,
+    on_ended: JobEndedHook | None = None,
 ) -> Executor:
     """The executor `settings.executor` names (`BITPLAN_EXECUTOR`: inline or celery).
 
@@ -325,7 +325,7 @@ def make_executor(
 
 
 def _requeue_expired(
-    sessions: sessionmaker[Session], on_ended: JobEnded | None
+    sessions: sessionmaker[Session], on_ended: JobEndedHook | None
 ) -> repositories.LeaseSweep:
     """The lease sweep both executors run: requeue, or end, jobs whose worker went quiet."""
     with sessions() as session:

@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterable
 
 log = logging.getLogger(__name__)
 
-JobEnded = Callable[[str], None]
+JobEndedHook = Callable[[str], None]
 """Called with the id of a job that has just been recorded as succeeded, failed or cancelled."""
 
 
-def notify_ended(on_ended: JobEnded | None, job_ids: Iterable[str]) -> None:
+def notify_ended(on_ended: JobEndedHook | None, job_ids: Iterable[str]) -> None:
     """Tell the hook; its failure is logged, never the job's: the ending is already recorded."""
     if on_ended is None:
         return

@@ -37,7 +37,7 @@ from allocator.pipeline import run
 from db import repositories
 from db.models import Job
 from db.store import ArtifactStore
-from workers.hooks import JobEnded, notify_ended
+from workers.hooks import JobEndedHook, notify_ended
 from workers.periodic import Periodic
 from workers.record import public_error, record_success, runnable_spec
 from workers.settings import WorkerSettings, time_limit_error
@@ -96,7 +96,7 @@ class JobRunner:
         permanent_errors: Mapping[type[Exception], str] | None = None,
         stopping: threading.Event | None = None,
         pipeline: Pipeline | None = None,
-        on_ended: JobEnded | None = None,
+        on_ended: JobEndedHook | None = None,
         limits: Limits | None = None,
         allowed_roots: Sequence[Path] | None = None,
         time_limit: float = DEFAULT_TIME_LIMIT,

@@ -24,7 +24,7 @@ from allocator.errors import InfeasibleBudget
 from allocator.job import HIGHER_IS_BETTER, Result, Scores
 from allocator.layers import LayerTable
 from allocator.profile import CostTable
-from allocator.solve import pareto
+from allocator.solve import solve_budgets
 
 SWEEP_POINTS = 25
 """Budgets in the predicted frontier, evenly spaced in size between the narrowest and widest
@@ -156,7 +156,9 @@ def predicted_frontier(costs: CostTable, points: int = SWEEP_POINTS) -> list[Poi
     low, high = (table.storage_bits(costs.uniform_plan(b)) for b in (min(widths), max(widths)))
     budgets = [ResolvedBudget(size_bits=float(s)) for s in np.linspace(low, high, points)]
     try:
-        solutions = pareto(table, costs.bits, costs.cost, budgets, time_limit=SWEEP_TIME_LIMIT)
+        solutions = solve_budgets(
+            table, costs.bits, costs.cost, budgets, time_limit=SWEEP_TIME_LIMIT
+        )
     except InfeasibleBudget:
         return []
     return [

@@ -4,7 +4,7 @@ A cost table (layer x bit-width -> predicted loss) and a budget decide the plan:
 layer, the least summed cost within the size and BOPs limits. One module per concern:
 
 - `program`: the program itself (groups, choices, resource rows, budget limits, numerics).
-- `solver`: `solve` (one budget), `pareto` (many budgets, one model), `check_budget`,
+- `solver`: `solve` (one budget), `solve_budgets` (many budgets, one model), `check_budget`,
   `fixed_plan`, `uniform_bits_for` and the `Solution` they return; picks a backend per budget.
 - `knapsack`: the exact multiple-choice knapsack search, used when one resource binds.
 - `highs`, `cbc`: the two integer-program backends behind `backend.Backend`.
@@ -20,8 +20,8 @@ from allocator.solve.solver import (
     Solution,
     check_budget,
     fixed_plan,
-    pareto,
     solve,
+    solve_budgets,
     uniform_bits_for,
 )
 
@@ -32,7 +32,7 @@ __all__ = [
     "Status",
     "check_budget",
     "fixed_plan",
-    "pareto",
     "solve",
+    "solve_budgets",
     "uniform_bits_for",
 ]

@@ -1,7 +1,7 @@
 """The HiGHS backend (the default): the program as one highspy model, LP shortcut, then MIP.
 
 The model goes to highspy directly as column-wise numpy arrays; budgets only move two row
-bounds, so `pareto` keeps one model. Measured at 10,000 layers x 6 widths: ~25 ms to build this
+bounds, so `solve_budgets` keeps one model. Measured at 10,000 layers x 6 widths: ~25 ms to build this
 way, against ~0.9 s to build the PuLP model plus ~0.8 s for PuLP's own translation to HiGHS.
 
 HiGHS first solves the LP relaxation. Rounding it (each group takes the leanest width the LP

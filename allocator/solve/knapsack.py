@@ -1,4 +1,4 @@
-"""Exact multiple-choice knapsack with one limited resource, by a pruned dominance frontier.
+"""Exact multiple-choice knapsack with one limited resource, by pruned dominance over states.
 
 Why it exists: a profile re-solve (a new size budget on a cached cost table of ~100 layers)
 should answer in milliseconds. HiGHS does most budgets in ~5 ms but spends 50-250 ms in its MIP
@@ -14,12 +14,12 @@ the LP bound of the groups still open cannot beat the incumbent by more than `re
 bound of a suffix of groups at a capacity is the classic MCKP relaxation (Sinha & Zoltners 1979):
 start every group at its leanest width and buy the convex-hull increments with the best cost
 saved per unit of use first. The proven bound is the smaller of the answer and the best bound of
-any pruned state, so the reported gap is honest. When the frontier outgrows `max_states` the
+any pruned state, so the reported gap is honest. When the kept states outgrow `max_states` the
 caller falls back to the integer program solver.
 
-In the solver (`frontier_outcome`): the default when at most one resource binds and there are at
-most MAX_GROUPS groups; `Solution.solver` is then "frontier". It hands over to HiGHS when its
-frontier grows too large or its bound misses `rel_gap`.
+In the solver (`knapsack_outcome`): the default when at most one resource binds and there are at
+most MAX_GROUPS groups; `Solution.solver` is then "knapsack". It hands over to HiGHS when its
+kept states grow too many or its bound misses `rel_gap`.
 
 Imports numpy only.
 """
@@ -39,11 +39,11 @@ from allocator.solve.program import Program
 MAX_GROUPS = 400
 """Above this the suffix bounds cost more than they save; HiGHS's LP shortcut does well there."""
 MAX_STATES = 20_000
-"""Frontier size at which the search gives up and the caller uses the integer program."""
+"""Kept states at which the search gives up and the caller uses the integer program."""
 
 
 @dataclass(frozen=True)
-class FrontierAnswer:
+class KnapsackAnswer:
     """One column per group (in program order) and a proven lower bound on the optimum."""
 
     columns: np.ndarray
@@ -92,11 +92,11 @@ class Knapsack:
         rel_gap: float,
         deadline: float = math.inf,
         max_states: int = MAX_STATES,
-    ) -> FrontierAnswer | None:
+    ) -> KnapsackAnswer | None:
         """The cheapest plan with summed use <= `limit`, within `rel_gap` of optimal.
 
         `incumbent` is a known plan that fits (one column per group) or None. Returns None when
-        no plan fits, the frontier outgrows `max_states` or `time.perf_counter()` passes
+        no plan fits, the kept states outgrow `max_states` or `time.perf_counter()` passes
         `deadline`.
         """
         use, cost = self.use, self.cost
@@ -106,7 +106,7 @@ class Knapsack:
         slack = rel_gap * abs(known) / (2 * groups) if incumbent is not None else 0.0
         spans, pruned_bound = self._fix_by_reduced_cost(limit, threshold)
         if not all(len(columns) for columns in spans):
-            return FrontierAnswer(incumbent, pruned_bound) if incumbent is not None else None
+            return KnapsackAnswer(incumbent, pruned_bound) if incumbent is not None else None
         settled = np.array([columns[0] for columns in spans if len(columns) == 1], dtype=np.intp)
         open_groups = [g for g in range(groups) if len(spans[g]) > 1]
         order = sorted(open_groups, key=lambda g: -float(np.ptp(cost[spans[g]])))
@@ -133,13 +133,13 @@ class Knapsack:
         if len(state_cost) == 0 or state_cost.min() >= known:
             if incumbent is None:
                 return None
-            return FrontierAnswer(incumbent, min(known - groups * slack, pruned_bound))
+            return KnapsackAnswer(incumbent, min(known - groups * slack, pruned_bound))
         best = int(np.argmin(state_cost))
         chosen = np.array([columns[0] for columns in spans], dtype=np.intp)
         for step in range(len(order) - 1, -1, -1):
             chosen[order[step]] = picks[step][best]
             best = int(parents[step][best])
-        return FrontierAnswer(chosen, min(float(cost[chosen].sum()) - groups * slack, pruned_bound))
+        return KnapsackAnswer(chosen, min(float(cost[chosen].sum()) - groups * slack, pruned_bound))
 
     def _fix_by_reduced_cost(
         self, limit: float, threshold: float
@@ -262,7 +262,7 @@ def _lower_hull(use: np.ndarray, cost: np.ndarray) -> list[int]:
     return hull
 
 
-def frontier_outcome(
+def knapsack_outcome(
     program: Program,
     limit: np.ndarray,
     rel_gap: float,
@@ -270,7 +270,7 @@ def frontier_outcome(
     knapsacks: dict[int, Knapsack],
     deadline: float,
 ) -> Outcome | None:
-    """The dominance-frontier answer when at most one resource binds and the program is small;
+    """The knapsack search's answer when at most one resource binds and the program is small;
     None when it does not apply, gives up, or misses `rel_gap`. `knapsacks` keeps each
     resource's budget-independent part across a sweep."""
     limited = np.isfinite(limit)

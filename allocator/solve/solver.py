@@ -1,4 +1,4 @@
-"""The solver's front: one budget or a sweep of budgets in, a `Solution` per budget out.
+"""The solver's front: one budget or a list of budgets in, a `Solution` per budget out.
 
 For each budget, the knapsack search (allocator/solve/knapsack.py) answers when it applies; else
 the HiGHS backend (allocator/solve/highs.py), built once per program; CBC
@@ -24,7 +24,7 @@ from allocator.solve.backend import Backend, Outcome, SolverError, relative_gap
 from allocator.solve.cbc import CbcBackend
 from allocator.solve.heuristics import greedy_start
 from allocator.solve.highs import HighsBackend
-from allocator.solve.knapsack import Knapsack, frontier_outcome
+from allocator.solve.knapsack import Knapsack, knapsack_outcome
 from allocator.solve.program import (
     Program,
     Status,
@@ -89,7 +89,7 @@ def solve(
     `cost[i, j]` is the cost of `table.layers[i]` at `bits[j]` (np.inf forbids it). Raises
     InfeasibleBudget when the budget is below the smallest plan that meets each of its limits.
     """
-    return pareto(
+    return solve_budgets(
         table,
         bits,
         cost,
@@ -117,7 +117,7 @@ def check_budget(
     resource_limits(build_program(table, bits, np.zeros((len(table), columns)), acts), budget)
 
 
-def pareto(
+def solve_budgets(
     table: LayerTable,
     bits: Sequence[int],
     cost: np.ndarray,
@@ -147,11 +147,11 @@ def pareto(
             outcome = Outcome("optimal", np.zeros(0, dtype=np.intp), 0.0)
             name = solver
         elif (
-            outcome := frontier_outcome(
+            outcome := knapsack_outcome(
                 program, limit, rel_gap, solver, knapsacks, started + time_limit
             )
         ) is not None:
-            name = "frontier"
+            name = "knapsack"
         else:
             backend = backend or open_backend(program, solver)
             try:
@@ -249,15 +249,15 @@ def to_solution(
     if outcome.columns is None:
         return Solution({}, math.inf, 0, 0.0, solver, outcome.status, math.inf, seconds)
     chosen = dict(program.fixed_bits)
-    act_widths = dict.fromkeys(program.fixed_bits, acts.widest)
+    chosen_acts = dict.fromkeys(program.fixed_bits, acts.widest)
     for column in outcome.columns:
         choice = program.choices[program.col_choice[column]]
         members = program.groups[program.col_group[column]]
         chosen.update(dict.fromkeys(members, choice.weight_bits))
-        act_widths.update(dict.fromkeys(members, choice.act_bits))
+        chosen_acts.update(dict.fromkeys(members, choice.act_bits))
     plan = {layer.name: chosen[layer.name] for layer in table}
-    act_plan = {layer.name: act_widths[layer.name] for layer in table}
-    storage, bops = plan_usage(table, plan, act_plan)
+    layer_acts = {layer.name: chosen_acts[layer.name] for layer in table}
+    storage, bops = plan_usage(table, plan, layer_acts)
     objective = program.cost(outcome.columns)
     return Solution(
         bits=plan,
@@ -268,5 +268,5 @@ def to_solution(
         status=outcome.status,
         gap=relative_gap(objective, outcome.bound),
         seconds=seconds,
-        act_bits=act_plan,
+        act_bits=layer_acts,
     )

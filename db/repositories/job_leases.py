@@ -32,7 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from allocator.job import JobStatus
-from db.models import Artifact, Job, Result, UTCDateTime, utcnow
+from db.models import Artifact, Job, ResultRow, UTCDateTime, utcnow
 from db.repositories.shared import LIVE_STATUSES, execute_guarded
 
 
@@ -195,7 +195,7 @@ def finish_job(
         session.rollback()
         return False
     session.add(
-        Result(
+        ResultRow(
             job_id=job_id,
             bit_plan=dict(bit_plan),
             metrics=dict(metrics),

@@ -20,7 +20,7 @@ from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from allocator.job import JobStatus
-from db.models import Artifact, Job, Result, utcnow
+from db.models import Artifact, Job, ResultRow, utcnow
 from db.repositories.shared import LIVE_STATUSES, canonical_json, insert_or_existing
 
 DEFAULT_QUEUE = "batch"
@@ -157,9 +157,9 @@ def request_cancel(session: Session, *, tenant: str, job_id: str) -> Job | None:
     return get_job(session, tenant=tenant, job_id=job_id)
 
 
-def get_result(session: Session, *, tenant: str, job_id: str) -> Result | None:
+def get_result(session: Session, *, tenant: str, job_id: str) -> ResultRow | None:
     return session.scalar(
-        select(Result).join(Job, Job.id == Result.job_id).where(*_owned_job(tenant, job_id))
+        select(ResultRow).join(Job, Job.id == ResultRow.job_id).where(*_owned_job(tenant, job_id))
     )
 
 

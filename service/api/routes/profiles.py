@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from db import repositories
 from db.models import Profile
 from service.api.deps import UNAUTHORIZED, ProfileId, ReaderDep, SettingsDep, TenantDep
-from service.profiles import solve_budgets
+from service.profiles import answer_budgets
 from service.schemas import ErrorOut, ParetoOut, ParetoRequest, ProfileOut, SolveOut, SolveRequest
 from service.settings import Settings
 
@@ -42,7 +42,7 @@ async def solve(
 ) -> SolveOut:
     time_limit = _time_limit(request.time_limit, settings)
     return await read(
-        lambda session: solve_budgets(
+        lambda session: answer_budgets(
             _owned(session, tenant, profile_id).cost_table, [request.budget], time_limit
         )[0]
     )
@@ -61,7 +61,7 @@ async def pareto(
 
     def sweep(session: Session) -> ParetoOut:
         profile = _owned(session, tenant, profile_id)
-        points = solve_budgets(profile.cost_table, request.budgets, time_limit)
+        points = answer_budgets(profile.cost_table, request.budgets, time_limit)
         return ParetoOut(profile_id=profile.id, points=points)
 
     return await read(sweep)
