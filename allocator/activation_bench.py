@@ -17,9 +17,9 @@ Presets (`--act-quantizers`):
 Why both: the per-site error ranks well within a role (weighting by W matters: a channel the
 next layer ignores may be clipped hard) but not across a role's kinds. On MiniLM it picked
 min-max for the post-GELU activations, whose outliers then cost every other value its
-resolution; with the 1e-4 percentile clip instead, the held-out divergence at 6 bits fell from
-0.066 to 0.010 and uniform W6A6 rose from 85.85 to 86.60 Spearman (FP32 86.72). The
-held-out selection is the same lesson as the weights' (`allocator.weight_rules`), at the
+resolution; the percentile clip diverges far less from FP32 on held-out samples and scores
+better (the figures: docs/benchmarks.md, from `python bench/quality.py --act --models minilm`).
+The held-out selection is the same lesson as the weights' (`allocator.weight_rules`), at the
 granularity that fixed it there: one choice per role and width, measured on the whole network.
 The first and last layers' inputs stay at 8 bits or more, as their weights do, with their
 per-site choice.

@@ -177,9 +177,8 @@ def _allocation(
 REPORT_WIDTHS = range(3, 9)
 """Uniform widths (of `spec.bits`) a job with `report_widths` also evaluates, besides the one
 matching its budget, so the report ranks predicted against measured loss over several plans.
-Each is one quantization with codes already chosen and one evaluation pass (on CIFAR-10's 10,000
-test images, about as long as the FP32 pass); 2 bits is left out because it wrecks most models
-and would decide the ranking alone."""
+Each is one quantization with codes already chosen and one evaluation pass (as long as the FP32
+pass); 2 bits is left out because it wrecks most models and would decide the ranking alone."""
 
 
 def _uniform_widths(

@@ -3,10 +3,10 @@
 Per layer, bitplan picks clipping (max / MSE) and rounding (nearest / GPTQ) by the error at that
 layer's output on the calibration samples. That criterion is blind to two things: GPTQ is fitted
 to those same samples, and a clipped (saturated) channel costs more downstream than its share of
-the layer's output error says. On CIFAR ResNet56 it chose MSE clipping with GPTQ for 55 of 56
-layers, and uniform W3 reached 79.97 % top-1 where max clipping with GPTQ reaches 82.49 % (its
-divergence from FP32 on held-out samples: 0.173 per-layer, 0.101 max+GPTQ; `python
-bench/quality.py --models resnet56` prints both).
+the layer's output error says. On CIFAR ResNet56 it chose MSE clipping with GPTQ for nearly
+every layer, and uniform W3 scored clearly below max clipping with GPTQ, whose outputs also stay
+closer to FP32 on held-out samples (the figures: docs/design.md, from `python bench/quality.py
+--models resnet56`).
 
 So each width's rules are decided once more at the network level: for every rule set in
 `RULE_SETS`, the uniform model at that width (pinned layers at their pin) runs on held-out

@@ -175,10 +175,10 @@ class Workbench:
         to FP32 on held-out samples.
 
         The cost table adds per-layer estimates; errors compound across layers in ways a sum
-        cannot see, and on CIFAR ResNet20 at avg 3 bits every method's mixed plan measured about
-        0.5 points below uniform W3 with the same quantizer. Two forward passes over the
-        held-out samples make sure a job never returns a plan its own check finds worse than
-        the uniform one it is compared with. A job that quantizes activations (`acts`: the
+        cannot see, so a mixed plan can measure below the uniform plan of the same size with the
+        same quantizer (docs/design.md has the case that made this check). Two forward passes
+        over the held-out samples make sure a job never returns a plan its own check finds
+        worse than the uniform one it is compared with. A job that quantizes activations (`acts`: the
         widths `cost` was priced at) runs each plan with its own `act_quantizers`, the uniform
         one at `acts.baseline_bits`, which a kept uniform plan then records for every layer.
         None when nothing was checked.

@@ -1,20 +1,20 @@
 """The HiGHS backend (the default): the program as one highspy model, LP shortcut, then MIP.
 
 The model goes to highspy directly as column-wise numpy arrays; budgets only move two row
-bounds, so `solve_budgets` keeps one model. Measured at 10,000 layers x 6 widths: ~25 ms to build this
-way, against ~0.9 s to build the PuLP model plus ~0.8 s for PuLP's own translation to HiGHS.
+bounds, so `solve_budgets` keeps one model. Built this way it costs a small fraction of building
+a PuLP model and having PuLP translate it to HiGHS (docs/design.md has the figures).
 
 HiGHS first solves the LP relaxation. Rounding it (each group takes the leanest width the LP
 uses, then greedy upgrades while the budget allows), and re-solving the LP with each fractional
 group fixed to each width it uses, gives plans; when the best is within `rel_gap` of the LP
 bound, that LP bound is the proof and the MIP is skipped. Otherwise the MIP runs, warm-started
 from the best plan, with HiGHS's RINS/RENS sub-MIPs off: with a warm start they only cost time
-(100 layers: p99 ~440 ms with them, ~180 ms without).
+(they more than doubled the re-solve p99; docs/design.md).
 
-HiGHS checks its time limit only between some steps of the MIP root: on 10,000 layers with a
-size and a BOPs budget at rel_gap 1e-4 one step ran ~40 s past a 10 s limit (upstream
-ERGO-Code/HiGHS#885, #2226). The LP shortcut avoids the MIP in the cases measured; the warning
-"overran its time limit" in the log says when it did not.
+HiGHS checks its time limit only between some steps of the MIP root, so one step can run far
+past the limit on a large program with both a size and a BOPs budget at a tight gap (upstream
+ERGO-Code/HiGHS#885, #2226; docs/design.md). The LP shortcut avoids the MIP in the cases
+measured; the warning "overran its time limit" in the log says when it did not.
 
 Imports highspy when a backend is built, so CBC still works without it.
 """

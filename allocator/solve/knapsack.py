@@ -1,10 +1,11 @@
 """Exact multiple-choice knapsack with one limited resource, by pruned dominance over states.
 
 Why it exists: a profile re-solve (a new size budget on a cached cost table of ~100 layers)
-should answer in milliseconds. HiGHS does most budgets in ~5 ms but spends 50-250 ms in its MIP
-root on the budgets where rounding the LP leaves a gap, which put the p99 over 50 ms. With a
-single limited resource the program is a plain multiple-choice knapsack, and a dynamic program
-over (use, cost) pairs solves it to a proven gap in a few ms on those budgets.
+should answer in milliseconds. HiGHS answers most budgets that fast but spends far longer in its
+MIP root on the budgets where rounding the LP leaves a gap, which put the p99 over the target
+(docs/benchmarks.md, `python bench/solver_speed.py`). With a single limited resource the
+program is a plain multiple-choice knapsack, and a dynamic program over (use, cost) pairs solves
+it to a proven gap in milliseconds on those budgets.
 
 How: groups are taken one at a time (widest cost range first, so decisions that matter prune
 early). A state is a partial plan's (use, cost); a state is dropped when another uses no more and
