@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import queue as queue_module
 import sys
 import tempfile
 import time
@@ -322,6 +323,20 @@ def _cover_in_child(family: Family, tiny: bool, images: int, queue: multiprocess
         queue.put(cover(family, tiny=tiny, folder=Path(folder), images=images))
 
 
+def _wait_for_row(
+    queue: multiprocessing.Queue, child: multiprocessing.process.BaseProcess, deadline: float
+) -> Coverage:
+    """The child's row, polled so that a child killed by a native crash (no row will come) is
+    noticed at once instead of at the deadline."""
+    while time.perf_counter() < deadline:
+        try:
+            return queue.get(timeout=min(5.0, max(0.0, deadline - time.perf_counter())))
+        except queue_module.Empty:
+            if not child.is_alive():
+                return queue.get(timeout=1)
+    raise queue_module.Empty
+
+
 def run_isolated(family: Family, *, tiny: bool, images: int) -> Coverage:
     """`cover` in a child process, bounded in time; a crash or a timeout is a row too."""
     context = multiprocessing.get_context("spawn")
@@ -330,8 +345,8 @@ def run_isolated(family: Family, *, tiny: bool, images: int) -> Coverage:
     started = time.perf_counter()
     child.start()
     try:
-        return queue.get(timeout=FAMILY_SECONDS)
-    except Exception:
+        return _wait_for_row(queue, child, started + FAMILY_SECONDS)
+    except queue_module.Empty:
         crashed = Coverage(family.name, family.tiny if tiny else family.ref)
         reason = (
             f"timed out after {FAMILY_SECONDS} s"

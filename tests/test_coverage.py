@@ -1,5 +1,6 @@
 """The CI subset of the coverage matrix (`bench/coverage.py --tiny`): every step of a small job on
-one family of each kind (plain CNN, grouped CNN, ViT, Hugging Face encoders and
+one family of each kind (plain CNN, grouped CNN, depthwise CNN with squeeze-excitation gates and
+fused BatchNorm+activation, channels-last ConvNeXt with LayerNorm2d, ViT, Hugging Face encoders and
 causal LMs). The whole matrix is the benchmark."""
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ from bench.coverage import FAMILIES, STEPS, cover
 CI_FAMILIES = (
     "resnet",
     "regnet",
+    "efficientnet",
+    "convnext",
     "vit",
     "hf bert",
     "hf vit",
     "hf gpt2",
     "hf llama",
 )
-"""Families green on every step in bench/coverage.py --tiny; the depthwise CNNs run whole jobs in
-tests/test_grouped_conv.py, and their LRP conservation gap is the matrix's open row."""
+"""Families green on every step in bench/coverage.py --tiny, one per kind of layer and block the
+others are built from."""
 
 
 @pytest.mark.slow
