@@ -474,7 +474,7 @@ def run_model(name: str, model: BenchModel, methods: list[str], budgets: list[fl
         method_lines.append(f"| {method} | {seconds:.1f} | {rho:.3f} |")
     metrics = model.metrics or (primary,)
     out = [
-        f"### {name} ({model.spec.model}, {primary} on {bench.evalset.size} eval samples, "
+        f"### {name} ({model.spec.model.replace(f'{ROOT}/', '')}, {primary} on {bench.evalset.size} eval samples, "
         f"{len(bench.table)} layers)",
         "",
         *([model.note, ""] if model.note else []),
