@@ -334,11 +334,6 @@ class PlanCheck:
     uniform: float
     kept: str
 
-    def __getitem__(self, key: str) -> Any:
-        """`check["kept"]`, as bench/quality.py reads the dict this was; drop once it reads
-        attributes."""
-        return getattr(self, key)
-
     def to_dict(self) -> dict[str, Any]:
         return {"mixed": self.mixed, "uniform": self.uniform, "kept": self.kept}
 

@@ -70,9 +70,9 @@ from allocator.data.evaluate import (  # noqa: E402
     kl_divergence,
     top1,
 )
+from allocator.job import ACT_BITS, FixedActs, JointActs  # noqa: E402
 from allocator.pipeline import JobSpec, Workbench, prepare  # noqa: E402
 from allocator.plan import BitPlan  # noqa: E402
-from allocator.quant.activation import ACT_BITS  # noqa: E402
 from allocator.solve import Solution, solve, uniform_bits_for  # noqa: E402
 from allocator.zoo import register_source  # noqa: E402
 
@@ -320,7 +320,7 @@ def mixed_rows(
         scores = metric_of(bench, bench.plan(solution.bits, {"method": method}))
         loss = fp32 - scores.metrics[primary]
         points.append((solution.objective, loss if HIGHER_IS_BETTER[primary] else -loss))
-        kept = " (uniform kept)" if check and check["kept"] == "uniform" else ""
+        kept = " (uniform kept)" if check and check.kept == "uniform" else ""
         if b in budgets:
             rows.append(
                 Row(
@@ -568,23 +568,25 @@ def act_section(name: str, spec: JobSpec, method: str) -> str:
         a = budget.match[1]
         resolved = budget.resolve(bench.table)
         uniform_w = uniform_bits_for(bench.table, bench.spec.bits, resolved, act_bits=a)
-        act_bits = ACT_BITS if joint_table else a
+        widths_of = JointActs(ACT_BITS, baseline_bits=a) if joint_table else FixedActs(a)
         solution, check = bench.check_against_uniform(
-            solution, table_cost, uniform_w, act_bits, a, preset
+            solution, table_cost, uniform_w, widths_of, preset
         )
-        widths = bench.site_widths(solution, act_bits, a)
+        widths = bench.site_widths(solution, widths_of)
         module = bench.quantize(bench.plan(solution.bits, {}))
         metric = bench.evaluate(module, quantizers(acts.assign(widths, preset)))[primary]
-        kept = check is not None and check["kept"] == "uniform"
+        kept = check is not None and check.kept == "uniform"
         return metric, solution.bits, widths, " (uniform kept)" if kept else ""
 
     @functools.cache
     def joint(preset: str, match: str) -> tuple[float, dict[str, int], int | dict[str, int], str]:
         """The joint W/A plan at the size and BOPs of uniform `match` with `preset`'s
         quantizers, as a job returns it (see `checked`)."""
-        joint_cost = acts.joint_cost(cost, bench.spec.bits, errors, ACT_BITS, preset)
-        resolved = parse_budget(f"match={match}").resolve(bench.table)
-        solution = solve(bench.table, bench.spec.bits, joint_cost, resolved, act_bits=ACT_BITS)
+        budget = parse_budget(f"match={match}")
+        joint_acts = JointActs(ACT_BITS, baseline_bits=budget.match[1])
+        joint_cost = acts.joint_cost(cost, bench.spec.bits, errors, joint_acts, preset)
+        resolved = budget.resolve(bench.table)
+        solution = solve(bench.table, bench.spec.bits, joint_cost, resolved, acts=joint_acts)
         return checked(solution, joint_cost, match, preset, joint_table=True)
 
     lines += [
@@ -600,7 +602,7 @@ def act_section(name: str, spec: JobSpec, method: str) -> str:
         fixed_acts = quantizers(acts.assign(act_bits, "auto"))
         uniform_w = uniform_bits_for(bench.table, bench.spec.bits, resolved, act_bits=act_bits)
         uniform = bench.evaluate(bench.quantize(bench.uniform_plan(uniform_w)), fixed_acts)
-        fixed = solve(bench.table, bench.spec.bits, cost, resolved, act_bits=act_bits)
+        fixed = solve(bench.table, bench.spec.bits, cost, resolved, acts=FixedActs(act_bits))
         mixed, _bits, _widths, mixed_kept = checked(fixed, cost, match, "auto", joint_table=False)
         joint_metric, joint_bits, widths, joint_kept = joint("auto", match)
         counts = ", ".join(
