@@ -397,6 +397,7 @@ def test_profile_pareto_sweeps_budgets_in_order(client: TestClient, acme: dict[s
 # --- sweeps --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_sweep_queues_every_model_at_every_budget(
     client: TestClient, acme: dict[str, str], calib_ref: str
 ) -> None:

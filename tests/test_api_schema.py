@@ -22,6 +22,7 @@ from service.settings import Settings
 EXAMPLES_PER_OPERATION = 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_no_server_errors(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """PostgreSQL refuses what SQLite stores (NUL characters, over-long strings), so both."""

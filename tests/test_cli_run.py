@@ -19,6 +19,10 @@ from allocator.apply import load_packed
 from allocator.zoo import load_model
 from service.cli import app
 
+# Every test here runs a whole job on ResNet20 or shares one (`finished`); each bad-input case
+# runs a good job first. Out of the development subset, in CI's full run.
+pytestmark = pytest.mark.slow
+
 SHARED = Path(
     os.environ.get(
         "BITPLAN_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"

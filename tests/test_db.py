@@ -122,6 +122,7 @@ def artifact(name: str) -> repo.ArtifactRecord:
 # --- session and migrations ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_migrations_serialise_concurrent_starts_and_match_models(engine: Engine) -> None:
     """Every API and worker process migrates on start; a fleet starting together must not race."""
     command.downgrade(alembic_config(engine), "base")

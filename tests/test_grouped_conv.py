@@ -310,6 +310,7 @@ def test_a_depthwise_layer_costs_more_per_parameter_than_the_pointwise_one(tiny)
         assert dw / params["dw"] > 3 * pw / params["pw"], (b, dw, pw)
 
 
+@pytest.mark.slow
 def test_a_job_on_the_tiny_cnn_ends_with_a_plan_and_a_report(calib: Path, tmp_path: Path) -> None:
     result = run(tiny_spec(calib), workdir=tmp_path)
     assert set(result.plan.layers) == {"stem", "dw", "g2", "g4", "pw", "head"}
@@ -342,6 +343,7 @@ def test_pack_and_load_packed_reproduce_the_quantized_grouped_model_exactly(
         assert torch.equal(rebuilt(x), mixed(x))
 
 
+@pytest.mark.slow
 def test_layers_without_a_rule_stay_float_listed_with_their_reason(
     calib: Path, tmp_path: Path
 ) -> None:

@@ -234,6 +234,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_a_job_with_match_budget_quantizes_activations(images: str) -> None:
     spec = tiny_job(images, budget="match=W4A8", act_quantizers="repq")
     result = run(spec)
@@ -312,6 +313,7 @@ def test_auto_chooses_each_roles_kind_by_held_out_divergence() -> None:
     assert acts.rules_to_dict()["4"]["chosen"] == {r: kinds.get(r, PER_SITE) for r in roles}
 
 
+@pytest.mark.slow
 def test_joint_allocation_chooses_activation_widths_within_the_matched_bops(images: str) -> None:
     spec = tiny_job(images, budget="match=W4A6", act_bits="auto")
     payload = run(spec).to_json()

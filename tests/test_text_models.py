@@ -190,6 +190,7 @@ def test_gpt2_conv1d_layers_become_linear_with_identical_outputs(folders, tmp_pa
 # --- a whole job per family -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_whole_job_runs_per_family(family: str, folders, tmp_path: Path) -> None:
     spec = JobSpec(
