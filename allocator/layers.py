@@ -26,7 +26,7 @@ from torch import nn
 
 from allocator import unfold
 from allocator.errors import BadSpec, UnsupportedModel
-from allocator.job import FloatLayer
+from allocator.job_metrics import FloatLayer
 from allocator.zoo.base import Inputs, LoadedModel
 
 WEIGHT_LAYER_TYPES = (nn.Linear, nn.Conv2d)

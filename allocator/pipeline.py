@@ -30,14 +30,13 @@ from allocator.budget import parse_budget
 from allocator.clock import Clock, silent
 from allocator.job import (
     FLOAT_ACTS,
-    JobMetrics,
     JobSpec,
     JointActs,
     Progress,
     Result,
-    UniformScores,
     act_widths,
 )
+from allocator.job_metrics import JobMetrics, UniformScores
 from allocator.layers import LayerTable
 from allocator.limits import Limits
 from allocator.plan import BitPlan

@@ -36,10 +36,10 @@ from allocator.job import (
     FixedActs,
     JobSpec,
     JointActs,
-    PlanCheck,
     act_widths,
     parse_method,
 )
+from allocator.job_metrics import PlanCheck
 from allocator.layers import LayerTable, build_layer_table
 from allocator.limits import Limits
 from allocator.plan import BitPlan, LayerPlan

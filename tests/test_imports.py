@@ -106,7 +106,7 @@ def _fresh(script: str) -> dict:
 def test_client_and_schemas_load_neither_torch_nor_sqlalchemy() -> None:
     found = _fresh(
         "import json, sys\n"
-        "import allocator.job, service.client, service.schemas, service.cli\n"
+        "import allocator.job, allocator.job_metrics, service.client, service.schemas, service.cli\n"
         "print(json.dumps({'loaded': [name for name in HEAVY if name in sys.modules]}))"
     )
     assert found["loaded"] == []

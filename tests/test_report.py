@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from allocator.job import FloatLayer, JobMetrics, JobSpec, PlanCheck, Result, UniformScores
+from allocator.job import JobSpec, Result
+from allocator.job_metrics import FloatLayer, JobMetrics, PlanCheck, UniformScores
 from allocator.layers import Layer
 from allocator.plan import BitPlan, LayerPlan
 from allocator.profile import CostTable, file_sha256

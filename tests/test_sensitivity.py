@@ -184,4 +184,3 @@ def test_hutchinson_runs_through_hard_sigmoid_gates() -> None:
     traces = hessian_traces(model, [x], table, max_probes=8)
     assert all(torch.isfinite(torch.tensor(t)) for t in traces.trace.values())
     assert any(t != 0 for t in traces.trace.values())
-

@@ -31,7 +31,8 @@ from allocator.data.batches import WINDOW_TOKENS, pool, token_windows, window_le
 from allocator.data.evaluate import kl_divergence, perplexity
 from allocator.data.readers import MAX_LINE_CHARS, DatasetTooLarge
 from allocator.errors import BadDataset, UnknownModel
-from allocator.job import HIGHER_IS_BETTER, JobSpec
+from allocator.job import JobSpec
+from allocator.job_metrics import HIGHER_IS_BETTER
 from allocator.layers import build_layer_table, weight_layers
 from allocator.pipeline import run
 from allocator.sensitivity.gradients import gradient_stats

@@ -22,7 +22,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from allocator.errors import BadBudget, BadDataset
-from allocator.job import PHASES, JobMetrics, JobSpec, JobStatus, Progress, Result
+from allocator.job import PHASES, JobSpec, JobStatus, Progress, Result
+from allocator.job_metrics import JobMetrics
 from allocator.plan import BitPlan, LayerPlan
 from allocator.zoo import known_prefixes
 from db import repositories as repo

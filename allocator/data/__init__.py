@@ -9,7 +9,7 @@ beyond `zoo.base`.
 from allocator.data.batches import calibration_batches, check_compatible, holdout_batches
 from allocator.data.evaluate import EvalSet, evaluate
 from allocator.data.readers import Dataset, ImageSet, SentencePairs, TextCorpus, load_dataset
-from allocator.job import HIGHER_IS_BETTER
+from allocator.job_metrics import HIGHER_IS_BETTER
 
 __all__ = [
     "HIGHER_IS_BETTER",

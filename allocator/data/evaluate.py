@@ -24,7 +24,9 @@ from torch.nn import functional as F
 from allocator.data.batches import check_compatible, pool, prepare_batches, take
 from allocator.data.readers import Dataset, ImageSet, SentencePairs, TextCorpus
 from allocator.errors import BadDataset
-from allocator.job import HIGHER_IS_BETTER as HIGHER_IS_BETTER  # defined with the job's types
+from allocator.job_metrics import (
+    HIGHER_IS_BETTER as HIGHER_IS_BETTER,  # defined with the job metrics
+)
 from allocator.zoo.base import LOGIT_TASKS, Inputs, LoadedModel
 
 REFERENCE_METRICS = frozenset({"agreement", "kl", "mse"})

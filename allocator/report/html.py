@@ -16,7 +16,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from allocator.job import FloatLayer, Result
+from allocator.job import Result
+from allocator.job_metrics import FloatLayer
 from allocator.profile import file_sha256
 from allocator.report.model import MIN_RANK_POINTS, Report, sensitivities
 

@@ -21,7 +21,8 @@ from scipy.stats import spearmanr
 
 from allocator.budget import BITS_PER_MB, FP32_BITS, ResolvedBudget
 from allocator.errors import InfeasibleBudget
-from allocator.job import HIGHER_IS_BETTER, Result, Scores
+from allocator.job import Result
+from allocator.job_metrics import HIGHER_IS_BETTER, Scores
 from allocator.layers import LayerTable
 from allocator.profile import CostTable
 from allocator.solve import solve_budgets

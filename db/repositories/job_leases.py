@@ -174,24 +174,10 @@ def finish_job(
     a worker whose lease expired but that completed anyway) returns False and writes nothing.
     The first complete result wins, even from a worker that lost its lease.
     """
-    values: dict[str, Any] = {
-        "status": JobStatus.SUCCEEDED,
-        "finished_at": utcnow(),
-        "progress": 1.0,
-        "lease_owner": None,
-        "lease_expires_at": None,
-        "error": None,
-    }
+    values = _terminal_values(JobStatus.SUCCEEDED, utcnow()) | {"progress": 1.0, "error": None}
     if timings is not None:
         values["timings"] = dict(timings)
-    finished = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(LIVE_STATUSES))
-        .values(**values)
-        .returning(Job.id)
-        .execution_options(synchronize_session=False)
-    ).first()
-    if finished is None:
+    if _update_live_job(session, job_id, values) is None:
         session.rollback()
         return False
     session.add(
@@ -231,15 +217,9 @@ def fail_job(
         if retryable
         else _terminal_values(JobStatus.FAILED, utcnow()) | {"error": error}
     )
-    row = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(LIVE_STATUSES))
-        .values(**values)
-        .returning(Job.status)
-        .execution_options(synchronize_session=False)
-    ).first()
+    status = _update_live_job(session, job_id, values)
     session.commit()
-    return None if row is None else JobStatus(row.status)
+    return None if status is None else JobStatus(status)
 
 
 def cancel_job(session: Session, *, job_id: str) -> bool:
@@ -379,6 +359,21 @@ def _take_lease(
 
 def _update_job(session: Session, where: ColumnElement[bool], **values: Any) -> int:
     return execute_guarded(session, update(Job).where(where).values(**values))
+
+
+def _update_live_job(session: Session, job_id: str, values: Mapping[str, Any]) -> str | None:
+    """Update a job only while it is queued or running; its new status, or None if it had ended.
+
+    The status guard in the same statement is what makes finishing and failing idempotent against
+    a racing worker or sweeper."""
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(LIVE_STATUSES))
+        .values(**values)
+        .returning(Job.status)
+        .execution_options(synchronize_session=False)
+    ).first()
+    return None if row is None else row.status
 
 
 def _terminal_values(status: JobStatus, now: datetime) -> dict[str, Any]:
