@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from allocator.errors import BitplanError
-from allocator.job import HIGHER_IS_BETTER
+from allocator.job_metrics import HIGHER_IS_BETTER
 
 EXIT_USER_ERROR = 2
 err = Console(stderr=True)
