@@ -1,13 +1,15 @@
-"""What a job measured: the scores of FP32, of the returned plan and of the uniform plans, and
-the checks behind the plan, as typed values whose `to_dict()` is the `metrics` object clients read.
+"""What a job measured: the scores of FP32, of the returned plan and of the uniform plans, the
+checks behind the plan, the paired comparison with uniform and where the evaluation samples came
+from, as typed values whose `to_dict()` is the `metrics` object clients read.
 
 Torch-free for the same reason as `allocator.job` (which holds the `Result` these sit in).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 HIGHER_IS_BETTER = {
@@ -21,6 +23,32 @@ HIGHER_IS_BETTER = {
 """Every metric `allocator.data.evaluate` reports, and which way is better."""
 Scores = dict[str, float]
 """One model's metrics on the evaluation set, by name (the keys of `HIGHER_IS_BETTER`)."""
+
+EVAL_SOURCES = {
+    "eval": "your --eval file",
+    "holdout": "held-out part of the calibration data",
+    "calibration": "the calibration data (explicit)",
+}
+"""Where a job's evaluation samples came from (`JobMetrics.eval_source`), and how front ends
+name it: the user's evaluation file; a part of the calibration file held out before any
+calibration draw (a job given no evaluation file); or the calibration file itself, only when
+the job asked for it."""
+METRIC_LABELS = {"agreement": "agreement with FP32", "kl": "KL to FP32", "mse": "MSE to FP32"}
+"""How summaries name the metrics that compare with FP32; the others go by their key."""
+SMALL_METRICS = frozenset({"kl", "mse"})
+"""Metrics whose values are fractions of a unit: printed to three significant digits."""
+BETTER, WORSE, NO_DIFFERENCE = "better", "worse", "no measurable difference"
+VERDICTS = (BETTER, WORSE, NO_DIFFERENCE)
+"""What a `Comparison` concludes from its interval on the primary metric."""
+
+
+def verdict(metric: str, low: float, high: float) -> str:
+    """`BETTER` or `WORSE` when the interval of (mixed - uniform) on `metric` excludes 0, the
+    direction read from `HIGHER_IS_BETTER`; `NO_DIFFERENCE` when it holds 0 (or is not a pair
+    of numbers: a resampled Spearman of constant scores)."""
+    if not (math.isfinite(low) and math.isfinite(high)) or low <= 0 <= high:
+        return NO_DIFFERENCE
+    return BETTER if (low > 0) == HIGHER_IS_BETTER.get(metric, True) else WORSE
 
 
 @dataclass(frozen=True)
@@ -78,6 +106,87 @@ class FloatLayer:
 
 
 @dataclass(frozen=True)
+class Difference:
+    """Mixed minus uniform on one metric, over the same evaluation samples: the difference on the
+    whole set (`value`) and its paired bootstrap interval [`low`, `high`], in the metric's units
+    (points for top-1, agreement and Spearman; perplexity for perplexity)."""
+
+    metric: str
+    value: float
+    low: float
+    high: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Difference:
+        return cls(**{name: data[name] for name in ("metric", "value", "low", "high")})
+
+    def text(self) -> str:
+        """`+0.42 [-0.10, +0.95]`; three significant digits for MSE and KL."""
+        form = "+.3g" if self.metric in SMALL_METRICS else "+.2f"
+        value, low, high = (format(x, form) for x in (self.value, self.low, self.high))
+        return f"{value} [{low}, {high}]"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The plan a job compares (mixed widths) against the uniform plan of the same size, sample
+    by sample on the same evaluation samples (`allocator.data.compare`): on the primary metric
+    and on closeness to FP32 (agreement for classifiers and causal LMs, MSE for embeddings; None
+    where that is the primary metric), each with a paired bootstrap interval of `confidence`
+    over `resamples` resamples of the `samples` evaluation samples (pairs for STS, windows for a
+    causal LM). `verdict` follows from the primary interval alone."""
+
+    primary: Difference
+    closeness: Difference | None
+    samples: int
+    resamples: int
+    confidence: float = 0.95
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.primary.metric, self.primary.low, self.primary.high)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "verdict": self.verdict,
+            "primary": self.primary.to_dict(),
+            "closeness": None if self.closeness is None else self.closeness.to_dict(),
+            "samples": self.samples,
+            "resamples": self.resamples,
+            "confidence": self.confidence,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Comparison:
+        closeness = data.get("closeness")
+        return cls(
+            primary=Difference.from_dict(data["primary"]),
+            closeness=None if closeness is None else Difference.from_dict(closeness),
+            samples=data["samples"],
+            resamples=data["resamples"],
+            confidence=data.get("confidence", 0.95),
+        )
+
+    def differences_text(self) -> str:
+        """`top1 +0.42 [+0.10, +0.95], agreement with FP32 +1.20 [+0.50, +1.90]`."""
+        parts = [self.primary, *([self.closeness] if self.closeness is not None else [])]
+        return ", ".join(f"{METRIC_LABELS.get(d.metric, d.metric)} {d.text()}" for d in parts)
+
+    def method_text(self) -> str:
+        """`95% paired bootstrap intervals over 500 samples`."""
+        return f"{self.confidence:.0%} paired bootstrap intervals over {self.samples} samples"
+
+    def text(self) -> str:
+        """`better: top1 +0.42 [+0.10, +0.95], agreement with FP32 +1.20 [+0.50, +1.90] (95%
+        paired bootstrap intervals over 500 samples)`: what summaries print after "mixed vs
+        uniform"."""
+        return f"{self.verdict}: {self.differences_text()} ({self.method_text()})"
+
+
+@dataclass(frozen=True)
 class JobMetrics:
     """What a job measured: the scores of FP32, of the plan it returns (`quantized`) and of the
     uniform plans, with the checks and choices behind the plan.
@@ -103,6 +212,16 @@ class JobMetrics:
     float_layers: tuple[FloatLayer, ...] = ()
     predicted_cost: float | None = None
     """The cost table's summed loss of the returned plan (what the solver minimised)."""
+    comparison: Comparison | None = None
+    """Mixed minus uniform at the same size, sample by sample, with intervals and a verdict;
+    None when no uniform plan fits or the job predates it."""
+    eval_source: str = "eval"
+    """Where the evaluation samples came from: a key of `EVAL_SOURCES`."""
+
+    @property
+    def eval_source_text(self) -> str:
+        """`eval_source` as front ends print it ("held-out part of the calibration data")."""
+        return EVAL_SOURCES.get(self.eval_source, self.eval_source)
 
     def measured_uniform(self) -> tuple[UniformScores, ...]:
         """Every evaluated uniform plan; a result from before `uniform_widths` has one."""
@@ -124,11 +243,14 @@ class JobMetrics:
         data["plan_check"] = None if self.plan_check is None else self.plan_check.to_dict()
         data["float_layers"] = [layer.to_dict() for layer in self.float_layers]
         data["predicted_cost"] = self.predicted_cost
+        data["comparison"] = None if self.comparison is None else self.comparison.to_dict()
+        data["eval_source"] = self.eval_source
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> JobMetrics:
         uniform, check = data.get("uniform"), data.get("plan_check")
+        comparison = data.get("comparison")
         return cls(
             primary=data["primary"],
             fp32=dict(data["fp32"]),
@@ -142,4 +264,6 @@ class JobMetrics:
             plan_check=None if check is None else PlanCheck.from_dict(check),
             float_layers=tuple(FloatLayer.from_dict(f) for f in data.get("float_layers", ())),
             predicted_cost=data.get("predicted_cost"),
+            comparison=None if comparison is None else Comparison.from_dict(comparison),
+            eval_source=data.get("eval_source", "eval"),
         )

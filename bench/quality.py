@@ -63,6 +63,7 @@ from allocator.activation_bench import (  # noqa: E402
 )
 from allocator.apply import apply  # noqa: E402
 from allocator.budget import parse_budget  # noqa: E402
+from allocator.data import compare  # noqa: E402
 from allocator.data.evaluate import (  # noqa: E402
     FLOAT64_CHUNK,
     HIGHER_IS_BETTER,
@@ -337,21 +338,16 @@ def mixed_rows(
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray) -> str:
-    """Mean of `a - b` in points with its paired bootstrap 95 % interval: both sides are
-    resampled on the same images, so how hard each image is cancels out of the difference."""
-    diff = a.astype(float) - b.astype(float)
-    picks = np.random.default_rng(0).integers(0, len(diff), (BOOTSTRAP_RESAMPLES, len(diff)))
-    low, high = np.percentile(diff[picks].mean(axis=1) * 100, [2.5, 97.5])
-    return f"{diff.mean() * 100:+.2f} [{low:+.2f}, {high:+.2f}]"
+    """Mean of `a - b` (0/1 per image) in points with its paired bootstrap 95 % interval: both
+    sides are resampled on the same images, so how hard each image is cancels out of the
+    difference (`allocator.data.compare`)."""
+    return compare.paired_difference("top1", a, b, resamples=BOOTSTRAP_RESAMPLES).text()
 
 
 def paired_perplexity(a: np.ndarray, b: np.ndarray) -> str:
     """Perplexity from window losses `a` minus that from `b`, with its paired bootstrap 95 %
     interval: both sides are resampled on the same windows, as `paired_difference` does."""
-    picks = np.random.default_rng(0).integers(0, len(a), (BOOTSTRAP_RESAMPLES, len(a)))
-    resampled = np.exp(a[picks].mean(axis=1)) - np.exp(b[picks].mean(axis=1))
-    low, high = np.percentile(resampled, [2.5, 97.5])
-    return f"{math.exp(a.mean()) - math.exp(b.mean()):+.2f} [{low:+.2f}, {high:+.2f}]"
+    return compare.paired_difference("perplexity", a, b, resamples=BOOTSTRAP_RESAMPLES).text()
 
 
 def paired_table(rows: list[Row]) -> str:

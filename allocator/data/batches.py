@@ -3,7 +3,8 @@
 The model prepares its own inputs (resize and normalise images, tokenize text), so a dataset
 never needs to know which model it feeds; this module only picks samples, checks the dataset
 suits the model, and cuts batches. Calibration draws a seeded random sample so that a profile is
-reproducible from (model, data, seed).
+reproducible from (model, data, seed). A job given no evaluation data first splits its
+calibration data (`split_for_eval`), so what it is scored on was never drawn for calibration.
 
 A causal LM's samples are windows of a token stream: the text is tokenized piece by piece (so
 no call sees more than `ENCODE_CHARS` characters) and cut into consecutive windows of
@@ -31,6 +32,23 @@ ENCODE_CHARS = 1 << 20
 MAX_CORPUS_TOKENS = 1 << 25
 """Tokens read from one text: about 260,000 windows of 128, far more than calibration or an
 evaluation needs, and 256 MiB as int64."""
+
+EVAL_HOLDOUT_SHARE = 0.25
+"""Share of the calibration data a job given no evaluation data holds out to evaluate on
+(`split_for_eval`): on CIFAR's 2,000 calibration images, 500 to evaluate on and 1,500 left for
+the calibration draw and the held-out plan checks (256 each by default)."""
+EVAL_HOLDOUT_MAX = 10_000
+"""Most images or sentence pairs held out for evaluation: a test set's size (CIFAR-10's), and
+every plan a job scores is one pass over them."""
+EVAL_HOLDOUT_MAX_CHARS = 200_000
+"""Most characters of text held out for evaluation: a few hundred windows of a causal LM,
+whose evaluation keeps every position's logits (`EvalSet`)."""
+EVAL_SPLIT_STREAM = 13
+"""Mixed into the seed of the evaluation split, so it draws independently of calibration."""
+NO_HOLDOUT_ADVICE = (
+    "give evaluation data (--eval), or evaluate on the calibration data by choice "
+    "(--eval-on-calibration)"
+)
 
 ACCEPTS: dict[str, tuple[type, ...]] = {
     "image": (ImageSet,),
@@ -93,6 +111,65 @@ def holdout_batches(
 
 def _calibration_indices(size: int, n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).choice(size, size=min(n, size), replace=False)
+
+
+def split_for_eval(
+    dataset: Dataset, share: float = EVAL_HOLDOUT_SHARE, seed: int = 0
+) -> tuple[Dataset, Dataset]:
+    """(calibration part, evaluation part) of a calibration dataset, for a job given no
+    evaluation data: the evaluation part is `share` of the images or sentence pairs, drawn with
+    `seed` (at most `EVAL_HOLDOUT_MAX`), or the last lines of a text (`share` of its characters,
+    at most `EVAL_HOLDOUT_MAX_CHARS`, whole lines, so a causal LM reads it as running text).
+
+    Split before anything is drawn: `calibration_batches` and `holdout_batches` then draw from
+    the calibration part only, so no evaluation sample is ever calibrated on or used to choose
+    a plan. Raises `BadDataset` when the data is too small to leave something on both sides.
+    """
+    if not 0 < share < 1:
+        raise ValueError(f"share must be in (0, 1), got {share}")
+    if isinstance(dataset, TextCorpus):
+        return _split_text(dataset, share)
+    size = len(dataset)
+    if size < 2:
+        unit = HOLDS[type(dataset)].removesuffix("s") if size == 1 else HOLDS[type(dataset)]
+        raise BadDataset(
+            f"the calibration data holds {size} {unit}: too few to hold out any for evaluation; "
+            f"{NO_HOLDOUT_ADVICE}"
+        )
+    count = min(max(1, int(size * share)), EVAL_HOLDOUT_MAX)
+    rng = np.random.default_rng((EVAL_SPLIT_STREAM, seed))
+    held = np.zeros(size, dtype=bool)
+    held[rng.choice(size, size=count, replace=False)] = True
+    return _subset(dataset, ~held), _subset(dataset, held)
+
+
+def _subset(dataset: ImageSet | SentencePairs, keep: np.ndarray) -> ImageSet | SentencePairs:
+    if isinstance(dataset, ImageSet):
+        labels = None if dataset.labels is None else dataset.labels[keep]
+        return ImageSet(dataset.images[keep], labels)
+    indices = np.flatnonzero(keep)
+    return SentencePairs(
+        [dataset.a[i] for i in indices], [dataset.b[i] for i in indices], dataset.scores[keep]
+    )
+
+
+def _split_text(corpus: TextCorpus, share: float) -> tuple[TextCorpus, TextCorpus]:
+    lines = corpus.lines
+    sizes = [len(line) + 1 for line in lines]
+    target = min(sum(sizes) * share, EVAL_HOLDOUT_MAX_CHARS)
+    start, held = len(lines), 0
+    while start > 1 and held < target:
+        start -= 1
+        held += sizes[start]
+    calibration, evaluation = lines[:start], lines[start:]
+    if not any(line.strip() for line in calibration) or not any(
+        line.strip() for line in evaluation
+    ):
+        raise BadDataset(
+            f"the calibration text has {sum(1 for line in lines if line.strip())} line(s) of "
+            f"text: too few to hold out any for evaluation; {NO_HOLDOUT_ADVICE}"
+        )
+    return TextCorpus(calibration), TextCorpus(evaluation)
 
 
 def pool(dataset: Dataset, model: LoadedModel) -> Samples:

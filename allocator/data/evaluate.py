@@ -9,6 +9,10 @@ the FP32 outputs (top-1 agreement and KL for classifiers and causal LMs, per pre
 the latter; MSE for embeddings), which needs those outputs as `reference` (get them with
 `evalset.outputs(model)`). Perplexity, KL and MSE are lower-is-better: every consumer that
 compares metrics reads the direction from `HIGHER_IS_BETTER`.
+
+`evaluate` returns the aggregates; `evaluate_outputs` and `per_sample` read outputs already
+computed, so one forward pass also gives each sample's values for a paired comparison of two
+models on the same samples (`allocator.data.compare`).
 """
 
 from __future__ import annotations
@@ -101,12 +105,16 @@ def evaluate(
     reference: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Every metric that applies, keyed as in `HIGHER_IS_BETTER`; always includes the primary."""
-    if reference is None and evalset.primary_metric in REFERENCE_METRICS:
-        raise ValueError(
-            f"{evalset.primary_metric} compares with the FP32 model: "
-            "pass reference=evalset.outputs(fp32_model)"
-        )
-    outputs = evalset.outputs(fn)
+    _check_reference(evalset, reference)
+    return evaluate_outputs(evalset.outputs(fn), evalset, reference)
+
+
+def evaluate_outputs(
+    outputs: torch.Tensor, evalset: EvalSet, reference: torch.Tensor | None = None
+) -> dict[str, float]:
+    """`evaluate` from outputs already computed (`evalset.outputs(fn)`), so the same pass can
+    also give `per_sample` values."""
+    _check_reference(evalset, reference, outputs)
     metrics: dict[str, float] = {}
     if evalset.tokens is not None:
         metrics["perplexity"] = perplexity(outputs, evalset.tokens)
@@ -115,11 +123,6 @@ def evaluate(
     if evalset.scores is not None:
         metrics["spearman"] = sts_spearman(outputs, evalset.scores)
     if reference is not None:
-        if reference.shape != outputs.shape:
-            raise ValueError(
-                f"reference has shape {tuple(reference.shape)} but the outputs have "
-                f"{tuple(outputs.shape)}; compute it with evalset.outputs on this evalset"
-            )
         if evalset.task in LOGIT_TASKS:
             metrics["agreement"] = agreement(outputs, reference)
             metrics["kl"] = kl_divergence(reference, outputs)
@@ -128,19 +131,70 @@ def evaluate(
     return metrics
 
 
+def per_sample(
+    outputs: torch.Tensor, evalset: EvalSet, reference: torch.Tensor | None = None
+) -> dict[str, np.ndarray]:
+    """Each sample's share of the metrics a paired comparison reads (`allocator.data.compare`
+    says what each holds), one value per image, window or sentence pair (per sentence for MSE),
+    in dataset order: perplexity (window NLL), top1, spearman (pair cosine), and agreement or
+    MSE with `reference` when given. Two models' values on the same `evalset` pair up."""
+    _check_reference(evalset, reference, outputs)
+    values: dict[str, np.ndarray] = {}
+    if evalset.tokens is not None:
+        values["perplexity"] = window_nll(outputs, evalset.tokens)
+    if evalset.labels is not None:
+        values["top1"] = correct(outputs, evalset.labels)
+    if evalset.scores is not None:
+        values["spearman"] = pair_cosines(outputs, len(evalset.scores))
+    if reference is not None:
+        if evalset.task in LOGIT_TASKS:
+            values["agreement"] = correct(outputs, reference.argmax(dim=-1))
+        else:
+            values["mse"] = sample_mse(outputs, reference)
+    return values
+
+
+def _check_reference(
+    evalset: EvalSet, reference: torch.Tensor | None, outputs: torch.Tensor | None = None
+) -> None:
+    if reference is None and evalset.primary_metric in REFERENCE_METRICS:
+        raise ValueError(
+            f"{evalset.primary_metric} compares with the FP32 model: "
+            "pass reference=evalset.outputs(fp32_model)"
+        )
+    if reference is not None and outputs is not None and reference.shape != outputs.shape:
+        raise ValueError(
+            f"reference has shape {tuple(reference.shape)} but the outputs have "
+            f"{tuple(outputs.shape)}; compute it with evalset.outputs on this evalset"
+        )
+
+
 def perplexity(logits: torch.Tensor, tokens: torch.Tensor) -> float:
     """exp of the mean next-token cross-entropy over every window (N, T) of `tokens`: position t
     of a window predicts its token t + 1, so the last position predicts nothing."""
-    total = 0.0
+    return math.exp(window_nll(logits, tokens).mean())
+
+
+def window_nll(logits: torch.Tensor, tokens: torch.Tensor) -> np.ndarray:
+    """Each window's mean next-token negative log-likelihood in nats, float64 (N,); every window
+    predicts as many tokens, so exp of their mean is the set's perplexity."""
+    losses = []
     for chunk in _chunks(len(tokens)):
         log_probs = F.log_softmax(logits[chunk, :-1].double(), dim=-1)
-        total -= log_probs.gather(-1, tokens[chunk, 1:, None]).sum().item()
-    return math.exp(total / (tokens.shape[0] * (tokens.shape[1] - 1)))
+        losses.append(-log_probs.gather(-1, tokens[chunk, 1:, None])[..., 0].mean(dim=1))
+    return torch.cat(losses).numpy()
 
 
 def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Percentage of samples (of positions, for a causal LM) whose highest logit is the label."""
-    return (logits.argmax(dim=-1) == labels).double().mean().item() * 100
+    return correct(logits, labels).mean().item() * 100
+
+
+def correct(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """Per sample, the share of its predictions (1, or a causal LM window's positions) whose
+    highest logit is the label, float64 (N,)."""
+    right = (logits.argmax(dim=-1) == labels).double()
+    return right.reshape(len(right), -1).mean(dim=1).numpy()
 
 
 def agreement(logits: torch.Tensor, reference: torch.Tensor) -> float:
@@ -168,13 +222,22 @@ def sts_spearman(embeddings: torch.Tensor, scores: np.ndarray) -> float:
 
     `embeddings` holds all first sentences, then all second sentences, as `EvalSet` returns them.
     """
-    pairs = len(scores)
-    cosine = F.cosine_similarity(embeddings[:pairs], embeddings[pairs:], dim=-1)
-    return float(spearmanr(cosine.numpy(), scores).statistic) * 100
+    return float(spearmanr(pair_cosines(embeddings, len(scores)), scores).statistic) * 100
+
+
+def pair_cosines(embeddings: torch.Tensor, pairs: int) -> np.ndarray:
+    """The cosine similarity of each pair (N,), from all first sentences then all second ones."""
+    return F.cosine_similarity(embeddings[:pairs], embeddings[pairs:], dim=-1).numpy()
 
 
 def mse(outputs: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((outputs.double() - reference.double()) ** 2).mean().item()
+    return sample_mse(outputs, reference).mean().item()
+
+
+def sample_mse(outputs: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
+    """Each output row's mean squared difference from the reference, float64 (N,)."""
+    squared = (outputs.double() - reference.double()) ** 2
+    return squared.reshape(len(squared), -1).mean(dim=1).numpy()
 
 
 def _checked_labels(labels: np.ndarray, model: LoadedModel) -> torch.Tensor:

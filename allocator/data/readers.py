@@ -15,6 +15,7 @@ Never imports torch or a model source: reading data must not depend on any model
 from __future__ import annotations
 
 import csv
+import filecmp
 import itertools
 import math
 import os
@@ -182,6 +183,21 @@ def load_dataset(
         return read(path, max_bytes=max_bytes)
     except BadDataset as exc:
         raise type(exc)(f"{path}: {exc}") from None
+
+
+def eval_source(calib: str | os.PathLike[str], eval: str | os.PathLike[str] | None) -> str:
+    """Where a job with these files is evaluated (a key of `EVAL_SOURCES`): "holdout" (no
+    evaluation file: `split_for_eval` holds out part of the calibration data), "calibration"
+    (the evaluation file is the calibration file, by path or by content: the job asked for it,
+    as `bitplan run --eval-on-calibration` does), or "eval"."""
+    if eval is None:
+        return "holdout"
+    calib_path, eval_path = Path(calib), Path(eval)
+    if calib_path == eval_path:
+        return "calibration"
+    if calib_path.is_file() and eval_path.is_file() and filecmp.cmp(calib_path, eval_path, False):
+        return "calibration"
+    return "eval"
 
 
 @dataclass(frozen=True)
