@@ -194,7 +194,21 @@ RESULT_EXAMPLE: dict[str, Any] = {
     "avg_weight_bits": 3.49,
     "weight_bytes": 118000.0,
     "solver": {"name": "highs", "status": "optimal", "gap": 0.0},
-    "metrics": {"primary": "top1", "fp32": {"top1": 81.0}, "quantized": {"top1": 79.9}},
+    "metrics": {
+        "primary": "top1",
+        "fp32": {"top1": 81.0},
+        "quantized": {"top1": 79.9},
+        "uniform": {"bits": 3, "act_bits": None, "top1": 79.4},
+        "comparison": {
+            "verdict": "no measurable difference",
+            "primary": {"metric": "top1", "value": 0.5, "low": -0.4, "high": 1.4},
+            "closeness": {"metric": "agreement", "value": 1.2, "low": 0.4, "high": 2.0},
+            "samples": 500,
+            "resamples": 2000,
+            "confidence": 0.95,
+        },
+        "eval_source": "holdout",
+    },
     "timings": {"load": 0.4, "sensitivity": 3.1},
     "artifacts": {
         "model": "/v1/jobs/5f0c2a0e-4d7b-4c36-9b57-1c2b8c7f9e11/artifacts/model",

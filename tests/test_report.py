@@ -11,11 +11,25 @@ from pathlib import Path
 import pytest
 
 from allocator.job import JobSpec, Result
-from allocator.job_metrics import FloatLayer, JobMetrics, PlanCheck, UniformScores
+from allocator.job_metrics import (
+    Comparison,
+    Difference,
+    FloatLayer,
+    JobMetrics,
+    PlanCheck,
+    UniformScores,
+)
 from allocator.layers import Layer
 from allocator.plan import BitPlan, LayerPlan
 from allocator.profile import CostTable, file_sha256
-from allocator.report import Point, build, degradation, rank_correlation, write_report
+from allocator.report import (
+    Point,
+    build,
+    degradation,
+    rank_correlation,
+    render_html,
+    write_report,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BITS = (2, 4, 8)
@@ -204,6 +218,8 @@ def test_metrics_keep_the_json_shape_results_store(result: Result) -> None:
         "plan_check",
         "float_layers",
         "predicted_cost",
+        "comparison",
+        "eval_source",
     ]
     assert data["uniform"] == {"bits": 4, "act_bits": None, "top1": 78.0, "kl": 0.1}
     assert data["plan_check"] == {"mixed": 0.5, "uniform": 0.25, "kept": "uniform"}
@@ -211,3 +227,63 @@ def test_metrics_keep_the_json_shape_results_store(result: Result) -> None:
     assert JobMetrics.from_dict(data) == metrics
     assert "act_rules" not in result.metrics.to_dict()  # float activations: no key, as before
     assert result.to_json()["metrics"] == result.metrics.to_dict()
+
+
+COMPARISON = Comparison(
+    primary=Difference("top1", -0.53, -0.9, -0.15),
+    closeness=Difference("agreement", 1.4, 0.6, 2.2),
+    samples=500,
+    resamples=2000,
+)
+
+
+def test_metrics_read_back_with_and_without_the_comparison_and_eval_source(
+    result: Result,
+) -> None:
+    with_both = replace(result.metrics, comparison=COMPARISON, eval_source="holdout")
+    data = json.loads(json.dumps(with_both.to_dict()))
+    assert data["eval_source"] == "holdout"
+    assert data["comparison"]["verdict"] == "worse"
+    assert data["comparison"]["primary"] == {
+        "metric": "top1",
+        "value": -0.53,
+        "low": -0.9,
+        "high": -0.15,
+    }
+    assert JobMetrics.from_dict(data) == with_both
+    older = result.metrics.to_dict()  # a result stored before either key existed
+    del older["comparison"], older["eval_source"]
+    read = JobMetrics.from_dict(older)
+    assert (read.comparison, read.eval_source) == (None, "eval")
+    assert result.metrics.to_dict()["comparison"] is None
+
+
+@pytest.mark.parametrize(
+    ("source", "shown"),
+    [
+        ("holdout", "held-out part of the calibration data"),
+        ("eval", "your --eval file"),
+        ("calibration", "the calibration data (explicit)"),
+    ],
+)
+def test_the_page_gives_the_verdict_with_its_interval_and_the_eval_source(
+    result: Result, source: str, shown: str
+) -> None:
+    metrics = replace(result.metrics, comparison=COMPARISON, eval_source=source)
+    page = render_html(
+        replace(result, metrics=metrics),
+        build(result),
+        {"pareto": b"", "layers": b"", "degradation": b""},
+    )
+    assert "Mixed vs uniform W4 at the same size, on the same samples: <b>worse</b>" in page
+    assert "top1 -0.53 [-0.90, -0.15], agreement with FP32 +1.40 [+0.60, +2.20]" in page
+    assert "95% paired bootstrap intervals over 500 samples" in page
+    assert f"Evaluated on: {shown}." in page
+
+
+def test_a_page_without_a_comparison_still_says_what_it_was_evaluated_on(
+    written: dict[str, Path],
+) -> None:
+    page = written["report"].read_text()
+    assert "Evaluated on: your --eval file." in page
+    assert "paired bootstrap" not in page

@@ -39,6 +39,7 @@ def render_html(result: Result, report: Report, images: Mapping[str, bytes]) -> 
     sections = [
         f"<h1>{_e(title)}</h1>",
         _summary(result, report),
+        *_comparison(result),
         _image(images["pareto"], "Quality and predicted loss against weight size"),
         *([_image(images["bops"], "Quality against bit operations")] if "bops" in images else []),
         "<h2>Plans</h2>",
@@ -79,6 +80,23 @@ def _summary(result: Result, report: Report) -> str:
         f"({mixed.weight_mb:.4g} MB), {_e(baseline)}. Solver {_e(result.solver.get('name'))}: "
         f"<b>{_e(result.solver.get('status'))}</b>.</p>"
     )
+
+
+def _comparison(result: Result) -> list[str]:
+    """Under the summary: mixed against uniform sample by sample, with the intervals and the
+    verdict, and which data the scores come from."""
+    metrics = result.metrics
+    lines = []
+    comparison, uniform = metrics.comparison, metrics.uniform
+    if comparison is not None:
+        against = f"uniform W{uniform.bits}" if uniform is not None else "uniform"
+        lines.append(
+            f"<p class='comparison'>Mixed vs {_e(against)} at the same size, on the same "
+            f"samples: <b>{_e(comparison.verdict)}</b>. Mixed minus uniform: "
+            f"{_e(comparison.differences_text())} ({_e(comparison.method_text())}).</p>"
+        )
+    lines.append(f"<p class='eval-source'>Evaluated on: {_e(metrics.eval_source_text)}.</p>")
+    return lines
 
 
 def _points_table(report: Report) -> str:

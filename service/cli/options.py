@@ -27,7 +27,21 @@ CalibOpt = Annotated[
     str, typer.Option(help=".npz images, STS-B style .csv/.tsv, or .txt text (causal LMs)")
 ]
 WeightsOpt = Annotated[str | None, typer.Option(help=".safetensors or .pth/.th")]
-EvalOpt = Annotated[str | None, typer.Option("--eval", help="evaluation data")]
+EvalOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--eval",
+        help="evaluation data (without it, part of the calibration data is held out for it)",
+    ),
+]
+EvalOnCalibrationOpt = Annotated[
+    bool,
+    typer.Option(
+        "--eval-on-calibration",
+        help="evaluate on the calibration data itself, holding none out (scores look better "
+        "than on unseen data)",
+    ),
+]
 BudgetOpt = Annotated[
     str, typer.Option(help="avg-bits=, size-mb=, compression=, bops=, match=W4A8")
 ]
@@ -94,6 +108,7 @@ def build_spec(
     calib: CalibOpt,
     weights: WeightsOpt = DEFAULTS.weights,
     eval: EvalOpt = DEFAULTS.eval,
+    eval_on_calibration: EvalOnCalibrationOpt = False,
     budget: BudgetOpt = DEFAULTS.budget,
     method: MethodOpt = DEFAULTS.method,
     bits: BitsOpt = DEFAULT_BITS_TEXT,
@@ -111,12 +126,21 @@ def build_spec(
     act_quantizers: ActQuantizersOpt = DEFAULTS.act_quantizers,
 ) -> JobSpec:
     """The validated spec the options of `run` and `submit` describe; its parameters are those
-    options (see `spec_options`)."""
+    options (see `spec_options`).
+
+    `--eval-on-calibration` is the explicit choice to score on the calibration data: the spec
+    names the calibration file as its evaluation file too, which the job reports as evaluated
+    on "the calibration data" (`allocator.data.eval_source`); without `--eval` a job holds out
+    part of its calibration data instead."""
+    if eval_on_calibration and eval is not None:
+        raise BitplanError(
+            "--eval-on-calibration evaluates on the calibration file; drop it or drop --eval"
+        )
     spec = JobSpec(
         model=model,
         weights=weights,
         calib=calib,
-        eval=eval,
+        eval=calib if eval_on_calibration else eval,
         budget=budget,
         method=method,
         bits=parse_bits(bits),

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from allocator.errors import BitplanError
-from allocator.job_metrics import HIGHER_IS_BETTER
+from allocator.job_metrics import HIGHER_IS_BETTER, JobMetrics
 
 EXIT_USER_ERROR = 2
 err = Console(stderr=True)
@@ -32,10 +32,15 @@ def user_errors() -> Iterator[None]:
 
 def print_summary(payload: dict) -> None:
     """A finished job's result payload (as `run` records it and the API returns it), in four
-    lines and one per artifact."""
+    lines, the comparison with uniform when the result has one, and one line per artifact.
+
+    The metrics line names the data the scores come from, when the result says (results from
+    before `eval_source` do not)."""
     out = Console()
     metrics = payload["metrics"]
     primary = metrics["primary"]
+    typed = JobMetrics.from_dict(metrics)
+    source = f"  (on {typed.eval_source_text})" if "eval_source" in metrics else ""
     out.print(f"job {payload['job_id']}  {payload['model']}  budget {payload['budget']}")
     out.print(
         f"avg weight bits {payload['avg_weight_bits']:.3f}  "
@@ -51,6 +56,14 @@ def print_summary(payload: dict) -> None:
             if metrics["uniform"]
             else "uniform: none fits"
         )
+        + source,
+        soft_wrap=True,
     )
+    if typed.comparison is not None and typed.uniform is not None:
+        out.print(
+            f"mixed vs uniform W{typed.uniform.bits}: {typed.comparison.text()}",
+            soft_wrap=True,
+            markup=False,
+        )
     for name, path in payload["artifacts"].items():
         out.print(f"{name}: {path}", soft_wrap=True)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from allocator.job import INPUT_KINDS, JobSpec
+from allocator.job import INPUT_KINDS, JobSpec, UploadKind
 from service.cli.options import JsonOpt, KeyOpt, ServerOpt, SpecFactory, spec_options
 from service.cli.output import EXIT_USER_ERROR, err, print_summary, user_errors
 
@@ -89,12 +89,17 @@ def submit_command(
 
 def _uploaded(client: BitplanClient, spec: JobSpec) -> JobSpec:
     """`spec` with each local file replaced by its upload ref; anything else (an `upload:` ref,
-    a path on the server) is passed on as written."""
-    refs = {
-        field: client.upload(kind, value).ref
-        for field, kind in INPUT_KINDS.items()
-        if (value := getattr(spec, field)) is not None and Path(value).is_file()
-    }
+    a path on the server) is passed on as written. A file named twice is uploaded once, so a
+    spec that evaluates on its calibration file (`--eval-on-calibration`) still names one file
+    twice on the server."""
+    uploads: dict[tuple[UploadKind, str], str] = {}
+    refs = {}
+    for field, kind in INPUT_KINDS.items():
+        value = getattr(spec, field)
+        if value is not None and Path(value).is_file():
+            if (kind, value) not in uploads:
+                uploads[kind, value] = client.upload(kind, value).ref
+            refs[field] = uploads[kind, value]
     return replace(spec, **refs)
 
 

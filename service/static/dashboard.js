@@ -59,12 +59,37 @@ function button(label, className, onClick) {
   return element;
 }
 
+// How a result's metrics.eval_source is named: allocator/job_metrics.py's EVAL_SOURCES.
+const EVAL_SOURCES = {
+  eval: "your --eval file",
+  holdout: "held-out part of the calibration data",
+  calibration: "the calibration data (explicit)",
+};
+
+const SMALL_METRICS = new Set(["kl", "mse"]);  // printed to 3 significant digits, as job_metrics does
+
+function signed(number, metric) {
+  const text = SMALL_METRICS.has(metric) ? Number(number).toPrecision(3) : Number(number).toFixed(2);
+  return `${number >= 0 ? "+" : ""}${text}`;
+}
+
+function verdictText(metrics) {
+  const comparison = metrics.comparison;
+  if (!comparison) return "";
+  const primary = comparison.primary;
+  const against = metrics.uniform ? `uniform W${metrics.uniform.bits}` : "uniform";
+  const [value, low, high] = [primary.value, primary.low, primary.high].map((x) => signed(x, primary.metric));
+  return ` · vs ${against}: ${comparison.verdict} (${primary.metric} ${value} [${low}, ${high}])`;
+}
+
 function summary(result) {
   const metrics = result.metrics;
   const primary = metrics.primary;
   const value = (entry) => (entry ? Number(entry[primary]).toFixed(2) : "n/a");
+  const source = metrics.eval_source
+    ? ` · evaluated on ${EVAL_SOURCES[metrics.eval_source] || metrics.eval_source}` : "";
   return `${result.avg_weight_bits.toFixed(3)} bits · ${primary} fp32 ${value(metrics.fp32)} → ` +
-    `mixed ${value(metrics.quantized)}`;
+    `mixed ${value(metrics.quantized)}${verdictText(metrics)}${source}`;
 }
 
 async function resultOf(job) {
