@@ -5,7 +5,9 @@ backward). The estimate is noisy on small or random-weight models (traces can co
 after 20 probes), so probes continue until the running mean of the total trace moves by less than
 `tol` (relative) between probes, and negative traces are clamped to zero. The graph is kept from
 one forward and reused for every probe. Attention goes through the math formulation installed by
-`relevance_rules` (fused CPU attention has no double backward).
+`relevance_rules` (fused CPU attention has no double backward). Convolutions run channels-first
+(see `layout.py`: oneDNN's AVX2 weight-gradient kernel corrupts the heap on some channels-last
+1x1 convolutions, FastViT's stem among them).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 
 from allocator.layers import LayerTable
 from allocator.sensitivity.gradients import next_token_loss
+from allocator.sensitivity.layout import channels_first_convolutions
 from allocator.sensitivity.rules import relevance_rules
 from allocator.zoo.base import Inputs, LoadedModel
 
@@ -63,7 +66,11 @@ def hessian_traces(
     previous = None
     converged = False
     probes = 0
-    with relevance_rules(model.module, build_lrp=False), _twice_differentiable(model.module):
+    with (
+        relevance_rules(model.module, build_lrp=False),
+        _twice_differentiable(model.module),
+        channels_first_convolutions(model.module),
+    ):
         loss = _loss(model, batches[0])
         grads = torch.autograd.grad(loss, weights, create_graph=True)
         for probes in range(1, max_probes + 1):

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from allocator.sensitivity.gradients import _objectives
+from allocator.sensitivity.layout import channels_first_convolutions
 from allocator.sensitivity.rules import relevance_rules
 from allocator.zoo.base import Inputs, LoadedModel
 
@@ -66,7 +67,8 @@ def conservation(model: LoadedModel, inputs: Inputs, seed: int = 0) -> Conservat
         if name.split(".")[-1] in ADDITIVE_PARAMETERS and p.requires_grad
     ]
     try:
-        with relevance_rules(module, build_lrp=True) as state:
+        # Bias gradients take the weight-gradient kernel `layout.py` keeps off channels-last data.
+        with channels_first_convolutions(module), relevance_rules(module, build_lrp=True) as state:
             offsets: list[torch.Tensor] = []
             state.offsets = offsets
             out = model(inputs)
