@@ -35,7 +35,7 @@ from torch import nn
 from allocator.attention import Combine, sdpa_replacement
 from allocator.layers import LayerTable
 from allocator.quant.activation import ActQuantizer
-from allocator.zoo.base import Inputs, LoadedModel
+from allocator.zoo.base import Inputs, LoadedModel, run_hooked
 
 ROLES = ("post-ln", "post-gelu", "post-softmax", "input", "other")
 PASS_THROUGH = (nn.Identity, nn.Dropout)
@@ -108,12 +108,7 @@ def find_sites(model: LoadedModel, sample: Inputs, table: LayerTable) -> list[Si
             handles.append(child.register_forward_hook(note(role)))
     for name in table.names:
         handles.append(modules[name].register_forward_pre_hook(record(name)))
-    try:
-        with torch.no_grad():
-            model(sample)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(model, sample, handles)
     first = table.layers[0].name
 
     def role(name: str) -> str:

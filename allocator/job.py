@@ -95,6 +95,10 @@ ACT_QUANTIZERS = ("baseline", "repq", "isvit", "dopq", "log2", "auto")
 """`act_quantizers` values: the presets of `allocator.activation_bench`, and `auto`."""
 SENSITIVITY_METHODS = ("lrp", "fisher", "hessian", "measured")
 """Sensitivity methods a spec may name, alone or joined by '+' (`allocator.sensitivity`)."""
+CALIBRATIONS = ("in-network", "fp32")
+"""How a plan's weights are fitted (`allocator.in_network`): each layer on the inputs the
+quantized layers before it produce, or each on FP32 inputs (faster, and what jobs did before)."""
+MAX_CONTEXT_ROUNDS = 5
 MAX_PINS = 10_000
 MAX_SEED = 2**32 - 1
 MAX_TEXT = {"model": 2048, "calib": 4096, "weights": 4096, "eval": 4096, "budget": 200}
@@ -197,6 +201,11 @@ class JobSpec:
     integer program). None: float activations, unless the budget is `match=WxAy`, which sets y.
     The wire form; `act_widths(spec, budget)` reads it into an `ActWidths`."""
     act_quantizers: str = "auto"
+    calibration: str = "in-network"
+    """One of `CALIBRATIONS`."""
+    context_rounds: int = 2
+    """Rounds of costs re-measured around the plan, each kept only when it moves the held-out
+    divergence down (`allocator.context_costs`); 0 solves once. Needs in-network calibration."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -239,6 +248,11 @@ class JobSpec:
                 f"unknown activation quantizers {str(self.act_quantizers)[:40]!r}; use one of "
                 f"{', '.join(ACT_QUANTIZERS)}"
             )
+        if self.calibration not in CALIBRATIONS:
+            raise BadSpec(
+                f"calibration {str(self.calibration)[:40]!r} is not one of {', '.join(CALIBRATIONS)}"
+            )
+        _check_range("context_rounds", self.context_rounds, 0, MAX_CONTEXT_ROUNDS)
         _check_range("calib_samples", self.calib_samples, 1, limits.max_calib_samples)
         _check_range("batch_size", self.batch_size, 1, limits.max_batch_size)
         if self.eval_samples is not None:

@@ -187,6 +187,33 @@ class Comparison:
 
 
 @dataclass(frozen=True)
+class PlanRound:
+    """One round of costs measured around the plan (`allocator.context_costs`): the held-out
+    divergence from FP32 of the round's plan once calibrated in the network, how many layers
+    it moved from the plan kept before it, and whether it was kept. Round 0 is the first solve."""
+
+    round: int
+    divergence: float
+    changed: int
+    kept: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PlanRound:
+        return cls(data["round"], data["divergence"], data["changed"], data["kept"])
+
+
+def rounds_text(rounds: tuple[PlanRound, ...]) -> str:
+    """`held-out divergence by round 0.0807 -> 0.1116 (not kept)`; empty when no round re-solved."""
+    if len(rounds) < 2:
+        return ""
+    steps = " -> ".join(f"{r.divergence:.4g}{'' if r.kept else ' (not kept)'}" for r in rounds)
+    return f"held-out divergence by round {steps}"
+
+
+@dataclass(frozen=True)
 class JobMetrics:
     """What a job measured: the scores of FP32, of the plan it returns (`quantized`) and of the
     uniform plans, with the checks and choices behind the plan.
@@ -217,6 +244,11 @@ class JobMetrics:
     None when no uniform plan fits or the job predates it."""
     eval_source: str = "eval"
     """Where the evaluation samples came from: a key of `EVAL_SOURCES`."""
+    calibration: str = "fp32"
+    """How weights were fitted: "in-network" (each layer on the quantized network's inputs) or
+    "fp32" (each on FP32 inputs; what results from before in-network calibration did)."""
+    rounds: tuple[PlanRound, ...] = ()
+    """The plan's rounds of in-context costs, round 0 first; empty when none ran."""
 
     @property
     def eval_source_text(self) -> str:
@@ -245,6 +277,8 @@ class JobMetrics:
         data["predicted_cost"] = self.predicted_cost
         data["comparison"] = None if self.comparison is None else self.comparison.to_dict()
         data["eval_source"] = self.eval_source
+        data["calibration"] = self.calibration
+        data["rounds"] = [r.to_dict() for r in self.rounds]
         return data
 
     @classmethod
@@ -266,4 +300,6 @@ class JobMetrics:
             predicted_cost=data.get("predicted_cost"),
             comparison=None if comparison is None else Comparison.from_dict(comparison),
             eval_source=data.get("eval_source", "eval"),
+            calibration=data.get("calibration", "fp32"),
+            rounds=tuple(PlanRound.from_dict(r) for r in data.get("rounds", ())),
         )

@@ -27,7 +27,7 @@ from torch import nn
 from allocator import unfold
 from allocator.errors import BadSpec, UnsupportedModel
 from allocator.job_metrics import FloatLayer
-from allocator.zoo.base import Inputs, LoadedModel
+from allocator.zoo.base import Inputs, LoadedModel, run_hooked
 
 WEIGHT_LAYER_TYPES = (nn.Linear, nn.Conv2d)
 SCALE_BITS = 16
@@ -205,12 +205,7 @@ def build_layer_table(
     for _, child in model.module.named_modules():
         if _is_attention(child):
             handles.append(child.register_forward_hook(_attention_macs_hook(attn_counter)))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(model, example, handles)
 
     owner: dict[int, str] = {}
     table: list[Layer] = []

@@ -28,6 +28,7 @@ from allocator.activation_bench import quantizers
 from allocator.artifacts import write_artifacts
 from allocator.budget import parse_budget
 from allocator.clock import Clock, silent
+from allocator.data.compare import compare
 from allocator.job import (
     FLOAT_ACTS,
     JobSpec,
@@ -43,7 +44,7 @@ from allocator.plan import BitPlan
 from allocator.profile import profile_dict
 from allocator.quant.activation import ActQuantizer
 from allocator.sensitivity import Sensitivity
-from allocator.solve import Solution, solve, uniform_bits_for
+from allocator.solve import Solution, uniform_bits_for
 from allocator.workbench import Workbench, prepare
 
 __all__ = ["JobSpec", "Result", "Workbench", "prepare", "run"]
@@ -78,17 +79,9 @@ def run(
     uniform_acts: dict[str, ActQuantizer] = {}
     if act_bench is not None:
         uniform_acts = quantizers(act_bench.assign(baseline_act, spec.act_quantizers))
-    with clock.phase("solve"):
-        solution = solve(
-            table,
-            spec.bits,
-            solve_cost,
-            resolved,
-            acts=acts or FLOAT_ACTS,
-            time_limit=spec.time_limit,
-        )
-        solution, plan_check = bench.check_against_uniform(
-            solution, solve_cost, uniform_bits, acts, spec.act_quantizers
+    with clock.phase("solve") as tick:
+        solution, rounds, plan_check = bench.choose_plan(
+            solve_cost, resolved, uniform_bits, acts, uniform_acts or None, tick
         )
     meta: dict[str, Any] = {"model": spec.model, "budget": spec.budget, "method": spec.method}
     act_quantizers: dict[str, ActQuantizer] = {}
@@ -103,18 +96,26 @@ def run(
             a.site.name: {**a.to_dict(), "params": a.quantizer.to_dict()} for a in assignments
         }
     with clock.phase("quantize"):
-        plan = replace(bench.plan(solution.bits, meta), activations=plan_activations)
-        mixed = bench.quantize(plan)
+        plan = replace(
+            bench.plan(solution.bits, meta, act_quantizers or None), activations=plan_activations
+        )
+        mixed = bench.quantize(plan, act_quantizers or None)
     with clock.phase("evaluate") as tick:
         fp32 = bench.evaluate()
         tick(0.4, "fp32")
-        quantized = bench.evaluate(mixed, act_quantizers)
+        quantized, mixed_values = bench.score(mixed, act_quantizers)
         tick(0.7, "mixed")
         uniform_act = None if acts is None else baseline_act
-        uniform = None
+        uniform = comparison = None
         if uniform_bits is not None:
-            model = bench.quantize(bench.uniform_plan(uniform_bits, meta))
-            uniform = UniformScores(uniform_bits, bench.evaluate(model, uniform_acts), uniform_act)
+            model = bench.quantize(
+                bench.uniform_plan(uniform_bits, meta, uniform_acts or None), uniform_acts or None
+            )
+            scores, uniform_values = bench.score(model, uniform_acts)
+            uniform = UniformScores(uniform_bits, scores, uniform_act)
+            comparison = compare(
+                bench.evalset.primary_metric, mixed_values, uniform_values, bench.evalset.scores
+            )
         tick(0.8, "uniform")
         metrics = JobMetrics(
             primary=bench.evalset.primary_metric,
@@ -127,6 +128,10 @@ def run(
             plan_check=plan_check,
             float_layers=table.floating,
             predicted_cost=solution.objective,
+            comparison=comparison,
+            eval_source=bench.eval_source,
+            calibration=spec.calibration,
+            rounds=rounds,
         )
     result = Result(
         spec=spec,
@@ -196,7 +201,12 @@ def _uniform_widths(
         known.get(b)
         or UniformScores(
             b,
-            bench.evaluate(bench.quantize(bench.uniform_plan(b, meta)), activations),
+            bench.evaluate(
+                bench.quantize(
+                    bench.uniform_plan(b, meta, activations or None), activations or None
+                ),
+                activations,
+            ),
             act_bits,
         )
         for b in widths

@@ -9,25 +9,29 @@ and budgets on it. Never imports the web, database or queue layers.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from allocator import costs, memory
+from allocator import costs, in_network, memory
 from allocator.activation_bench import ActivationBench, joint_widths, quantizers
 from allocator.activations import quantized_activations
 from allocator.apply import apply
-from allocator.budget import Budget, parse_budget
+from allocator.budget import Budget, ResolvedBudget, parse_budget
 from allocator.clock import Clock
+from allocator.context_costs import refine
 from allocator.data import (
     EvalSet,
     calibration_batches,
-    evaluate,
+    eval_source,
+    evaluate_outputs,
     holdout_batches,
     load_dataset,
+    per_sample,
+    split_for_eval,
 )
 from allocator.errors import BitplanError, UnsupportedModel
 from allocator.job import (
@@ -39,13 +43,13 @@ from allocator.job import (
     act_widths,
     parse_method,
 )
-from allocator.job_metrics import PlanCheck
+from allocator.job_metrics import PlanCheck, PlanRound
 from allocator.layers import LayerTable, build_layer_table
 from allocator.limits import Limits
 from allocator.plan import BitPlan, LayerPlan
 from allocator.quant.activation import ActQuantizer
 from allocator.sensitivity import Sensitivity, SensitivityContext, sensitivity_costs
-from allocator.solve import Solution, check_budget, fixed_plan
+from allocator.solve import Solution, check_budget, fixed_plan, solve
 from allocator.weight_rules import (
     RULE_SETS,
     RuleSelection,
@@ -56,6 +60,14 @@ from allocator.weight_rules import (
 from allocator.zoo import load_model
 from allocator.zoo.base import Inputs, LoadedModel
 from allocator.zoo.weights import first_line
+
+FITTED_PLANS_KEPT = 3
+"""Plans whose in-network fits a workbench keeps (each as large as the model's weights)."""
+Choices = Mapping[tuple[str, int], costs.QuantChoice]
+
+
+def _own_width(_name: str, b: int) -> tuple[int, ...]:
+    return (b,)
 
 
 def make_plan(
@@ -102,7 +114,11 @@ class Workbench:
     judged on what they were fitted to."""
     holdout_reference: list[torch.Tensor] = field(default_factory=list)
     """FP32 outputs on `holdout`."""
+    eval_source: str = "eval"
+    """Where `evalset` came from (`allocator.job_metrics.EVAL_SOURCES`)."""
     _reference: torch.Tensor | None = None
+    _fitted: dict[tuple[Any, ...], Choices] = field(default_factory=dict)
+    """Fitted choices by (plan, activation quantizers, neighbours)."""
 
     @property
     def reference(self) -> torch.Tensor:
@@ -126,27 +142,101 @@ class Workbench:
         cost, sensitivities = sensitivity_costs(context)
         return cost, sensitivities, context.timings
 
-    def plan(self, bits: Mapping[str, int], meta: Mapping[str, Any]) -> BitPlan:
-        return make_plan(self.table, bits, self.choices, meta)
+    def fitted(
+        self,
+        bits: Mapping[str, int],
+        activations: Mapping[str, ActQuantizer] | None = None,
+        neighbours: bool = False,
+    ) -> Choices:
+        """The choices plan `bits` is quantized with: with in-network calibration, fitted layer
+        by layer in the quantized network (running `activations`), also at each free layer's
+        neighbouring widths when `neighbours` (what `allocator.context_costs` moves to);
+        otherwise the FP32-input choices of the statistics phase.
 
-    def quantize(self, plan: BitPlan) -> torch.nn.Module:
-        """The quantized model for a plan made by `plan`, with the codes chosen per layer."""
+        The last few plans' fits are kept: a job fits its plan once for the plan check and
+        reuses it to quantize and to pack.
+        """
+        if self.spec.calibration != "in-network":
+            return self.choices
+        # A site's quantizer is calibrated once per (kind, width): those name it within a job.
+        acts = tuple(sorted((name, q.kind, q.bits) for name, q in (activations or {}).items()))
+        key = (tuple(sorted(bits.items())), acts, neighbours)
+        for known, choices in self._fitted.items():
+            if known[:2] == key[:2] and (known[2] or not neighbours):
+                return choices
+        context = None
+        if activations and self.activations is not None:
+            sites, quantizers_ = self.activations.sites, activations
+
+            def context() -> AbstractContextManager[None]:
+                return quantized_activations(self.model.module, sites, quantizers_)
+
+        choices = in_network.calibrate(
+            self.model,
+            self.batches,
+            self.table,
+            bits,
+            self.choices,
+            widths=self._neighbours if neighbours else _own_width,
+            context=context,
+        )
+        while len(self._fitted) >= FITTED_PLANS_KEPT:
+            self._fitted.pop(next(iter(self._fitted)))
+        self._fitted[key] = choices
+        return choices
+
+    def _neighbours(self, name: str, b: int) -> tuple[int, ...]:
+        """`b` and the widths beside it in `spec.bits`; a pinned layer only its pin."""
+        pinned = any(layer.name == name and layer.pinned_bits for layer in self.table)
+        if pinned or b not in self.spec.bits:
+            return (b,)
+        widths = sorted(self.spec.bits)
+        at = widths.index(b)
+        return tuple(widths[max(at - 1, 0) : at + 2])
+
+    def plan(
+        self,
+        bits: Mapping[str, int],
+        meta: Mapping[str, Any],
+        activations: Mapping[str, ActQuantizer] | None = None,
+    ) -> BitPlan:
+        return make_plan(self.table, bits, self.fitted(bits, activations), meta)
+
+    def quantize(
+        self, plan: BitPlan, activations: Mapping[str, ActQuantizer] | None = None
+    ) -> torch.nn.Module:
+        """The quantized model for a plan made by `plan` (with the same `activations`), with
+        the codes chosen per layer."""
+        choices = self.fitted({name: e.weight_bits for name, e in plan.layers.items()}, activations)
         quantized = {
-            name: self.choices[(name, entry.weight_bits)].quantized
+            name: choices[(name, entry.weight_bits)].quantized
             for name, entry in plan.layers.items()
         }
         return apply(self.model.module, plan, quantized=quantized)
 
-    def uniform_plan(self, bits: int, meta: Mapping[str, Any] | None = None) -> BitPlan:
+    def uniform_plan(
+        self,
+        bits: int,
+        meta: Mapping[str, Any] | None = None,
+        activations: Mapping[str, ActQuantizer] | None = None,
+    ) -> BitPlan:
         """Every free layer at `bits` with the same quantizer choices as the mixed plans."""
-        return self.plan(self.table.uniform(bits), {**(meta or {}), "uniform_bits": bits})
+        return self.plan(
+            self.table.uniform(bits), {**(meta or {}), "uniform_bits": bits}, activations
+        )
 
     def holdout_divergence(
-        self, bits: Mapping[str, int], activations: Mapping[str, ActQuantizer] | None = None
+        self,
+        bits: Mapping[str, int],
+        activations: Mapping[str, ActQuantizer] | None = None,
+        swap: Mapping[str, int] | None = None,
     ) -> float:
         """How far the plan's outputs move from FP32 on the held-out samples, with
-        `activations` quantizing its activation sites when given."""
-        layers = {name: self.choices[(name, b)] for name, b in bits.items()}
+        `activations` quantizing its activation sites when given; `swap` moves a few layers to
+        other widths fitted in the plan's context (`fitted(..., neighbours=True)`)."""
+        choices = self.fitted(bits, activations, neighbours=bool(swap))
+        widths = {**bits, **(swap or {})}
+        layers = {name: choices[(name, b)] for name, b in widths.items()}
         with ExitStack() as stack:
             if activations and self.activations is not None:
                 stack.enter_context(
@@ -162,6 +252,55 @@ class Workbench:
             return acts.bits
         sites = self.activations.sites if self.activations is not None else []
         return joint_widths(sites, solution.act_bits, acts.baseline_bits)
+
+    def choose_plan(
+        self,
+        cost: np.ndarray,
+        budget: ResolvedBudget,
+        uniform_bits: int | None,
+        acts: ActWidths | None = None,
+        activations: Mapping[str, ActQuantizer] | None = None,
+        tick: Callable[[float, str], None] = lambda _f, _m: None,
+    ) -> tuple[Solution, tuple[PlanRound, ...], PlanCheck | None]:
+        """The plan a job returns for `budget`: the exact solve of `cost`, re-solved in the
+        plan's context while that helps (`allocator.context_costs`, running `activations`, the
+        one-width quantizers a weight-only round prices plans with), then checked against the
+        uniform plan of `uniform_bits`."""
+        solution = solve(
+            self.table,
+            self.spec.bits,
+            cost,
+            budget,
+            acts=acts or FLOAT_ACTS,
+            time_limit=self.spec.time_limit,
+        )
+        rounds: tuple[PlanRound, ...] = ()
+        if self._refines(acts):
+            solution, rounds = refine(
+                self,
+                solution,
+                cost,
+                budget,
+                acts or FLOAT_ACTS,
+                self.spec.context_rounds,
+                activations,
+                tick,
+            )
+        solution, check = self.check_against_uniform(
+            solution, cost, uniform_bits, acts, self.spec.act_quantizers
+        )
+        return solution, rounds, check
+
+    def _refines(self, acts: ActWidths | None) -> bool:
+        """Whether plans are re-solved with in-context costs: the job fits plans in the network,
+        asks for rounds, has held-out samples to measure on, and allocates weights only (a joint
+        plan's activation widths move with its weights, which one-width moves do not price)."""
+        return (
+            self.spec.calibration == "in-network"
+            and self.spec.context_rounds > 0
+            and bool(self.holdout)
+            and not isinstance(acts, JointActs)
+        )
 
     def check_against_uniform(
         self,
@@ -211,11 +350,27 @@ class Workbench:
     ) -> dict[str, float]:
         """Metrics of `module` (FP32 when None) on the evaluation set, with `activations`
         quantizing its activation sites when given."""
+        return self.score(module, activations)[0]
+
+    def score(
+        self,
+        module: torch.nn.Module | None = None,
+        activations: Mapping[str, ActQuantizer] | None = None,
+    ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """`evaluate`'s metrics and each sample's values (`allocator.data.per_sample`), from
+        one pass, for a paired comparison of two plans."""
+        reference = self.reference
         target = self.model if module is None else replace(self.model, module=module)
-        if not activations or self.activations is None:
-            return evaluate(target, self.evalset, self.reference)
-        with quantized_activations(target.module, self.activations.sites, activations):
-            return evaluate(target, self.evalset, self.reference)
+        with ExitStack() as stack:
+            if activations and self.activations is not None:
+                stack.enter_context(
+                    quantized_activations(target.module, self.activations.sites, activations)
+                )
+            outputs = self.evalset.outputs(target)
+        return (
+            evaluate_outputs(outputs, self.evalset, reference),
+            per_sample(outputs, self.evalset, reference),
+        )
 
 
 def prepare(
@@ -235,15 +390,18 @@ def prepare(
     with clock.phase("load"):
         model = load_model(spec.model, spec.weights)
         calib = load_dataset(spec.calib, max_bytes=limits.max_dataset_bytes)
+        source = eval_source(spec.calib, spec.eval)
+        if source == "holdout":
+            calib, eval_data = split_for_eval(calib, seed=spec.seed)
+        elif source == "calibration":
+            eval_data = calib
+        else:
+            eval_data = load_dataset(spec.eval, max_bytes=limits.max_dataset_bytes)
         sample = calibration_batches(calib, model, 1, 1, spec.seed)[0]
         check_forward(model, sample)
         check_memory(spec, model, sample, limits)
         batches = calibration_batches(calib, model, spec.calib_samples, spec.batch_size, spec.seed)
-        evalset = EvalSet(
-            load_dataset(spec.eval, max_bytes=limits.max_dataset_bytes) if spec.eval else calib,
-            model,
-            limit=spec.eval_samples,
-        )
+        evalset = EvalSet(eval_data, model, limit=spec.eval_samples)
     with clock.phase("layers"):
         table = build_layer_table(
             model, _first(batches[0]), pin_first_last=spec.pin_first_last, pins=spec.pins
@@ -267,7 +425,17 @@ def prepare(
             ActivationBench(model, batches, table, holdout, reference) if acts is not None else None
         )
     return Workbench(
-        spec, model, batches, evalset, table, choices, activations, rules, holdout, reference
+        spec,
+        model,
+        batches,
+        evalset,
+        table,
+        choices,
+        activations,
+        rules,
+        holdout,
+        reference,
+        source,
     )
 
 

@@ -72,6 +72,7 @@ from allocator.data.evaluate import (  # noqa: E402
     top1,
 )
 from allocator.job import ACT_BITS, FixedActs, JointActs  # noqa: E402
+from allocator.job_metrics import rounds_text  # noqa: E402
 from allocator.pipeline import JobSpec, Workbench, prepare  # noqa: E402
 from allocator.plan import BitPlan  # noqa: E402
 from allocator.solve import Solution, solve, uniform_bits_for  # noqa: E402
@@ -79,7 +80,10 @@ from allocator.zoo import register_source  # noqa: E402
 
 DATA = Path(os.environ.get("BITPLAN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 METHODS = ("lrp", "fisher", "hessian", "measured", "lrp+fisher")
-UNIFORM_BITS = (8, 6, 5, 4, 3)
+UNIFORM_BITS = (8, 6, 5, 4, 3, 2)
+IN_NETWORK_UNIFORM_BITS = (4, 3, 2)
+"""Uniform widths also fitted in the network (a fit is a pass per layer): the ones the budgets
+compare with, and 2 bits, which only in-network fitting keeps usable."""
 SWEEP = (2.25, 2.5, 3.0, 3.5, 4.0, 5.0)
 UNIFORM_WA = ((8, 8), (6, 6), (4, 8), (4, 4))
 MATCHED = ("W4A8", "W4A4")
@@ -148,6 +152,8 @@ def model_specs(eval_samples: int | None) -> dict[str, BenchModel]:
         ),
     }
     models = {name: BenchModel(spec) for name, spec in specs.items()}
+    for name in ("resnet20", "resnet56"):
+        models[name] = BenchModel(specs[name], metrics=("top1", "agreement", "kl"), paired=True)
     models["effnetlite1"] = BenchModel(
         JobSpec(
             model="effnetlite:lite1",
@@ -285,54 +291,81 @@ def uniform_label(bits: int) -> str:
     return f"uniform W{bits} bitplan quantizer"
 
 
+def fp32_inputs(bench: Workbench) -> Workbench:
+    """The same workbench fitting every plan on FP32 inputs (the statistics phase's choices),
+    as jobs did before in-network calibration: the bench shows both."""
+    return replace(bench, spec=replace(bench.spec, calibration="fp32"))
+
+
 def uniform_rows(bench: Workbench) -> list[Row]:
-    """Plain round-to-nearest (max clip, no bias correction) and bitplan's quantizer, per width."""
+    """Plain round-to-nearest (max clip, no bias correction) and bitplan's quantizer fitted on
+    FP32 inputs and in the network, per width."""
     rows = []
+    plain_bench = fp32_inputs(bench)
     for b in UNIFORM_BITS:
         widths = {layer.name: layer.pinned_bits or b for layer in bench.table}
         plain = BitPlan.from_bits(widths, clip="max")
-        rows.append(
+        size = avg_bits(bench, widths)
+        rows += [
+            Row(f"uniform W{b} max-clip", size, metric_of(bench, plain, plain=True)),
             Row(
-                f"uniform W{b} max-clip",
-                avg_bits(bench, widths),
-                metric_of(bench, plain, plain=True),
-            )
-        )
-        ours = bench.uniform_plan(b)
-        rows.append(Row(uniform_label(b), avg_bits(bench, widths), metric_of(bench, ours)))
+                f"{uniform_label(b)}, FP32-input fit",
+                size,
+                metric_of(plain_bench, plain_bench.uniform_plan(b)),
+            ),
+        ]
+        if bench.spec.calibration == "in-network" and b in IN_NETWORK_UNIFORM_BITS:
+            rows.append(Row(uniform_label(b), size, metric_of(bench, bench.uniform_plan(b))))
     return rows
 
 
 def mixed_rows(
     bench: Workbench, method: str, budgets: list[float], fp32: float, sweep: bool
 ) -> tuple[list[Row], float, float | None]:
-    """Mixed precision at each budget; also predicted-vs-measured Spearman over a sweep of the
-    primary metric's loss from `fp32` (positive when worse, whichever way the metric runs)."""
+    """Mixed precision at each budget as a job returns it (solve, rounds in the plan's context,
+    check against uniform, in-network fit) and the first solve fitted on FP32 inputs; also
+    predicted-vs-measured Spearman over a sweep of FP32-input plans (what the cost table
+    predicts) of the primary metric's loss from `fp32` (positive when worse, whichever way the
+    metric runs)."""
     started = time.perf_counter()
     cost, _sens, _timings = bench.cost_table(method)
     seconds = time.perf_counter() - started
     primary = bench.evalset.primary_metric
+    plain_bench = fp32_inputs(bench)
     rows, points = [], []
     for b in sorted(set(budgets) | (set(SWEEP) if sweep else set()), reverse=True):
         resolved = parse_budget(f"avg-bits={b}").resolve(bench.table)
-        solution = solve(bench.table, bench.spec.bits, cost, resolved)
         uniform_bits = uniform_bits_for(bench.table, bench.spec.bits, resolved)
-        solution, check = bench.check_against_uniform(solution, cost, uniform_bits)
-        scores = metric_of(bench, bench.plan(solution.bits, {"method": method}))
+        first = solve(bench.table, bench.spec.bits, cost, resolved)
+        scores = metric_of(plain_bench, plain_bench.plan(first.bits, {"method": method}))
         loss = fp32 - scores.metrics[primary]
-        points.append((solution.objective, loss if HIGHER_IS_BETTER[primary] else -loss))
-        kept = " (uniform kept)" if check and check.kept == "uniform" else ""
-        if b in budgets:
-            rows.append(
-                Row(
-                    f"mixed {method} @ avg {b}{kept}",
-                    avg_bits(bench, solution.bits),
-                    scores,
-                    solution.objective,
-                    budget=b,
-                    bits=solution.bits,
-                )
+        points.append((first.objective, loss if HIGHER_IS_BETTER[primary] else -loss))
+        if b not in budgets:
+            continue
+        rows.append(
+            Row(
+                f"mixed {method} @ avg {b}, first solve, FP32-input fit",
+                avg_bits(bench, first.bits),
+                scores,
+                first.objective,
+                bits=first.bits,
             )
+        )
+        if bench.spec.calibration != "in-network":
+            continue
+        solution, rounds, check = bench.choose_plan(cost, resolved, uniform_bits)
+        kept = " (uniform kept)" if check and check.kept == "uniform" else ""
+        rows.append(
+            Row(
+                f"mixed {method} @ avg {b}{kept}"
+                + (f", {text}" if (text := rounds_text(rounds)) else ""),
+                avg_bits(bench, solution.bits),
+                metric_of(bench, bench.plan(solution.bits, {"method": method})),
+                solution.objective,
+                budget=b,
+                bits=solution.bits,
+            )
+        )
     rho = spearmanr([p for p, _ in points], [m for _, m in points]).statistic if sweep else None
     return rows, seconds, rho
 
@@ -532,6 +565,8 @@ def act_section(name: str, spec: JobSpec, method: str) -> str:
     """Uniform WxAy per activation-quantizer preset, mixed weights at matched size and BOPs,
     and which quantizer `auto` picks per role."""
     started = time.perf_counter()
+    # Weights fitted on FP32 inputs: this table compares activation quantizers, many plans each.
+    spec = replace(spec, calibration="fp32")
     bench = prepare(spec, budget=parse_budget("match=W4A8"))
     acts = bench.activations
     primary = bench.evalset.primary_metric

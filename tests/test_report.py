@@ -17,6 +17,7 @@ from allocator.job_metrics import (
     FloatLayer,
     JobMetrics,
     PlanCheck,
+    PlanRound,
     UniformScores,
 )
 from allocator.layers import Layer
@@ -30,6 +31,7 @@ from allocator.report import (
     render_html,
     write_report,
 )
+from service.cli.output import print_summary
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BITS = (2, 4, 8)
@@ -205,6 +207,8 @@ def test_metrics_keep_the_json_shape_results_store(result: Result) -> None:
         act_rules={"8": {"chosen": {"post-ln": "channel"}}},
         plan_check=PlanCheck(0.5, 0.25, "uniform"),
         float_layers=(FloatLayer("conv1d", "Conv1d", 24, "nn.Conv2d only"),),
+        calibration="in-network",
+        rounds=(PlanRound(0, 0.2, 0, True), PlanRound(1, 0.25, 3, False)),
     )
     data = json.loads(json.dumps(metrics.to_dict()))
     assert list(data) == [
@@ -220,7 +224,10 @@ def test_metrics_keep_the_json_shape_results_store(result: Result) -> None:
         "predicted_cost",
         "comparison",
         "eval_source",
+        "calibration",
+        "rounds",
     ]
+    assert data["rounds"][1] == {"round": 1, "divergence": 0.25, "changed": 3, "kept": False}
     assert data["uniform"] == {"bits": 4, "act_bits": None, "top1": 78.0, "kl": 0.1}
     assert data["plan_check"] == {"mixed": 0.5, "uniform": 0.25, "kept": "uniform"}
     assert data["float_layers"][0]["reason"] == "nn.Conv2d only"
@@ -287,3 +294,21 @@ def test_a_page_without_a_comparison_still_says_what_it_was_evaluated_on(
     page = written["report"].read_text()
     assert "Evaluated on: your --eval file." in page
     assert "paired bootstrap" not in page
+
+
+def test_the_page_and_summary_say_how_weights_were_fitted_and_what_each_round_measured(
+    result: Result, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rounds = (PlanRound(0, 0.0807, 0, True), PlanRound(1, 0.1116, 6, False))
+    fitted = replace(
+        result, metrics=replace(result.metrics, calibration="in-network", rounds=rounds)
+    )
+    page = Path(write_report(tmp_path, fitted)["report"]).read_text()
+    assert "Weights fitted in the network" in page
+    assert "0.0807 -&gt; 0.1116 (not kept)" in page
+    plain = Path(write_report(tmp_path / "plain", result)["report"]).read_text()
+    assert "Weights fitted on FP32 inputs." in plain
+    print_summary({**fitted.to_json(), "job_id": "j"})
+    assert "plan rounds in context: held-out divergence by round 0.0807 -> 0.1116 (not kept)" in (
+        capsys.readouterr().out
+    )

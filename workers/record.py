@@ -164,7 +164,9 @@ def profile_key(spec: JobSpec, weights_sha256: str | None, calib_sha256: str) ->
         model_sha256=canonical_sha256({"model": spec.model, "weights": weights_sha256}),
         data_sha256=calib_sha256,
         method=spec.method,
-        options={name: options[name] for name in PROFILE_OPTIONS},
+        # A job with no evaluation file calibrates on the part of its file it does not hold out.
+        options={name: options[name] for name in PROFILE_OPTIONS}
+        | {"holds_out_eval": spec.eval is None},
     )
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from allocator.job import Result
-from allocator.job_metrics import FloatLayer
+from allocator.job_metrics import FloatLayer, rounds_text
 from allocator.profile import file_sha256
 from allocator.report.model import MIN_RANK_POINTS, Report, sensitivities
 
@@ -96,6 +96,13 @@ def _comparison(result: Result) -> list[str]:
             f"{_e(comparison.differences_text())} ({_e(comparison.method_text())}).</p>"
         )
     lines.append(f"<p class='eval-source'>Evaluated on: {_e(metrics.eval_source_text)}.</p>")
+    fitted = "in the network" if metrics.calibration == "in-network" else "on FP32 inputs"
+    rounds = rounds_text(metrics.rounds)
+    lines.append(
+        f"<p class='calibration'>Weights fitted {fitted}"
+        + (f"; plan re-solved in its context, {_e(rounds)}" if rounds else "")
+        + ".</p>"
+    )
     return lines
 
 

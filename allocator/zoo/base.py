@@ -13,6 +13,7 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]
 """A model-ready batch: an image tensor (N, C, H, W) or a dict of token tensors."""
@@ -77,3 +78,14 @@ class LoadedModel:
     def prepare_windows(self, windows: np.ndarray) -> dict[str, torch.Tensor]:
         """Token id windows (N, T) -> the causal LM's batch; windows are never padded."""
         return {"input_ids": torch.from_numpy(np.ascontiguousarray(windows)).long()}
+
+
+def run_hooked(model: LoadedModel, inputs: Inputs, handles: Sequence[RemovableHandle]) -> None:
+    """One forward pass without gradients that exists for what the hooks behind `handles`
+    record; the hooks are removed afterwards, also when the pass fails."""
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()

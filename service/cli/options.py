@@ -64,6 +64,15 @@ ActBitsOpt = Annotated[
     typer.Option(help="activation bits 4, 6, 8, 16, or auto to allocate them (default: float)"),
 ]
 ActQuantizersOpt = Annotated[str, typer.Option(help="auto, baseline, repq, isvit, dopq or log2")]
+CalibrationOpt = Annotated[
+    str,
+    typer.Option(
+        help="in-network: fit each layer on the quantized network's inputs; fp32: on FP32 inputs"
+    ),
+]
+ContextRoundsOpt = Annotated[
+    int, typer.Option(help="re-solves with costs measured around the plan (0: solve once)")
+]
 DEFAULT_BITS_TEXT = ",".join(map(str, DEFAULTS.bits))
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object")]
@@ -124,6 +133,8 @@ def build_spec(
     report: ReportOpt = DEFAULTS.report,
     act_bits: ActBitsOpt = DEFAULTS.act_bits,
     act_quantizers: ActQuantizersOpt = DEFAULTS.act_quantizers,
+    calibration: CalibrationOpt = DEFAULTS.calibration,
+    context_rounds: ContextRoundsOpt = DEFAULTS.context_rounds,
 ) -> JobSpec:
     """The validated spec the options of `run` and `submit` describe; its parameters are those
     options (see `spec_options`).
@@ -156,6 +167,8 @@ def build_spec(
         report=report,
         act_bits=parse_act_bits(act_bits),
         act_quantizers=act_quantizers,
+        calibration=calibration,
+        context_rounds=context_rounds,
     )
     spec.validate()
     return spec

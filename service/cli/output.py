@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from allocator.errors import BitplanError
-from allocator.job_metrics import HIGHER_IS_BETTER, JobMetrics
+from allocator.job_metrics import HIGHER_IS_BETTER, JobMetrics, rounds_text
 
 EXIT_USER_ERROR = 2
 err = Console(stderr=True)
@@ -65,5 +65,7 @@ def print_summary(payload: dict) -> None:
             soft_wrap=True,
             markup=False,
         )
+    if text := rounds_text(typed.rounds):
+        out.print(f"plan rounds in context: {text}", soft_wrap=True, markup=False)
     for name, path in payload["artifacts"].items():
         out.print(f"{name}: {path}", soft_wrap=True)

@@ -1,0 +1,187 @@
+"""In-network calibration and the in-context cost rounds (allocator.in_network, context_costs)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from allocator import costs, in_network
+from allocator.budget import ResolvedBudget
+from allocator.context_costs import _row, refine
+from allocator.job import FLOAT_ACTS, JobSpec
+from allocator.layers import build_layer_table
+from allocator.pipeline import Workbench
+from allocator.solve import solve
+from allocator.weight_rules import fp32_outputs
+from allocator.zoo.base import LoadedModel
+
+BITS = (2, 3, 4, 8)
+
+
+class Backwards(nn.Module):
+    """Registers its layers in the opposite order to the one its forward calls them in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(32, 5)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.body(x))
+        return self.head(nn.functional.adaptive_avg_pool2d(x, 2).flatten(1))
+
+
+def _model() -> LoadedModel:
+    torch.manual_seed(0)
+    return LoadedModel(
+        ref="backwards", module=Backwards().eval(), task="classification", input_kind="image"
+    )
+
+
+def _bench(calibration: str = "in-network", rounds: int = 2) -> Workbench:
+    model = _model()
+    batches = [torch.randn(16, 3, 8, 8) for _ in range(2)]
+    table = build_layer_table(model, batches[0][:1], pin_first_last=False)
+    stats = costs.input_stats(model, batches, table)
+    choices = costs.quant_choices(model, table, stats, BITS)
+    spec = JobSpec(
+        model="backwards", calib="none", bits=BITS, calibration=calibration, context_rounds=rounds
+    )
+    holdout = [torch.randn(32, 3, 8, 8)]
+    return Workbench(
+        spec,
+        model,
+        batches,
+        None,  # type: ignore[arg-type]  # nothing here evaluates
+        table,
+        choices,
+        holdout=holdout,
+        holdout_reference=fp32_outputs(model, holdout),
+    )
+
+
+def test_layers_are_fitted_in_the_order_the_network_runs_them() -> None:
+    model = _model()
+    order = in_network.execution_order(model, torch.randn(1, 3, 8, 8), ["head", "body", "stem"])
+    assert order == ["stem", "body", "head"]
+
+
+def _output_error(bench: Workbench, choices: in_network.Choices, widths: dict[str, int]) -> float:
+    reference = fp32_outputs(bench.model, bench.batches)
+    layers = in_network.plan_layers(choices, widths)
+    with in_network.quantized_layers(bench.model.module, layers), torch.no_grad():
+        return sum(
+            float(((bench.model(x) - ref) ** 2).sum())
+            for x, ref in zip(bench.batches, reference, strict=True)
+        )
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_in_network_fit_keeps_outputs_closer_to_fp32_than_fp32_input_fits(bits: int) -> None:
+    bench = _bench()
+    widths = bench.table.uniform(bits)
+    fitted = bench.fitted(widths)
+    assert _output_error(bench, fitted, widths) < _output_error(bench, bench.choices, widths)
+
+
+def test_fitted_codes_stay_on_the_planned_grid_with_a_bias_correction_per_channel() -> None:
+    bench = _bench()
+    widths = bench.table.uniform(3)
+    fitted = bench.fitted(widths, neighbours=True)
+    for layer in bench.table:
+        for b in (2, 3, 4):
+            choice = fitted[(layer.name, b)]
+            assert choice.quantized.bits == b
+            assert int(choice.quantized.codes.min()) >= -(2 ** (b - 1))
+            assert int(choice.quantized.codes.max()) <= 2 ** (b - 1) - 1
+            assert choice.bias_correction is not None
+            assert choice.bias_correction.shape == (layer.out_channels,)
+    # Only the neighbours of the plan's width are fitted; 8 bits is two steps away.
+    assert all((layer.name, 8) not in fitted for layer in bench.table)
+
+
+def test_plain_sequential_gptq_target_fits_too() -> None:
+    bench = _bench()
+    widths = bench.table.uniform(3)
+    fitted = in_network.calibrate(
+        bench.model, bench.batches, bench.table, widths, bench.choices, target="quantized"
+    )
+    assert _output_error(bench, fitted, widths) < _output_error(bench, bench.choices, widths)
+    with pytest.raises(ValueError, match="target must be one of"):
+        in_network.calibrate(
+            bench.model, bench.batches, bench.table, widths, bench.choices, target="other"
+        )
+
+
+def test_fp32_calibration_uses_the_statistics_phase_choices() -> None:
+    bench = _bench(calibration="fp32")
+    widths = bench.table.uniform(3)
+    assert bench.fitted(widths) is bench.choices
+
+
+def test_quantizing_a_plan_uses_its_fitted_codes() -> None:
+    bench = _bench()
+    plan = bench.uniform_plan(3)
+    module = bench.quantize(plan)
+    fitted = bench.fitted(bench.table.uniform(3))
+    for layer in bench.table:
+        expected = fitted[(layer.name, 3)].quantized.dequantize()
+        torch.testing.assert_close(dict(module.named_modules())[layer.name].weight, expected)
+
+
+def test_a_context_row_is_zero_at_the_plan_width_and_never_costlier_with_more_bits() -> None:
+    old = np.array([4.0, 2.0, 1.0, 0.0])
+    row = _row(old, 1, {0: 0.3, 2: -0.1})
+    # Relative to the width the layer has: down costs 0.3, up saves 0.1, 8 bits saves 0.2
+    # (the old row's shape scaled to the measured step up), then shifted so the least is 0.
+    np.testing.assert_allclose(row, np.array([0.5, 0.2, 0.1, 0.0]))
+    noisy = _row(old, 1, {0: 0.3, 2: 0.05})  # one step up measured slightly worse
+    assert all(noisy[j] >= noisy[j + 1] for j in range(3))
+    assert noisy.min() == 0.0
+
+
+def test_rounds_never_return_a_plan_worse_on_held_out_samples_than_the_first() -> None:
+    bench = _bench()
+    budget = ResolvedBudget(size_bits=bench.table.uniform_storage_bits(3))
+    cost = np.array([[1.0, 0.6, 0.3, 0.0]] * len(bench.table))
+    first = solve(bench.table, BITS, cost, budget)
+    best, rounds = refine(bench, first, cost, budget, FLOAT_ACTS, 2)
+    assert rounds[0].round == 0 and rounds[0].kept
+    assert rounds[0].divergence == pytest.approx(bench.holdout_divergence(first.bits))
+    kept = [r.divergence for r in rounds if r.kept]
+    assert kept == sorted(kept, reverse=True)
+    assert bench.holdout_divergence(best.bits) == pytest.approx(kept[-1])
+    assert bench.table.storage_bits(best.bits) <= budget.size_bits
+    assert len(rounds) <= 3
+
+
+def test_the_spec_bounds_calibration_and_rounds() -> None:
+    from allocator.errors import BadSpec
+
+    spec = JobSpec(model="m", calib="c")
+    with pytest.raises(BadSpec, match="calibration"):
+        replace(spec, calibration="magic").validate()
+    with pytest.raises(BadSpec, match="context_rounds"):
+        replace(spec, context_rounds=99).validate()
+
+
+def test_a_kept_round_prices_its_plan_on_the_methods_table() -> None:
+    bench = _bench()
+    budget = ResolvedBudget(size_bits=bench.table.uniform_storage_bits(3))
+    cost = np.array([[1.0, 0.6, 0.3, 0.0]] * len(bench.table))
+    cost[0] = [5.0, 0.1, 0.05, 0.0]  # a first plan the held-out samples will not agree with
+    first = solve(bench.table, BITS, cost, budget)
+    best, _rounds = refine(bench, first, cost, budget, FLOAT_ACTS, 2)
+    columns = {b: j for j, b in enumerate(BITS)}
+    expected = sum(
+        cost[i, columns[best.bits[layer.name]]]
+        for i, layer in enumerate(bench.table)
+        if layer.pinned_bits is None
+    )
+    assert best.objective == pytest.approx(expected)
