@@ -1,6 +1,6 @@
 """The phases of a job as they run: each timed, each reported to the caller's `progress`.
 
-`allocator.pipeline.run` and `allocator.workbench.prepare` time their phases with one `Clock`;
+`allocator.pipeline.run` and `allocator.prepare.prepare` time their phases with one `Clock`;
 a caller that wants to cancel raises from `progress`, which stops the job at the next call.
 Imports nothing of the allocator but the job's types.
 """

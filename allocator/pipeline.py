@@ -41,11 +41,12 @@ from allocator.job_metrics import JobMetrics, UniformScores
 from allocator.layers import LayerTable
 from allocator.limits import Limits
 from allocator.plan import BitPlan
+from allocator.prepare import prepare
 from allocator.profile import profile_dict
 from allocator.quant.activation import ActQuantizer
 from allocator.sensitivity import Sensitivity
 from allocator.solve import Solution, uniform_bits_for
-from allocator.workbench import Workbench, prepare
+from allocator.workbench import Workbench
 
 __all__ = ["JobSpec", "Result", "Workbench", "prepare", "run"]
 

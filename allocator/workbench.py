@@ -1,7 +1,8 @@
 """A loaded model with its calibration statistics: everything a budget needs but the solve.
 
-`prepare(spec)` loads the model and data, measures the layers and gathers the statistics (the
-budget-free part of a job); the `Workbench` it returns quantizes, checks and evaluates plans.
+`allocator.prepare.prepare(spec)` loads the model and data, measures the layers and gathers the
+statistics (the budget-free part of a job); the `Workbench` it returns fits, quantizes, checks
+and evaluates plans.
 `allocator.pipeline.run` builds one per job; benchmarks build one per model and try many methods
 and budgets on it. Never imports the web, database or queue layers.
 """
@@ -16,50 +17,36 @@ from typing import Any
 import numpy as np
 import torch
 
-from allocator import costs, in_network, memory
+from allocator import costs, in_network
 from allocator.activation_bench import ActivationBench, joint_widths, quantizers
 from allocator.activations import quantized_activations
 from allocator.apply import apply
-from allocator.budget import Budget, ResolvedBudget, parse_budget
-from allocator.clock import Clock
+from allocator.budget import ResolvedBudget
 from allocator.context_costs import refine
 from allocator.data import (
     EvalSet,
-    calibration_batches,
-    eval_source,
     evaluate_outputs,
-    holdout_batches,
-    load_dataset,
     per_sample,
-    split_for_eval,
 )
-from allocator.errors import BitplanError, UnsupportedModel
 from allocator.job import (
     FLOAT_ACTS,
     ActWidths,
     FixedActs,
     JobSpec,
     JointActs,
-    act_widths,
     parse_method,
 )
 from allocator.job_metrics import PlanCheck, PlanRound
-from allocator.layers import LayerTable, build_layer_table
-from allocator.limits import Limits
+from allocator.layers import LayerTable
 from allocator.plan import BitPlan, LayerPlan
 from allocator.quant.activation import ActQuantizer
 from allocator.sensitivity import Sensitivity, SensitivityContext, sensitivity_costs
-from allocator.solve import Solution, check_budget, fixed_plan, solve
+from allocator.solve import Solution, fixed_plan, solve
 from allocator.weight_rules import (
-    RULE_SETS,
     RuleSelection,
     divergence_from_fp32,
-    fp32_outputs,
-    select_rules,
 )
-from allocator.zoo import load_model
 from allocator.zoo.base import Inputs, LoadedModel
-from allocator.zoo.weights import first_line
 
 FITTED_PLANS_KEPT = 3
 """Plans whose in-network fits a workbench keeps (each as large as the model's weights)."""
@@ -371,108 +358,3 @@ class Workbench:
             evaluate_outputs(outputs, self.evalset, reference),
             per_sample(outputs, self.evalset, reference),
         )
-
-
-def prepare(
-    spec: JobSpec,
-    clock: Clock | None = None,
-    budget: Budget | None = None,
-    limits: Limits | None = None,
-) -> Workbench:
-    """Load, measure the layers and gather the calibration statistics (the budget-free part).
-
-    With `budget`, an infeasible one fails as soon as the layer table is known. A job whose
-    estimated memory is above `limits` fails before its calibration samples are prepared.
-    """
-    clock = clock or Clock()
-    limits = limits or Limits()
-    acts = act_widths(spec, budget or parse_budget(spec.budget))
-    with clock.phase("load"):
-        model = load_model(spec.model, spec.weights)
-        calib = load_dataset(spec.calib, max_bytes=limits.max_dataset_bytes)
-        source = eval_source(spec.calib, spec.eval)
-        if source == "holdout":
-            calib, eval_data = split_for_eval(calib, seed=spec.seed)
-        elif source == "calibration":
-            eval_data = calib
-        else:
-            eval_data = load_dataset(spec.eval, max_bytes=limits.max_dataset_bytes)
-        sample = calibration_batches(calib, model, 1, 1, spec.seed)[0]
-        check_forward(model, sample)
-        check_memory(spec, model, sample, limits)
-        batches = calibration_batches(calib, model, spec.calib_samples, spec.batch_size, spec.seed)
-        evalset = EvalSet(eval_data, model, limit=spec.eval_samples)
-    with clock.phase("layers"):
-        table = build_layer_table(
-            model, _first(batches[0]), pin_first_last=spec.pin_first_last, pins=spec.pins
-        )
-        if budget is not None:
-            check_budget(table, spec.bits, budget.resolve(table), acts=acts or FLOAT_ACTS)
-    with clock.phase("statistics") as tick:
-        stats = costs.input_stats(
-            model, batches, table, on_batch=lambda i: tick((i + 1) / len(batches), "inputs")
-        )
-        candidates = costs.rule_set_choices(
-            model, table, stats, spec.bits, RULE_SETS, bias_correction=spec.bias_correction
-        )
-        tick(0.7, "weight rules")
-        holdout = holdout_batches(calib, model, spec.calib_samples, spec.batch_size, spec.seed)
-        reference = fp32_outputs(model, holdout)
-        choices, rules = select_rules(model, table, candidates, holdout, reference)
-        del candidates
-        tick(1.0, "activations")
-        activations = (
-            ActivationBench(model, batches, table, holdout, reference) if acts is not None else None
-        )
-    return Workbench(
-        spec,
-        model,
-        batches,
-        evalset,
-        table,
-        choices,
-        activations,
-        rules,
-        holdout,
-        reference,
-        source,
-    )
-
-
-def check_forward(model: LoadedModel, sample: Inputs) -> None:
-    """Run the model once on one prepared sample, so that a model that cannot run on its data
-    (options that do not fit the architecture, a fixed input size) fails in one line naming
-    the input, not with a traceback from deep inside its forward."""
-    try:
-        with torch.no_grad():
-            model(sample)
-    except BitplanError:
-        raise
-    except Exception as exc:  # the model's own code: any error it raises
-        shape = (
-            tuple(sample.shape)
-            if isinstance(sample, torch.Tensor)
-            else {key: tuple(value.shape) for key, value in sample.items()}
-        )
-        raise UnsupportedModel(
-            f"{model.ref} fails on one calibration sample of shape {shape}: {first_line(exc)}; "
-            "check that its options (input size, channels) fit the architecture and the data"
-        ) from None
-
-
-def check_memory(spec: JobSpec, model: LoadedModel, sample: Inputs, limits: Limits) -> None:
-    """Refuse the job when its estimated peak memory is above `limits.max_job_memory`."""
-    memory.estimate(
-        model,
-        sample,
-        batch_size=spec.batch_size,
-        samples=spec.calib_samples,
-        widths=len(spec.bits),
-    ).check(limits.max_job_memory)
-
-
-def _first(inputs: Inputs) -> Inputs:
-    """One sample of a batch: MACs are counted per sample."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs[:1]
-    return {k: v[:1] for k, v in inputs.items()}

@@ -7,7 +7,7 @@ and its options, file references), a model that can be built on the meta device 
 to estimate the job's memory, and a budget is checked against a cached cost table when one
 matches, which is how an infeasible budget is refused with the smallest feasible size before
 any worker spends time on it. Workers repeat the path and memory checks where they open files
-and load the model (`workers.record.runnable_spec`, `allocator.workbench.prepare`).
+and load the model (`workers.record.runnable_spec`, `allocator.prepare.prepare`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from allocator.errors import BadReference
 from allocator.job import INPUT_KINDS, UPLOAD_REF_PREFIX, JobSpec, UploadKind
 from allocator.limits import Limits
 from allocator.memory import image_sample
-from allocator.workbench import check_memory
+from allocator.prepare import check_memory
 from allocator.zoo import check_ref, meta_model, ref_paths
 from db import repositories
 from service.profiles import answer_budgets
