@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Self
 
 HIGHER_IS_BETTER = {
     "top1": True,
@@ -51,6 +51,17 @@ def verdict(metric: str, low: float, high: float) -> str:
     return BETTER if (low > 0) == HIGHER_IS_BETTER.get(metric, True) else WORSE
 
 
+class Record:
+    """A frozen dataclass of plain values whose JSON form is its fields, by name."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]  # every subclass is a dataclass
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        return cls(**{f.name: data[f.name] for f in fields(cls)})  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
 class UniformScores:
     """The scores of a uniform plan: every free layer's weights at `bits`, every activation at
@@ -72,7 +83,7 @@ class UniformScores:
 
 
 @dataclass(frozen=True)
-class PlanCheck:
+class PlanCheck(Record):
     """How far the solver's plan (`mixed`) and the uniform plan of the same size moved from FP32
     on held-out samples, and the one the job `kept` ("mixed" or "uniform")."""
 
@@ -80,16 +91,9 @@ class PlanCheck:
     uniform: float
     kept: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"mixed": self.mixed, "uniform": self.uniform, "kept": self.kept}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PlanCheck:
-        return cls(data["mixed"], data["uniform"], data["kept"])
-
 
 @dataclass(frozen=True)
-class FloatLayer:
+class FloatLayer(Record):
     """A weight layer bitplan leaves in float, and why (a line a user can act on)."""
 
     name: str
@@ -97,16 +101,9 @@ class FloatLayer:
     params: int
     reason: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "type": self.type, "params": self.params, "reason": self.reason}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> FloatLayer:
-        return cls(data["name"], data["type"], data["params"], data["reason"])
-
 
 @dataclass(frozen=True)
-class Difference:
+class Difference(Record):
     """Mixed minus uniform on one metric, over the same evaluation samples: the difference on the
     whole set (`value`) and its paired bootstrap interval [`low`, `high`], in the metric's units
     (points for top-1, agreement and Spearman; perplexity for perplexity)."""
@@ -115,13 +112,6 @@ class Difference:
     value: float
     low: float
     high: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Difference:
-        return cls(**{name: data[name] for name in ("metric", "value", "low", "high")})
 
     def text(self) -> str:
         """`+0.42 [-0.10, +0.95]`; three significant digits for MSE and KL."""
@@ -187,7 +177,7 @@ class Comparison:
 
 
 @dataclass(frozen=True)
-class PlanRound:
+class PlanRound(Record):
     """One round of costs measured around the plan (`allocator.context_costs`): the held-out
     divergence from FP32 of the round's plan once calibrated in the network, how many layers
     it moved from the plan kept before it, and whether it was kept. Round 0 is the first solve."""
@@ -196,13 +186,6 @@ class PlanRound:
     divergence: float
     changed: int
     kept: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PlanRound:
-        return cls(data["round"], data["divergence"], data["changed"], data["kept"])
 
 
 def rounds_text(rounds: tuple[PlanRound, ...]) -> str:
