@@ -31,10 +31,7 @@ extra for MiniLM).
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -50,17 +47,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from train_digits_vit import MODEL_REF as DIGITS_REF  # noqa: E402
+from quality_act import act_section  # noqa: E402
+from quality_models import (  # noqa: E402
+    DIGITS,
+    IMAGENET_SPLIT,
+    BenchModel,
+    avg_bits,
+    model_specs,
+    register_example_source,
+    split_imagenet,
+)
 from train_digits_vit import train as train_digits  # noqa: E402
 from train_tiny_lm import OUT as TINY_LM  # noqa: E402
 from train_tiny_lm import train as train_tiny_lm  # noqa: E402
 
-from allocator.activation_bench import (  # noqa: E402
-    ACT_QUANTIZERS,
-    CANDIDATES,
-    PER_SITE,
-    quantizers,
-)
 from allocator.apply import apply  # noqa: E402
 from allocator.budget import parse_budget  # noqa: E402
 from allocator.data import compare  # noqa: E402
@@ -71,28 +71,16 @@ from allocator.data.evaluate import (  # noqa: E402
     kl_divergence,
     top1,
 )
-from allocator.job import ACT_BITS, FixedActs, JointActs  # noqa: E402
 from allocator.job_metrics import rounds_text  # noqa: E402
-from allocator.pipeline import JobSpec, Workbench, prepare  # noqa: E402
+from allocator.pipeline import Workbench, prepare  # noqa: E402
 from allocator.plan import BitPlan  # noqa: E402
-from allocator.solve import Solution, solve, uniform_bits_for  # noqa: E402
-from allocator.zoo import register_source  # noqa: E402
+from allocator.solve import solve, uniform_bits_for  # noqa: E402
 
-DATA = Path(os.environ.get("BITPLAN_SHARED_DATA", ROOT.parent / "shared" / "data"))
-METHODS = ("lrp", "fisher", "hessian", "measured", "lrp+fisher")
 UNIFORM_BITS = (8, 6, 5, 4, 3, 2)
 IN_NETWORK_UNIFORM_BITS = (4, 3, 2)
 """Uniform widths also fitted in the network (a fit is a pass per layer): the ones the budgets
 compare with, and 2 bits, which only in-network fitting keeps usable."""
 SWEEP = (2.25, 2.5, 3.0, 3.5, 4.0, 5.0)
-UNIFORM_WA = ((8, 8), (6, 6), (4, 8), (4, 4))
-MATCHED = ("W4A8", "W4A4")
-DIGITS = ROOT / "bench" / "out" / "digits"
-IMAGENET = DATA / "imagenet-sample" / "dev500_224.npz"
-IMAGENET_SPLIT = ROOT / "bench" / "out" / "imagenet-split"
-IMAGENET_CALIB_IMAGES = 256
-SPLIT_SEED = 0
-EXAMPLE_SOURCE = ROOT / "examples" / "bitplan-efficientnet-lite"
 BOOTSTRAP_RESAMPLES = 10_000
 COLUMNS = {
     "top1": "top1",
@@ -101,122 +89,6 @@ COLUMNS = {
     "kl": "KL to FP32",
 }
 """Column headings of the metrics a model's table may show."""
-
-
-@dataclass(frozen=True)
-class BenchModel:
-    """A model of this bench: its job, the methods it runs by default, the metrics its table
-    shows (the primary one when empty), a line saying which data it is measured on, and whether
-    mixed is compared with uniform image by image (for evaluation sets too small to trust a
-    difference of two top-1 figures)."""
-
-    spec: JobSpec
-    methods: tuple[str, ...] = METHODS
-    metrics: tuple[str, ...] = ()
-    note: str = ""
-    paired: bool = False
-
-
-def model_specs(eval_samples: int | None) -> dict[str, BenchModel]:
-    cifar = DATA / "cifar10"
-    stsb = DATA / "stsb"
-    common = {"eval_samples": eval_samples}
-    specs = {
-        "digits": JobSpec(
-            model=DIGITS_REF,
-            weights=str(DIGITS / "vit.safetensors"),
-            calib=str(DIGITS / "train.npz"),
-            eval=str(DIGITS / "test.npz"),
-            calib_samples=256,
-            **common,
-        ),
-        "resnet20": JobSpec(
-            model="zoo:cifar_resnet20",
-            weights=str(cifar / "resnet20-12fca82f.th"),
-            calib=str(cifar / "calib_train_jpeg.npz"),
-            eval=str(cifar / "test_jpeg.npz"),
-            **common,
-        ),
-        "resnet56": JobSpec(
-            model="zoo:cifar_resnet56",
-            weights=str(cifar / "resnet56-4bfd9763.th"),
-            calib=str(cifar / "calib_train_jpeg.npz"),
-            eval=str(cifar / "test_jpeg.npz"),
-            **common,
-        ),
-        "minilm": JobSpec(
-            model="hf:minilm",
-            calib=str(stsb / "sts-train.csv"),
-            eval=str(stsb / "sts-dev.csv"),
-            **common,
-        ),
-    }
-    models = {name: BenchModel(spec) for name, spec in specs.items()}
-    for name in ("resnet20", "resnet56"):
-        models[name] = BenchModel(specs[name], metrics=("top1", "agreement", "kl"), paired=True)
-    models["effnetlite1"] = BenchModel(
-        JobSpec(
-            model="effnetlite:lite1",
-            calib=str(IMAGENET_SPLIT / "calib.npz"),
-            eval=str(IMAGENET_SPLIT / "eval.npz"),
-            calib_samples=IMAGENET_CALIB_IMAGES // 2,
-            batch_size=32,
-            **common,
-        ),
-        # `measured` costs one calibration pass per layer and width: hours on this model.
-        methods=tuple(m for m in METHODS if m != "measured"),
-        metrics=("top1", "agreement", "kl"),
-        paired=True,
-        note=(
-            f"dev500_224.npz split by a permutation with seed {SPLIT_SEED}: its first "
-            f"{IMAGENET_CALIB_IMAGES} images calibrate ({IMAGENET_CALIB_IMAGES // 2} for the "
-            f"statistics, the others held out for the rule and plan checks), the other "
-            f"{500 - IMAGENET_CALIB_IMAGES} evaluate (one image is "
-            f"{100 / (500 - IMAGENET_CALIB_IMAGES):.2f} top-1 points)."
-        ),
-    )
-    models["tinylm"] = BenchModel(
-        JobSpec(
-            model=f"hf:{TINY_LM / 'model'}",
-            calib=str(TINY_LM / "train.txt"),
-            eval=str(TINY_LM / "dev.txt"),
-            **common,
-        ),
-        # Every row scores vocabulary-wide logits at every position: the cheaper methods keep
-        # the whole model within minutes.
-        methods=("lrp", "fisher", "lrp+fisher"),
-        metrics=("perplexity", "agreement", "kl"),
-        paired=True,
-        note=(
-            "Llama-style causal LM trained by bench/train_tiny_lm.py on the STS-B training "
-            "sentences; calibrated on windows of those sentences (train.txt), evaluated on the "
-            "dev sentences (dev.txt), cut into consecutive windows of 128 tokens. Perplexity: "
-            "lower is better; agreement and KL with FP32 per predicted position."
-        ),
-    )
-    return models
-
-
-def split_imagenet(folder: Path) -> None:
-    """The shared ImageNet sample as calibration and evaluation files a job can name: one image
-    per class leaves no spare images, so the two sets are disjoint halves of a fixed shuffle."""
-    with np.load(IMAGENET) as data:
-        images, labels = data["images"], data["labels"]
-    order = np.random.default_rng(SPLIT_SEED).permutation(len(images))
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, picked in (
-        ("calib", order[:IMAGENET_CALIB_IMAGES]),
-        ("eval", order[IMAGENET_CALIB_IMAGES:]),
-    ):
-        np.savez(folder / f"{name}.npz", images=images[picked], labels=labels[picked])
-
-
-def register_example_source() -> None:
-    """The `effnetlite:` source of examples/, registered as its entry point would register it
-    once installed: the bench extra brings its dependencies, not the example itself."""
-    sys.path.insert(0, str(EXAMPLE_SOURCE))
-    example = importlib.import_module("bitplan_efficientnet_lite")
-    register_source(example.PREFIX)(example.load)
 
 
 @dataclass
@@ -281,10 +153,6 @@ def metric_of(bench: Workbench, plan: BitPlan, plain: bool = False) -> Scores:
     """`plain`: round-to-nearest straight from the plan, ignoring the workbench's choices."""
     module = apply(bench.model.module, plan) if plain else bench.quantize(plan)
     return score(bench, module)
-
-
-def avg_bits(bench: Workbench, bits: dict[str, int]) -> float:
-    return sum(layer.params * bits[layer.name] for layer in bench.table) / bench.table.total_params
 
 
 def uniform_label(bits: int) -> str:
@@ -384,8 +252,9 @@ def paired_perplexity(a: np.ndarray, b: np.ndarray) -> str:
 
 
 def paired_table(rows: list[Row]) -> str:
-    """Each mixed row minus the uniform row of the same size and quantizer, image by image (a
-    causal LM: window by window, in perplexity)."""
+    """Each mixed row minus the uniform row of the same quantizer at the same size (between two
+    integer widths: the widest uniform plan that fits, which is what the budget buys without
+    an allocation), image by image (a causal LM: window by window, in perplexity)."""
     by_label = {row.label: row for row in rows}
     lm = rows[0].scores.window_nll is not None
     lines = (
@@ -398,9 +267,9 @@ def paired_table(rows: list[Row]) -> str:
         ]
     )
     for row in rows:
-        if row.budget is None or row.budget != int(row.budget):
+        if row.budget is None:
             continue
-        uniform = by_label.get(uniform_label(int(row.budget)))
+        uniform = by_label.get(uniform_label(math.floor(row.budget)))
         if uniform is None:
             continue
         mixed, base = row.scores, uniform.scores
@@ -554,140 +423,6 @@ def run_model(name: str, model: BenchModel, methods: list[str], budgets: list[fl
         "",
     ]
     return "\n".join(out)
-
-
-def act_options() -> list[str]:
-    """`auto`'s options for a role: per-site, then every candidate kind of any role."""
-    return [PER_SITE, *sorted({k for kinds in CANDIDATES.values() for k in kinds})]
-
-
-def act_section(name: str, spec: JobSpec, method: str) -> str:
-    """Uniform WxAy per activation-quantizer preset, mixed weights at matched size and BOPs,
-    and which quantizer `auto` picks per role."""
-    started = time.perf_counter()
-    # Weights fitted on FP32 inputs: this table compares activation quantizers, many plans each.
-    spec = replace(spec, calibration="fp32")
-    bench = prepare(spec, budget=parse_budget("match=W4A8"))
-    acts = bench.activations
-    primary = bench.evalset.primary_metric
-    fp32 = bench.evaluate()[primary]
-    presets = list(ACT_QUANTIZERS)
-    lines = [
-        f"### {name} activations ({spec.model}, {primary} on {bench.evalset.size} eval samples, "
-        f"{len(acts.sites)} activation sites), FP32 {fp32:.2f}",
-        "",
-        "| weights / activations | " + " | ".join(presets) + " |",
-        "|---|" + "---|" * len(presets),
-    ]
-    uniform_wa: dict[tuple[int, int, str], float] = {}
-    for w, a in UNIFORM_WA:
-        module = bench.quantize(bench.uniform_plan(w))
-        for preset in presets:
-            activations = quantizers(acts.assign(a, preset))
-            uniform_wa[w, a, preset] = bench.evaluate(module, activations)[primary]
-        cells = " | ".join(f"{uniform_wa[w, a, preset]:.2f}" for preset in presets)
-        lines.append(f"| uniform W{w}A{a} | {cells} |")
-    cost, _sens, _timings = bench.cost_table(method)
-    errors = {key: choice.output_error for key, choice in bench.choices.items()}
-
-    def checked(
-        solution: Solution, table_cost: np.ndarray, match: str, preset: str, joint_table: bool
-    ) -> tuple[float, dict[str, int], int | dict[str, int], str]:
-        """What a job returns for `solution`: it or, when the held-out check prefers it, the
-        uniform plan it matches; the metric, weight widths, site widths and a row label."""
-        budget = parse_budget(f"match={match}")
-        a = budget.match[1]
-        resolved = budget.resolve(bench.table)
-        uniform_w = uniform_bits_for(bench.table, bench.spec.bits, resolved, act_bits=a)
-        widths_of = JointActs(ACT_BITS, baseline_bits=a) if joint_table else FixedActs(a)
-        solution, check = bench.check_against_uniform(
-            solution, table_cost, uniform_w, widths_of, preset
-        )
-        widths = bench.site_widths(solution, widths_of)
-        module = bench.quantize(bench.plan(solution.bits, {}))
-        metric = bench.evaluate(module, quantizers(acts.assign(widths, preset)))[primary]
-        kept = check is not None and check.kept == "uniform"
-        return metric, solution.bits, widths, " (uniform kept)" if kept else ""
-
-    @functools.cache
-    def joint(preset: str, match: str) -> tuple[float, dict[str, int], int | dict[str, int], str]:
-        """The joint W/A plan at the size and BOPs of uniform `match` with `preset`'s
-        quantizers, as a job returns it (see `checked`)."""
-        budget = parse_budget(f"match={match}")
-        joint_acts = JointActs(ACT_BITS, baseline_bits=budget.match[1])
-        joint_cost = acts.joint_cost(cost, bench.spec.bits, errors, joint_acts, preset)
-        resolved = budget.resolve(bench.table)
-        solution = solve(bench.table, bench.spec.bits, joint_cost, resolved, acts=joint_acts)
-        return checked(solution, joint_cost, match, preset, joint_table=True)
-
-    lines += [
-        "",
-        f"| budget ({method}, auto quantizers) | uniform | mixed weights, fixed A "
-        "| joint W/A | joint avg weight bits | joint activation widths (sites) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for match in MATCHED:
-        budget = parse_budget(f"match={match}")
-        act_bits = budget.match[1]
-        resolved = budget.resolve(bench.table)
-        fixed_acts = quantizers(acts.assign(act_bits, "auto"))
-        uniform_w = uniform_bits_for(bench.table, bench.spec.bits, resolved, act_bits=act_bits)
-        uniform = bench.evaluate(bench.quantize(bench.uniform_plan(uniform_w)), fixed_acts)
-        fixed = solve(bench.table, bench.spec.bits, cost, resolved, acts=FixedActs(act_bits))
-        mixed, _bits, _widths, mixed_kept = checked(fixed, cost, match, "auto", joint_table=False)
-        joint_metric, joint_bits, widths, joint_kept = joint("auto", match)
-        counts = ", ".join(
-            f"A{a}: {list(widths.values()).count(a)}" for a in sorted(set(widths.values()))
-        )
-        lines.append(
-            f"| match={match} | {uniform[primary]:.2f} (W{uniform_w}A{act_bits}) | "
-            f"{mixed:.2f}{mixed_kept} | {joint_metric:.2f}{joint_kept} | "
-            f"{avg_bits(bench, joint_bits):.2f} | {counts} |"
-        )
-    lines += [
-        "",
-        f"Joint W/A at the size and BOPs of uniform W4A4, each preset's quantizers on both sides "
-        f"({method}):",
-        "",
-        "| quantizers | uniform W4A4 | joint W/A | gain |",
-        "|---|---|---|---|",
-    ]
-    for preset in presets:
-        metric, _bits, _widths, kept = joint(preset, "W4A4")
-        base = uniform_wa[4, 4, preset]
-        gain = metric - base if HIGHER_IS_BETTER[primary] else base - metric
-        lines.append(f"| {preset} | {base:.2f} | {metric:.2f}{kept} | {gain:+.2f} |")
-    lines += [
-        "",
-        "`auto`, per width and role: held-out divergence from FP32 of each option (all sites at "
-        "that width; roles in order, each measured with the earlier ones at their choice):",
-        "",
-        "| act bits | role | chosen | " + " | ".join(f"{k}" for k in act_options()) + " |",
-        "|---|---|---|" + "---|" * len(act_options()),
-    ]
-    for b, rules in sorted(acts.rules_to_dict().items(), key=lambda item: -int(item[0])):
-        for role, measured in rules["divergence"].items():
-            cells = " | ".join(f"{measured[k]:.3g}" if k in measured else "" for k in act_options())
-            lines.append(f"| {b} | {role} | {rules['chosen'][role]} | {cells} |")
-    lines += [
-        "",
-        "Quantizer `auto` picks per role (sites):",
-        "",
-    ]
-    kinds = act_options()[1:]
-    lines += ["| act bits | role | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
-    for a in sorted({a for _, a in UNIFORM_WA}, reverse=True):
-        chosen = acts.assign(a, "auto")
-        for role in CANDIDATES:
-            picked = [
-                x.quantizer.kind for x in chosen if x.site.role == role and x.quantizer.bits == a
-            ]
-            if picked:
-                lines.append(
-                    f"| {a} | {role} | " + " | ".join(str(picked.count(k)) for k in kinds) + " |"
-                )
-    lines += ["", f"_{time.perf_counter() - started:.0f} s in all_", ""]
-    return "\n".join(lines)
 
 
 def main() -> None:
