@@ -171,17 +171,26 @@ def test_the_spec_bounds_calibration_and_rounds() -> None:
         replace(spec, context_rounds=99).validate()
 
 
-def test_a_kept_round_prices_its_plan_on_the_methods_table() -> None:
+def test_a_kept_round_prices_its_plan_on_the_methods_table(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     bench = _bench()
     budget = ResolvedBudget(size_bits=bench.table.uniform_storage_bits(3))
-    cost = np.array([[1.0, 0.6, 0.3, 0.0]] * len(bench.table))
-    cost[0] = [5.0, 0.1, 0.05, 0.0]  # a first plan the held-out samples will not agree with
+    names = [layer.name for layer in bench.table]
+    # The method's table wants the stem wide; the held-out samples (stood in for by a divergence
+    # that wants the head wide) disagree, so the first round moves the plan and keeps it.
+    cost = np.array([[1.0, 0.6, 0.3, 0.0]] * len(names))
+    cost[0] = [5.0, 1.0, 0.5, 0.0]
+    wants = {name: (8 if name == names[-1] else 2) for name in names}
+
+    def divergence(bits, _activations=None, swap=None) -> float:
+        widths = {**bits, **(swap or {})}
+        return float(sum(abs(widths[n] - wants[n]) for n in names))
+
+    monkeypatch.setattr(bench, "holdout_divergence", divergence)
     first = solve(bench.table, BITS, cost, budget)
-    best, _rounds = refine(bench, first, cost, budget, FLOAT_ACTS, 2)
+    best, rounds = refine(bench, first, cost, budget, FLOAT_ACTS, 2)
+    assert rounds[1].kept and best.bits != first.bits
     columns = {b: j for j, b in enumerate(BITS)}
-    expected = sum(
-        cost[i, columns[best.bits[layer.name]]]
-        for i, layer in enumerate(bench.table)
-        if layer.pinned_bits is None
-    )
+    expected = sum(cost[i, columns[best.bits[name]]] for i, name in enumerate(names))
     assert best.objective == pytest.approx(expected)
