@@ -46,6 +46,8 @@ def refine(
     measured (round 0: the first plan)."""
     bits = list(bench.spec.bits)
     best, best_cost = solution, cost
+    # Each plan is fitted once, with the neighbouring widths a round moves to (same passes).
+    bench.fitted(best.bits, activations, neighbours=True)
     divergence = bench.holdout_divergence(best.bits, activations)
     history = [PlanRound(0, divergence, 0, True)]
     for number in range(1, rounds + 1):
@@ -64,6 +66,7 @@ def refine(
             history.append(PlanRound(number, divergence, 0, False))
             break
         tick((number - 0.5) / rounds, f"round {number}: fitting {changed} moved layers")
+        bench.fitted(candidate.bits, activations, neighbours=number < rounds)
         moved = bench.holdout_divergence(candidate.bits, activations)
         kept = moved < divergence
         history.append(PlanRound(number, moved, changed, kept))

@@ -194,3 +194,20 @@ def test_a_kept_round_prices_its_plan_on_the_methods_table(
     columns = {b: j for j, b in enumerate(BITS)}
     expected = sum(cost[i, columns[best.bits[name]]] for i, name in enumerate(names))
     assert best.objective == pytest.approx(expected)
+
+
+def test_rounds_fit_each_plan_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = _bench()
+    budget = ResolvedBudget(size_bits=bench.table.uniform_storage_bits(3))
+    cost = np.array([[1.0, 0.6, 0.3, 0.0]] * len(bench.table))
+    first = solve(bench.table, BITS, cost, budget)
+    fits: list[tuple[tuple[str, int], ...]] = []
+    calibrate = in_network.calibrate
+
+    def counted(model, batches, table, plan, *args, **kwargs):
+        fits.append(tuple(sorted(plan.items())))
+        return calibrate(model, batches, table, plan, *args, **kwargs)
+
+    monkeypatch.setattr(in_network, "calibrate", counted)
+    refine(bench, first, cost, budget, FLOAT_ACTS, 2)
+    assert len(fits) == len(set(fits))
