@@ -22,8 +22,8 @@ widths, keep their FP32-input choice.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -144,21 +144,6 @@ def calibrate(
         if on_layer is not None:
             on_layer(index + 1, len(order))
     return fitted
-
-
-def plan_layers(choices: Choices, plan: Mapping[str, int]) -> dict[str, QuantChoice]:
-    """Each layer's choice at its plan width."""
-    return {name: choices[(name, b)] for name, b in plan.items()}
-
-
-@contextmanager
-def quantized_layers(model: nn.Module, layers: Mapping[str, QuantChoice]) -> Iterator[None]:
-    """The model with `layers` quantized for the duration of the block."""
-    modules = dict(model.named_modules())
-    with ExitStack() as stack:
-        for name, choice in layers.items():
-            stack.enter_context(quantized_layer(modules[name], choice))
-        yield
 
 
 def _moments(

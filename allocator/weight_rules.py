@@ -20,7 +20,6 @@ samples, and no more quantization work: the sets share their candidates.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +27,7 @@ import torch
 from allocator.costs import ROUNDINGS, QuantChoice, RuleSet
 from allocator.layers import LayerTable
 from allocator.quant.weight import CLIP_RULES
-from allocator.sensitivity.measured import mean_divergence, quantized_layer
+from allocator.sensitivity.measured import mean_divergence, quantized_layers
 from allocator.zoo.base import Inputs, LoadedModel
 
 PER_LAYER = "per-layer"
@@ -104,8 +103,5 @@ def divergence_from_fp32(
 ) -> float:
     """Mean divergence over `batches` of the model with `layers` quantized from its FP32
     `reference` outputs (the model is restored afterwards)."""
-    modules = dict(model.module.named_modules())
-    with ExitStack() as stack:
-        for name, choice in layers.items():
-            stack.enter_context(quantized_layer(modules[name], choice))
+    with quantized_layers(model.module, layers):
         return mean_divergence(model, batches, reference)

@@ -15,6 +15,7 @@ from allocator.context_costs import _row, refine
 from allocator.job import FLOAT_ACTS, JobSpec
 from allocator.layers import build_layer_table
 from allocator.pipeline import Workbench
+from allocator.sensitivity.measured import quantized_layers
 from allocator.solve import solve
 from allocator.weight_rules import fp32_outputs
 from allocator.zoo.base import LoadedModel
@@ -74,8 +75,8 @@ def test_layers_are_fitted_in_the_order_the_network_runs_them() -> None:
 
 def _output_error(bench: Workbench, choices: in_network.Choices, widths: dict[str, int]) -> float:
     reference = fp32_outputs(bench.model, bench.batches)
-    layers = in_network.plan_layers(choices, widths)
-    with in_network.quantized_layers(bench.model.module, layers), torch.no_grad():
+    layers = {name: choices[(name, b)] for name, b in widths.items()}
+    with quantized_layers(bench.model.module, layers), torch.no_grad():
         return sum(
             float(((bench.model(x) - ref) ** 2).sum())
             for x, ref in zip(bench.batches, reference, strict=True)

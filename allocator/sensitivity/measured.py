@@ -9,8 +9,8 @@ positions) for causal LMs, 1 - cosine similarity for embedding models.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 
 import numpy as np
 import torch
@@ -66,6 +66,16 @@ def quantized_layer(layer: nn.Module, choice: QuantChoice) -> Iterator[None]:
         layer.weight.data = original
         if handle is not None:
             handle.remove()
+
+
+@contextmanager
+def quantized_layers(model: nn.Module, layers: Mapping[str, QuantChoice]) -> Iterator[None]:
+    """`quantized_layer` for each of `layers` (by module name) at once."""
+    modules = dict(model.named_modules())
+    with ExitStack() as stack:
+        for name, choice in layers.items():
+            stack.enter_context(quantized_layer(modules[name], choice))
+        yield
 
 
 def measured_costs(
