@@ -34,7 +34,7 @@ from allocator.costs import ROWS_PER_BATCH, QuantChoice
 from allocator.layers import Layer, LayerTable
 from allocator.quant.gptq import DAMPENING, gptq_quantize, inverse_factor
 from allocator.quant.weight import quantize_weight
-from allocator.sensitivity.measured import quantized_layer
+from allocator.sensitivity.measured import quantized_layers
 from allocator.zoo.base import Inputs, LoadedModel, run_hooked
 
 TARGETS = ("fp32", "quantized")
@@ -105,13 +105,13 @@ def calibrate(
     table: LayerTable,
     plan: Mapping[str, int],
     fp32_choices: Choices,
-    widths: Callable[[str, int], Sequence[int]] = lambda _name, b: (b,),
+    widths: Callable[[str, int], Sequence[int]] | None = None,
     target: str = "fp32",
     context: Callable[[], AbstractContextManager[object]] | None = None,
     on_layer: Callable[[int, int], None] | None = None,
 ) -> dict[tuple[str, int], QuantChoice]:
     """Choices for `plan` fitted in network order: for each layer, every width in
-    `widths(layer, plan[layer])`, each fitted with the earlier layers at their plan widths.
+    `widths(layer, plan[layer])` (the plan width alone when None), each fitted with the earlier layers at their plan widths.
 
     `context()` enters what else the quantized network runs with (its activation quantizers).
     Layers that cannot be refitted keep `fp32_choices` at their plan width.
@@ -140,7 +140,8 @@ def calibrate(
         moments = _moments(
             model, batches, module, layer.padding, rows, fitted, plan, modules, context
         )
-        fitted.update(_fit(module, moments, name, widths(name, plan[name]), fp32_choices, target))
+        asked = widths(name, plan[name]) if widths is not None else (plan[name],)
+        fitted.update(_fit(module, moments, name, asked, fp32_choices, target))
         if on_layer is not None:
             on_layer(index + 1, len(order))
     return fitted
@@ -161,10 +162,9 @@ def _moments(
     rows) beside the quantized network's at the same positions. Earlier layers are at their
     fitted plan choices; later ones never run (the pass stops at the layer)."""
     moments = _Moments()
+    earlier = {name: fitted[(name, b)] for name, b in plan.items() if modules[name] is not module}
     with ExitStack() as stack:
-        for name, b in plan.items():
-            if modules[name] is not module:
-                stack.enter_context(quantized_layer(modules[name], fitted[(name, b)]))
+        stack.enter_context(quantized_layers(model.module, earlier))
         if context is not None:
             stack.enter_context(context())
         for inputs, (pick, rows_f) in zip(batches, fp32, strict=True):

@@ -53,10 +53,6 @@ FITTED_PLANS_KEPT = 3
 Choices = Mapping[tuple[str, int], costs.QuantChoice]
 
 
-def _own_width(_name: str, b: int) -> tuple[int, ...]:
-    return (b,)
-
-
 def make_plan(
     table: LayerTable,
     bits: Mapping[str, int],
@@ -164,7 +160,7 @@ class Workbench:
             self.table,
             bits,
             self.choices,
-            widths=self._neighbours if neighbours else _own_width,
+            widths=self._neighbours if neighbours else None,
             context=context,
         )
         while len(self._fitted) >= FITTED_PLANS_KEPT:
@@ -337,7 +333,7 @@ class Workbench:
     ) -> dict[str, float]:
         """Metrics of `module` (FP32 when None) on the evaluation set, with `activations`
         quantizing its activation sites when given."""
-        return self.score(module, activations)[0]
+        return evaluate_outputs(self._outputs(module, activations), self.evalset, self.reference)
 
     def score(
         self,
@@ -346,15 +342,23 @@ class Workbench:
     ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         """`evaluate`'s metrics and each sample's values (`allocator.data.per_sample`), from
         one pass, for a paired comparison of two plans."""
-        reference = self.reference
+        outputs = self._outputs(module, activations)
+        return (
+            evaluate_outputs(outputs, self.evalset, self.reference),
+            per_sample(outputs, self.evalset, self.reference),
+        )
+
+    def _outputs(
+        self, module: torch.nn.Module | None, activations: Mapping[str, ActQuantizer] | None
+    ) -> torch.Tensor:
+        """`module`'s (FP32 when None) outputs on the evaluation set, with `activations`."""
+        if module is None and not activations:
+            return self.reference  # the FP32 outputs, computed once
+        self.reference  # noqa: B018  # computed first, while the model is still FP32
         target = self.model if module is None else replace(self.model, module=module)
         with ExitStack() as stack:
             if activations and self.activations is not None:
                 stack.enter_context(
                     quantized_activations(target.module, self.activations.sites, activations)
                 )
-            outputs = self.evalset.outputs(target)
-        return (
-            evaluate_outputs(outputs, self.evalset, reference),
-            per_sample(outputs, self.evalset, reference),
-        )
+            return self.evalset.outputs(target)
