@@ -297,4 +297,12 @@ def _damped_inverse(covariance: Tensor) -> Tensor:
     rows span a direction (the same dampening GPTQ uses)."""
     eye = torch.eye(covariance.shape[-1], dtype=covariance.dtype)
     base = covariance.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)
-    return torch.linalg.inv(covariance + (DAMPENING * base)[:, None, None] * eye)
+    damped = covariance + (DAMPENING * base)[:, None, None] * eye
+    # Cholesky, not `linalg.inv`: the damped moment is positive definite, and MKL's batched LU
+    # once returned invalid pivots on such a batch in CI ("Pivots given to lu_solve ...").
+    lower, info = torch.linalg.cholesky_ex(damped)
+    inverse = torch.cholesky_inverse(lower)
+    failed = info != 0
+    if failed.any():
+        inverse[failed] = torch.linalg.pinv(damped[failed], hermitian=True)
+    return inverse

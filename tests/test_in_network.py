@@ -212,3 +212,15 @@ def test_rounds_fit_each_plan_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(in_network, "calibrate", counted)
     refine(bench, first, cost, budget, FLOAT_ACTS, 2)
     assert len(fits) == len(set(fits))
+
+
+def test_the_damped_inverse_is_exact_for_each_group_and_finite_for_a_degenerate_one() -> None:
+    torch.manual_seed(0)
+    rows = torch.randn(4, 64, 12, dtype=torch.float64)
+    moments = rows.mT @ rows / 64
+    moments[2] = 0.0
+    moments[3] = -moments[3]
+    inverse = in_network._damped_inverse(moments)
+    damped = moments[0] + in_network.DAMPENING * moments[0].diagonal().mean() * torch.eye(12)
+    assert torch.allclose(inverse[0] @ damped, torch.eye(12, dtype=torch.float64), atol=1e-8)
+    assert inverse.isfinite().all()
