@@ -95,9 +95,12 @@ ACT_QUANTIZERS = ("baseline", "repq", "isvit", "dopq", "log2", "auto")
 """`act_quantizers` values: the presets of `allocator.activation_bench`, and `auto`."""
 SENSITIVITY_METHODS = ("lrp", "fisher", "hessian", "measured")
 """Sensitivity methods a spec may name, alone or joined by '+' (`allocator.sensitivity`)."""
-CALIBRATIONS = ("in-network", "fp32")
+CALIBRATIONS = ("auto", "in-network", "fp32")
 """How a plan's weights are fitted (`allocator.in_network`): each layer on the inputs the
-quantized layers before it produce, or each on FP32 inputs (faster, and what jobs did before)."""
+quantized layers before it produce ("in-network"), or each on FP32 inputs ("fp32": faster, and
+what jobs did before); "auto" fits the uniform plan both ways and keeps the way that stays closer
+to FP32 on held-out samples (`Workbench.choose_fit`): in-network fits help CNNs and can overfit
+the wide layers of a transformer."""
 MAX_CONTEXT_ROUNDS = 5
 MAX_PINS = 10_000
 MAX_SEED = 2**32 - 1
@@ -201,11 +204,11 @@ class JobSpec:
     integer program). None: float activations, unless the budget is `match=WxAy`, which sets y.
     The wire form; `act_widths(spec, budget)` reads it into an `ActWidths`."""
     act_quantizers: str = "auto"
-    calibration: str = "in-network"
+    calibration: str = "auto"
     """One of `CALIBRATIONS`."""
     context_rounds: int = 2
     """Rounds of costs re-measured around the plan, each kept only when it moves the held-out
-    divergence down (`allocator.context_costs`); 0 solves once. Needs in-network calibration."""
+    divergence down (`allocator.context_costs`); 0 solves once. Run only with in-network fits."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

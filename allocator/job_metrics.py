@@ -93,6 +93,26 @@ class PlanCheck(Record):
 
 
 @dataclass(frozen=True)
+class FitCheck(Record):
+    """The held-out divergence from FP32 of the uniform plan at `bits` fitted in the network
+    and on FP32 inputs, and the fit the job `chose` for all its plans ("in-network" or
+    "fp32"): what `calibration: "auto"` decides by."""
+
+    bits: int
+    in_network: float
+    fp32: float
+    chose: str
+
+    def text(self) -> str:
+        """`chosen by held-out divergence of uniform W3: 0.0686 in the network, 0.1467 on FP32
+        inputs`."""
+        return (
+            f"chosen by held-out divergence of uniform W{self.bits}: {self.in_network:.4g} in "
+            f"the network, {self.fp32:.4g} on FP32 inputs"
+        )
+
+
+@dataclass(frozen=True)
 class FloatLayer(Record):
     """A weight layer bitplan leaves in float, and why (a line a user can act on)."""
 
@@ -230,8 +250,17 @@ class JobMetrics:
     calibration: str = "fp32"
     """How weights were fitted: "in-network" (each layer on the quantized network's inputs) or
     "fp32" (each on FP32 inputs; what results from before in-network calibration did)."""
+    fit_check: FitCheck | None = None
+    """Why `calibration` is what it is, when the job chose it (`calibration: "auto"`)."""
     rounds: tuple[PlanRound, ...] = ()
     """The plan's rounds of in-context costs, round 0 first; empty when none ran."""
+
+    @property
+    def fit_text(self) -> str:
+        """`weights fitted in the network (chosen by held-out divergence of uniform W3: ...)`."""
+        fitted = "in the network" if self.calibration == "in-network" else "on FP32 inputs"
+        why = f" ({self.fit_check.text()})" if self.fit_check is not None else ""
+        return f"weights fitted {fitted}{why}"
 
     @property
     def eval_source_text(self) -> str:
@@ -261,13 +290,14 @@ class JobMetrics:
         data["comparison"] = None if self.comparison is None else self.comparison.to_dict()
         data["eval_source"] = self.eval_source
         data["calibration"] = self.calibration
+        data["fit_check"] = None if self.fit_check is None else self.fit_check.to_dict()
         data["rounds"] = [r.to_dict() for r in self.rounds]
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> JobMetrics:
         uniform, check = data.get("uniform"), data.get("plan_check")
-        comparison = data.get("comparison")
+        comparison, fit_check = data.get("comparison"), data.get("fit_check")
         return cls(
             primary=data["primary"],
             fp32=dict(data["fp32"]),
@@ -284,5 +314,6 @@ class JobMetrics:
             comparison=None if comparison is None else Comparison.from_dict(comparison),
             eval_source=data.get("eval_source", "eval"),
             calibration=data.get("calibration", "fp32"),
+            fit_check=None if fit_check is None else FitCheck.from_dict(fit_check),
             rounds=tuple(PlanRound.from_dict(r) for r in data.get("rounds", ())),
         )

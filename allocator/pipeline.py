@@ -131,7 +131,8 @@ def run(
             predicted_cost=solution.objective,
             comparison=comparison,
             eval_source=bench.eval_source,
-            calibration=spec.calibration,
+            calibration=bench.calibration,
+            fit_check=bench.fit_check,
             rounds=rounds,
         )
     result = Result(

@@ -36,7 +36,7 @@ from allocator.job import (
     JointActs,
     parse_method,
 )
-from allocator.job_metrics import PlanCheck, PlanRound
+from allocator.job_metrics import FitCheck, PlanCheck, PlanRound
 from allocator.layers import LayerTable
 from allocator.plan import BitPlan, LayerPlan
 from allocator.quant.activation import ActQuantizer
@@ -99,9 +99,51 @@ class Workbench:
     """FP32 outputs on `holdout`."""
     eval_source: str = "eval"
     """Where `evalset` came from (`allocator.job_metrics.EVAL_SOURCES`)."""
+    fit_check: FitCheck | None = None
+    """What `choose_fit` measured, once it has."""
     _reference: torch.Tensor | None = None
     _fitted: dict[tuple[Any, ...], Choices] = field(default_factory=dict)
     """Fitted choices by (plan, activation quantizers, neighbours)."""
+    _fit: str | None = None
+    """The fit `choose_fit` chose for `calibration: "auto"`."""
+
+    @property
+    def calibration(self) -> str:
+        """How plans are fitted: the spec's choice, or for "auto" the one `choose_fit` chose
+        (in-network until it has)."""
+        if self.spec.calibration != "auto":
+            return self.spec.calibration
+        return self._fit or "in-network"
+
+    def choose_fit(
+        self, bits: int | None, activations: Mapping[str, ActQuantizer] | None = None
+    ) -> FitCheck | None:
+        """For `calibration: "auto"`, the fit every later plan gets: the uniform plan at `bits`
+        (the narrowest width when None) is fitted in the network and on FP32 inputs, and the
+        one closer to FP32 on the held-out samples wins.
+
+        In-network fits are least squares to FP32 outputs over the calibration rows; on CNNs
+        they halve the uniform plan's divergence, on MiniLM's wide linear layers they overfit
+        256 sentences and lower STS Spearman (docs/design.md). One extra held-out pass decides
+        per job instead of per model family. Without held-out samples nothing can be judged
+        and in-network fits stay. None when nothing was measured.
+        """
+        if self.spec.calibration != "auto" or self._fit is not None:
+            return self.fit_check
+        if not self.holdout:
+            self._fit = "in-network"
+            return None
+        width = bits if bits is not None else min(self.spec.bits)
+        uniform = self.table.uniform(width)
+        measured = {}
+        for fit in ("in-network", "fp32"):
+            self._fit = fit
+            measured[fit] = self.holdout_divergence(uniform, activations)
+        self._fit = min(measured, key=measured.__getitem__)
+        if self._fit == "fp32":
+            self._fitted.clear()
+        self.fit_check = FitCheck(width, measured["in-network"], measured["fp32"], self._fit)
+        return self.fit_check
 
     @property
     def reference(self) -> torch.Tensor:
@@ -139,7 +181,7 @@ class Workbench:
         The last few plans' fits are kept: a job fits its plan once for the plan check and
         reuses it to quantize and to pack.
         """
-        if self.spec.calibration != "in-network":
+        if self.calibration != "in-network":
             return self.choices
         # A site's quantizer is calibrated once per (kind, width): those name it within a job.
         acts = tuple(sorted((name, q.kind, q.bits) for name, q in (activations or {}).items()))
@@ -248,7 +290,9 @@ class Workbench:
         """The plan a job returns for `budget`: the exact solve of `cost`, re-solved in the
         plan's context while that helps (`allocator.context_costs`, running `activations`, the
         one-width quantizers a weight-only round prices plans with), then checked against the
-        uniform plan of `uniform_bits`."""
+        uniform plan of `uniform_bits`. A job that lets bitplan choose the fit has it chosen
+        first (`choose_fit`)."""
+        self.choose_fit(uniform_bits, activations)
         solution = solve(
             self.table,
             self.spec.bits,
@@ -279,7 +323,7 @@ class Workbench:
         asks for rounds, has held-out samples to measure on, and allocates weights only (a joint
         plan's activation widths move with its weights, which one-width moves do not price)."""
         return (
-            self.spec.calibration == "in-network"
+            self.calibration == "in-network"
             and self.spec.context_rounds > 0
             and bool(self.holdout)
             and not isinstance(acts, JointActs)

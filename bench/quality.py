@@ -114,6 +114,8 @@ class Row:
     """The avg-bits budget a mixed row was solved for."""
     bits: dict[str, int] | None = None
     """A mixed row's width per layer."""
+    fit: str = "in-network"
+    """How a mixed row's weights were fitted: its paired uniform row is fitted the same way."""
 
 
 def score(bench: Workbench, module: nn.Module | None = None) -> Scores:
@@ -155,21 +157,24 @@ def metric_of(bench: Workbench, plan: BitPlan, plain: bool = False) -> Scores:
     return score(bench, module)
 
 
-def uniform_label(bits: int) -> str:
-    return f"uniform W{bits} bitplan quantizer"
+def uniform_label(bits: int, fit: str = "in-network") -> str:
+    label = f"uniform W{bits} bitplan quantizer"
+    return label if fit == "in-network" else f"{label}, FP32-input fit"
 
 
-def fp32_inputs(bench: Workbench) -> Workbench:
-    """The same workbench fitting every plan on FP32 inputs (the statistics phase's choices),
-    as jobs did before in-network calibration: the bench shows both."""
-    return replace(bench, spec=replace(bench.spec, calibration="fp32"))
+def fitting(bench: Workbench, calibration: str) -> Workbench:
+    """The same workbench fitting every plan one way: "fp32" on FP32 inputs (the statistics
+    phase's choices, as jobs did before in-network calibration) or "in-network"; the bench shows
+    both, and the plans a job returns with the fit `calibration: "auto"` chooses."""
+    return replace(bench, spec=replace(bench.spec, calibration=calibration))
 
 
 def uniform_rows(bench: Workbench) -> list[Row]:
     """Plain round-to-nearest (max clip, no bias correction) and bitplan's quantizer fitted on
     FP32 inputs and in the network, per width."""
     rows = []
-    plain_bench = fp32_inputs(bench)
+    plain_bench = fitting(bench, "fp32")
+    network_bench = fitting(bench, "in-network")
     for b in UNIFORM_BITS:
         widths = {layer.name: layer.pinned_bits or b for layer in bench.table}
         plain = BitPlan.from_bits(widths, clip="max")
@@ -177,13 +182,15 @@ def uniform_rows(bench: Workbench) -> list[Row]:
         rows += [
             Row(f"uniform W{b} max-clip", size, metric_of(bench, plain, plain=True)),
             Row(
-                f"{uniform_label(b)}, FP32-input fit",
+                uniform_label(b, "fp32"),
                 size,
                 metric_of(plain_bench, plain_bench.uniform_plan(b)),
             ),
         ]
-        if bench.spec.calibration == "in-network" and b in IN_NETWORK_UNIFORM_BITS:
-            rows.append(Row(uniform_label(b), size, metric_of(bench, bench.uniform_plan(b))))
+        if bench.spec.calibration != "fp32" and b in IN_NETWORK_UNIFORM_BITS:
+            rows.append(
+                Row(uniform_label(b), size, metric_of(network_bench, network_bench.uniform_plan(b)))
+            )
     return rows
 
 
@@ -199,7 +206,7 @@ def mixed_rows(
     cost, _sens, _timings = bench.cost_table(method)
     seconds = time.perf_counter() - started
     primary = bench.evalset.primary_metric
-    plain_bench = fp32_inputs(bench)
+    plain_bench = fitting(bench, "fp32")
     rows, points = [], []
     for b in sorted(set(budgets) | (set(SWEEP) if sweep else set()), reverse=True):
         resolved = parse_budget(f"avg-bits={b}").resolve(bench.table)
@@ -219,19 +226,21 @@ def mixed_rows(
                 bits=first.bits,
             )
         )
-        if bench.spec.calibration != "in-network":
+        if bench.spec.calibration == "fp32":
             continue
         solution, rounds, check = bench.choose_plan(cost, resolved, uniform_bits)
         kept = " (uniform kept)" if check and check.kept == "uniform" else ""
+        fit = "" if bench.calibration == "in-network" else ", FP32-input fit chosen"
         rows.append(
             Row(
-                f"mixed {method} @ avg {b}{kept}"
+                f"mixed {method} @ avg {b}{kept}{fit}"
                 + (f", {text}" if (text := rounds_text(rounds)) else ""),
                 avg_bits(bench, solution.bits),
                 metric_of(bench, bench.plan(solution.bits, {"method": method})),
                 solution.objective,
                 budget=b,
                 bits=solution.bits,
+                fit=bench.calibration,
             )
         )
     rho = spearmanr([p for p, _ in points], [m for _, m in points]).statistic if sweep else None
@@ -269,7 +278,7 @@ def paired_table(rows: list[Row]) -> str:
     for row in rows:
         if row.budget is None:
             continue
-        uniform = by_label.get(uniform_label(math.floor(row.budget)))
+        uniform = by_label.get(uniform_label(math.floor(row.budget), row.fit))
         if uniform is None:
             continue
         mixed, base = row.scores, uniform.scores
@@ -407,6 +416,11 @@ def run_model(name: str, model: BenchModel, methods: list[str], budgets: list[fl
         "",
         *method_lines,
         "",
+        *(
+            [f"Mixed plans fitted {bench.fit_check.chose}, {bench.fit_check.text()}.", ""]
+            if bench.fit_check is not None
+            else []
+        ),
         "Rule set per width, by held-out divergence from FP32 (allocator/weight_rules.py):",
         "",
         rules_table(bench),

@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from allocator.job_metrics import JobMetrics  # noqa: E402
 from service.cli.output import print_summary  # noqa: E402
 
 README = ROOT / "README.md"
@@ -85,8 +86,8 @@ def example_block(printed: str, result: dict, home: Path) -> str:
         f"they matter and reaches {mixed:.2f}, a difference of {difference.get('value', 0):+.2f} "
         f"points [{difference.get('low', 0):+.2f}, {difference.get('high', 0):+.2f}] "
         f"({comparison.get('verdict', 'not compared')}, paired bootstrap over the "
-        f"{comparison.get('samples', 0):,} test images). Both plans are fitted the same way, "
-        f"layer by layer in the quantized network (`calibration: {metrics.get('calibration')}`); "
+        f"{comparison.get('samples', 0):,} test images). Both plans are fitted the same way: "
+        f"{JobMetrics.from_dict(metrics).fit_text} (`calibration: auto`, the default); "
         f"{len(rounds) - 1 if rounds else 0} round(s) of costs re-measured around the plan ran, "
         f"{kept_rounds} kept.",
         "",

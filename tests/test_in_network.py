@@ -13,6 +13,7 @@ from allocator import costs, in_network
 from allocator.budget import ResolvedBudget
 from allocator.context_costs import _row, refine
 from allocator.job import FLOAT_ACTS, JobSpec
+from allocator.job_metrics import JobMetrics
 from allocator.layers import build_layer_table
 from allocator.pipeline import Workbench
 from allocator.sensitivity.measured import quantized_layers
@@ -224,3 +225,52 @@ def test_the_damped_inverse_is_exact_for_each_group_and_finite_for_a_degenerate_
     damped = moments[0] + in_network.DAMPENING * moments[0].diagonal().mean() * torch.eye(12)
     assert torch.allclose(inverse[0] @ damped, torch.eye(12, dtype=torch.float64), atol=1e-8)
     assert inverse.isfinite().all()
+
+
+def _auto_bench(batches: int, rows: int) -> Workbench:
+    bench = _bench(calibration="auto")
+    torch.manual_seed(1)
+    bench.batches = [torch.randn(rows, 3, 8, 8) for _ in range(batches)]
+    return bench
+
+
+def _divergence(bench: Workbench, calibration: str, bits: int) -> float:
+    fixed = replace(bench, spec=replace(bench.spec, calibration=calibration), _fitted={})
+    return fixed.holdout_divergence(bench.table.uniform(bits))
+
+
+@pytest.mark.parametrize(
+    ("batches", "rows", "chosen"),
+    # 32 images leave the least-squares fit too few rows and it overfits; 256 do not.
+    [(2, 16, "fp32"), (4, 64, "in-network")],
+)
+def test_auto_keeps_the_fit_closer_to_fp32_on_held_out_samples(
+    batches: int, rows: int, chosen: str
+) -> None:
+    bench = _auto_bench(batches, rows)
+    check = bench.choose_fit(3)
+    assert check is not None and check.chose == chosen == bench.calibration
+    assert check.in_network == pytest.approx(_divergence(bench, "in-network", 3))
+    assert check.fp32 == pytest.approx(_divergence(bench, "fp32", 3))
+    fitted = bench.fitted(bench.table.uniform(3))
+    assert (fitted is bench.choices) == (chosen == "fp32")
+    assert bench.choose_fit(2) is check  # chosen once per job
+    assert "uniform W3" in check.text()
+
+
+def test_auto_without_held_out_samples_fits_in_the_network_unchecked() -> None:
+    bench = replace(_bench(calibration="auto"), holdout=[], holdout_reference=[])
+    assert bench.choose_fit(3) is None
+    assert bench.calibration == "in-network"
+
+
+def test_a_chosen_fit_is_in_the_metrics_and_their_json() -> None:
+    bench = _auto_bench(2, 16)
+    check = bench.choose_fit(None)
+    assert check is not None and check.bits == min(BITS)
+    metrics = JobMetrics(
+        primary="top1", fp32={}, quantized={}, calibration=bench.calibration, fit_check=check
+    )
+    again = JobMetrics.from_dict(metrics.to_dict())
+    assert again.fit_check == check
+    assert again.fit_text.startswith("weights fitted on FP32 inputs (chosen by held-out")

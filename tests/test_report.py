@@ -14,6 +14,7 @@ from allocator.job import JobSpec, Result
 from allocator.job_metrics import (
     Comparison,
     Difference,
+    FitCheck,
     FloatLayer,
     JobMetrics,
     PlanCheck,
@@ -208,6 +209,7 @@ def test_metrics_keep_the_json_shape_results_store(result: Result) -> None:
         plan_check=PlanCheck(0.5, 0.25, "uniform"),
         float_layers=(FloatLayer("conv1d", "Conv1d", 24, "nn.Conv2d only"),),
         calibration="in-network",
+        fit_check=FitCheck(3, 0.07, 0.15, "in-network"),
         rounds=(PlanRound(0, 0.2, 0, True), PlanRound(1, 0.25, 3, False)),
     )
     data = json.loads(json.dumps(metrics.to_dict()))
@@ -225,8 +227,10 @@ def test_metrics_keep_the_json_shape_results_store(result: Result) -> None:
         "comparison",
         "eval_source",
         "calibration",
+        "fit_check",
         "rounds",
     ]
+    assert data["fit_check"] == {"bits": 3, "in_network": 0.07, "fp32": 0.15, "chose": "in-network"}
     assert data["rounds"][1] == {"round": 1, "divergence": 0.25, "changed": 3, "kept": False}
     assert data["uniform"] == {"bits": 4, "act_bits": None, "top1": 78.0, "kl": 0.1}
     assert data["plan_check"] == {"mixed": 0.5, "uniform": 0.25, "kept": "uniform"}
@@ -312,3 +316,18 @@ def test_the_page_and_summary_say_how_weights_were_fitted_and_what_each_round_me
     assert "plan rounds in context: held-out divergence by round 0.0807 -> 0.1116 (not kept)" in (
         capsys.readouterr().out
     )
+
+
+def test_a_chosen_fit_says_why_on_the_page_and_in_the_summary(
+    result: Result, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    check = FitCheck(3, 0.0912, 0.0433, "fp32")
+    chosen = replace(result, metrics=replace(result.metrics, calibration="fp32", fit_check=check))
+    page = Path(write_report(tmp_path, chosen)["report"]).read_text()
+    why = (
+        "on FP32 inputs (chosen by held-out divergence of uniform W3: 0.0912 in the network, "
+        "0.0433 on FP32 inputs)"
+    )
+    assert f"Weights fitted {why}" in page
+    print_summary({**chosen.to_json(), "job_id": "j"})
+    assert f"weights fitted {why}" in capsys.readouterr().out

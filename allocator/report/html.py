@@ -96,10 +96,9 @@ def _comparison(result: Result) -> list[str]:
             f"{_e(comparison.differences_text())} ({_e(comparison.method_text())}).</p>"
         )
     lines.append(f"<p class='eval-source'>Evaluated on: {_e(metrics.eval_source_text)}.</p>")
-    fitted = "in the network" if metrics.calibration == "in-network" else "on FP32 inputs"
     rounds = rounds_text(metrics.rounds)
     lines.append(
-        f"<p class='calibration'>Weights fitted {fitted}"
+        f"<p class='calibration'>W{_e(metrics.fit_text[1:])}"
         + (f"; plan re-solved in its context, {_e(rounds)}" if rounds else "")
         + ".</p>"
     )

@@ -67,7 +67,8 @@ ActQuantizersOpt = Annotated[str, typer.Option(help="auto, baseline, repq, isvit
 CalibrationOpt = Annotated[
     str,
     typer.Option(
-        help="in-network: fit each layer on the quantized network's inputs; fp32: on FP32 inputs"
+        help="in-network: fit each layer on the quantized network's inputs; fp32: on FP32 "
+        "inputs; auto: whichever keeps the uniform plan closer to FP32 on held-out samples"
     ),
 ]
 ContextRoundsOpt = Annotated[

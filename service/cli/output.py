@@ -65,6 +65,8 @@ def print_summary(payload: dict) -> None:
             soft_wrap=True,
             markup=False,
         )
+    if typed.fit_check is not None:
+        out.print(typed.fit_text, soft_wrap=True, markup=False)
     if text := rounds_text(typed.rounds):
         out.print(f"plan rounds in context: {text}", soft_wrap=True, markup=False)
     for name, path in payload["artifacts"].items():
