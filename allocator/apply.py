@@ -147,13 +147,12 @@ def load_packed(path: str | os.PathLike[str], module: nn.Module) -> tuple[nn.Mod
     `module` only supplies the architecture: every tensor comes from the artifact, and a missing,
     extra or wrongly shaped one raises `WeightsMismatch`.
     """
-    tensors, metadata = _read(Path(path))
-    plan = BitPlan.from_dict(json.loads(metadata["bitplan"]))
-    shapes = json.loads(metadata["shapes"])
+    packed = read_packed(path)
+    plan, tensors = packed.plan, packed.others
     layers = _planned_layers(module, plan)
     scales: dict[str, Tensor | None] = {}
     for name, entry in plan.layers.items():
-        quantized = _decode(tensors, name, entry.weight_bits, entry.clip, shapes[name])
+        quantized = packed.codes[name]
         tensors[f"{name}.weight"] = quantized.dequantize()
         scales[name] = quantized.scale
         if entry.bias_correction is not None:
@@ -164,6 +163,32 @@ def load_packed(path: str | os.PathLike[str], module: nn.Module) -> tuple[nn.Mod
         raise WeightsMismatch(f"artifact {path} does not fit the model: {exc}") from exc
     setattr(module, _APPLIED_ATTR, _Applied(plan, scales))
     return module, plan
+
+
+@dataclass(frozen=True, eq=False)
+class PackedArtifact:
+    """A `bitplan-packed-v1` artifact as stored: its plan, each planned layer's codes and scales
+    exactly as packed, and every other tensor by its state_dict key.
+
+    Exporters read the codes from here rather than off a rebuilt model, so what they write is
+    the artifact's own integers, not a re-quantization of its float weights."""
+
+    plan: BitPlan
+    codes: dict[str, QuantizedWeight]
+    others: dict[str, Tensor]
+
+
+def read_packed(path: str | os.PathLike[str]) -> PackedArtifact:
+    """Decode an artifact without a model; a missing or wrongly sized entry raises
+    `WeightsMismatch`."""
+    tensors, metadata = _read(Path(path))
+    plan = BitPlan.from_dict(json.loads(metadata["bitplan"]))
+    shapes = json.loads(metadata["shapes"])
+    codes = {
+        name: _decode(tensors, name, entry.weight_bits, entry.clip, shapes[name])
+        for name, entry in plan.layers.items()
+    }
+    return PackedArtifact(plan, codes, tensors)
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:

@@ -58,3 +58,13 @@ class UnknownMethod(BitplanError):
 
 class JobCancelled(BitplanError):
     """Raised between phases or layers when the job's cancel flag is set."""
+
+
+class ExportRefused(BitplanError):
+    """A plan or artifact a runtime format cannot express (a log2 activation quantizer in ONNX
+    QDQ), or an artifact that does not match the plan it is exported with."""
+
+
+class ParityFailed(BitplanError):
+    """An exported model whose outputs in its runtime differ from bitplan's quantized model by
+    more than the tolerance; the message names the first layer where they diverge."""

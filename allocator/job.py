@@ -93,6 +93,8 @@ not choose it. A `match=WxAy` budget runs them at y, as the uniform plan it matc
 otherwise the joint plan would get 8-bit probabilities that the BOPs budget never paid for."""
 ACT_QUANTIZERS = ("baseline", "repq", "isvit", "dopq", "log2", "auto")
 """`act_quantizers` values: the presets of `allocator.activation_bench`, and `auto`."""
+EXPORT_FORMATS = ("onnx",)
+"""Runtime formats a job can export its model to (`JobSpec.export`, `bitplan export`)."""
 SENSITIVITY_METHODS = ("lrp", "fisher", "hessian", "measured")
 """Sensitivity methods a spec may name, alone or joined by '+' (`allocator.sensitivity`)."""
 CALIBRATIONS = ("auto", "in-network", "fp32")
@@ -209,11 +211,15 @@ class JobSpec:
     context_rounds: int = 2
     """Rounds of costs re-measured around the plan, each kept only when it moves the held-out
     divergence down (`allocator.context_costs`); 0 solves once. Run only with in-network fits."""
+    export: tuple[str, ...] = ()
+    """Runtime formats (of `EXPORT_FORMATS`) to export the model to as part of the job, each
+    checked in its runtime (`allocator.export`); a finished job can also be exported later."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["bits"] = list(self.bits)
         data["pins"] = dict(self.pins)
+        data["export"] = list(self.export)
         return data
 
     @classmethod
@@ -221,6 +227,8 @@ class JobSpec:
         values = dict(data)
         if "bits" in values:
             values["bits"] = tuple(int(b) for b in values["bits"])
+        if "export" in values:
+            values["export"] = tuple(values["export"])
         return cls(**values)
 
     def validate(self, limits: Limits | None = None) -> None:
@@ -256,6 +264,7 @@ class JobSpec:
                 f"calibration {str(self.calibration)[:40]!r} is not one of {', '.join(CALIBRATIONS)}"
             )
         _check_range("context_rounds", self.context_rounds, 0, MAX_CONTEXT_ROUNDS)
+        check_export_formats(self.export)
         _check_range("calib_samples", self.calib_samples, 1, limits.max_calib_samples)
         _check_range("batch_size", self.batch_size, 1, limits.max_batch_size)
         if self.eval_samples is not None:
@@ -274,6 +283,21 @@ class JobSpec:
             if not layer or len(layer) > MAX_LAYER_NAME:
                 raise BadSpec(f"pin layer names must be 1 to {MAX_LAYER_NAME} characters")
             _check_widths(f"pin {layer[:80]}", (width,))
+
+
+def check_export_formats(formats: tuple[str, ...] | list[str]) -> None:
+    """Each format once, each one of `EXPORT_FORMATS`."""
+    if (
+        isinstance(formats, str)
+        or not all(isinstance(name, str) for name in formats)
+        or len(set(formats)) != len(formats)
+    ):
+        raise BadSpec('export lists formats, each once, e.g. ["onnx"]')
+    for name in formats:
+        if name not in EXPORT_FORMATS:
+            raise BadSpec(
+                f"export format {str(name)[:40]!r} is not one of {', '.join(EXPORT_FORMATS)}"
+            )
 
 
 def _check_widths(what: str, widths: tuple[int, ...]) -> None:

@@ -106,6 +106,22 @@ class ActQuantizer:
             "axis": self.axis,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> ActQuantizer:
+        """The quantizer `to_dict` described, as a plan's activations carry it (exporters
+        rebuild the job's quantizers from the artifact alone)."""
+        kind = str(data["kind"])
+        if kind not in KINDS:
+            raise UnknownMethod(f"unknown activation quantizer {kind!r}")
+        return cls(
+            kind,
+            int(data["bits"]),  # type: ignore[call-overload]
+            torch.tensor(data.get("lo", 0.0), dtype=torch.float32),
+            torch.tensor(data.get("hi", 1.0), dtype=torch.float32),
+            float(data.get("shift", 0.0)),  # type: ignore[arg-type]
+            int(data.get("axis", -1)),  # type: ignore[call-overload]
+        )
+
 
 def calibrate(kind: str, samples: Tensor, bits: int, axis: int = -1) -> ActQuantizer:
     """A quantizer of `kind` at `bits` fitted to `samples` (rows x channels for `channel`),
