@@ -25,7 +25,6 @@ from db.session import (
     make_read_session_factory,
     make_session_factory,
 )
-from db.store import ArtifactStore
 from service.api.deps import Reader
 from service.api.routes import ROUTERS
 from service.auth import KeyCache
@@ -50,7 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     engine = init_db(settings.database_url or default_url(settings.home))
     sessions = make_session_factory(engine)
-    store = ArtifactStore(settings.artifact_root)
+    store = settings.open_store()
     notifier = JobNotifier.from_settings(settings, sessions)
     executor = make_executor(settings.workers, sessions, store, on_ended=notifier.notify_ended)
 

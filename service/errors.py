@@ -29,6 +29,7 @@ from allocator.errors import (
     WeightsMismatch,
 )
 from db.repositories import IdempotencyConflict, InvalidCursor
+from db.store import StoreUnavailable
 from service.quotas import StoredBytesQuotaExceeded, Throttled
 
 
@@ -61,6 +62,8 @@ STATUS_BY_ERROR: dict[type[Exception], HTTPStatus] = {
     # Rate limits and the job quota pass with time (Retry-After); stored bytes do not.
     Throttled: HTTPStatus.TOO_MANY_REQUESTS,
     StoredBytesQuotaExceeded: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+    # The bucket behind the artifact store is down or refusing: the request may work later.
+    StoreUnavailable: HTTPStatus.SERVICE_UNAVAILABLE,
 }
 
 

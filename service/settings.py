@@ -18,6 +18,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from db.home import bitplan_home
+from db.store import ArtifactStore, StoreConfig, open_store
 from workers.settings import WorkerSettings
 
 MIB = 1 << 20
@@ -34,6 +35,11 @@ class Settings(BaseSettings):
     home: Path = Field(
         default_factory=bitplan_home,
         description="Folder of the embedded database and the artifact store.",
+    )
+    store: StoreConfig = Field(
+        default_factory=StoreConfig.from_env,
+        description="Where artifacts live: `BITPLAN_STORE_URL` (unset: the folder under `home`; "
+        "`s3://bucket/prefix`: a bucket) and `BITPLAN_S3_ENDPOINT_URL`, read by the store's rules.",
     )
     workers: WorkerSettings = Field(
         default_factory=WorkerSettings.from_env,
@@ -124,9 +130,9 @@ class Settings(BaseSettings):
         "valid API key opens it.",
     )
 
-    @property
-    def artifact_root(self) -> Path:
-        return self.home / "artifacts"
+    def open_store(self) -> ArtifactStore:
+        """The artifact store these settings name, built the way every worker builds its own."""
+        return open_store(self.store, self.home)
 
     @property
     def allowed_input_roots(self) -> tuple[Path, ...]:

@@ -39,7 +39,7 @@ from db.session import (
     make_session_factory,
     normalize_url,
 )
-from db.store import CHUNK_SIZE, ArtifactStore, UnknownObject
+from db.store import CHUNK_SIZE, FolderStore, UnknownObject
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -577,7 +577,7 @@ def test_profiles_are_found_by_key_and_the_first_table_is_kept(session: Session)
 
 
 def test_store_is_content_addressed_and_deduplicates(tmp_path: Path) -> None:
-    store = ArtifactStore(tmp_path / "artifacts")
+    store = FolderStore(tmp_path / "artifacts")
     source = tmp_path / "weights.bin"
     source.write_bytes(b"weights")
 
@@ -598,7 +598,7 @@ def test_store_hashes_large_files_in_chunks(tmp_path: Path) -> None:
     source = tmp_path / "big.bin"
     source.write_bytes(data)
 
-    stored = ArtifactStore(tmp_path / "artifacts").put_file(source)
+    stored = FolderStore(tmp_path / "artifacts").put_file(source)
 
     assert stored.sha256 == hashlib.sha256(data).hexdigest()
     assert stored.size == len(data)
@@ -619,7 +619,7 @@ def test_store_leaves_nothing_behind_when_a_write_fails(tmp_path: Path) -> None:
             buffer[:4] = b"part"
             return 4
 
-    store = ArtifactStore(tmp_path / "artifacts")
+    store = FolderStore(tmp_path / "artifacts")
 
     with pytest.raises(ConnectionResetError):
         store.put_stream(io.BufferedReader(BrokenUpload(), buffer_size=4))
@@ -628,7 +628,7 @@ def test_store_leaves_nothing_behind_when_a_write_fails(tmp_path: Path) -> None:
 
 
 def test_concurrent_puts_of_one_content_agree(tmp_path: Path) -> None:
-    store = ArtifactStore(tmp_path / "artifacts")
+    store = FolderStore(tmp_path / "artifacts")
     data = b"x" * (CHUNK_SIZE + 1)
 
     uris = in_threads(4, lambda _index: store.put_bytes(data).uri)
@@ -638,7 +638,7 @@ def test_concurrent_puts_of_one_content_agree(tmp_path: Path) -> None:
 
 
 def test_store_refuses_uris_it_did_not_issue(tmp_path: Path) -> None:
-    store = ArtifactStore(tmp_path / "artifacts")
+    store = FolderStore(tmp_path / "artifacts")
     missing = "cas://sha256/" + "0" * 64
 
     for uri in (missing, "cas://sha256/../../etc/passwd", "file:///etc/passwd"):
@@ -651,7 +651,7 @@ def test_store_defaults_to_artifacts_under_bitplan_home(
 ) -> None:
     monkeypatch.setenv("BITPLAN_HOME", str(tmp_path))
 
-    stored = ArtifactStore().put_bytes(b"report")
+    stored = FolderStore().put_bytes(b"report")
 
     assert stored.sha256 == hashlib.sha256(b"report").hexdigest()
     assert (tmp_path / "artifacts" / stored.sha256[:2] / stored.sha256).is_file()

@@ -29,7 +29,7 @@ from allocator.zoo import known_prefixes
 from db import repositories as repo
 from db.models import Artifact, Job, ResultRow, utcnow
 from db.session import init_db, make_session_factory
-from db.store import ArtifactStore
+from db.store import ArtifactStore, FolderStore
 from workers.executor import CeleryExecutor, InlineExecutor, make_executor
 from workers.runner import JobRunner, overall_progress, run_job
 from workers.settings import ExecutorKind, WorkerSettings
@@ -117,7 +117,7 @@ def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
 
 @pytest.fixture
 def store(tmp_path: Path) -> ArtifactStore:
-    return ArtifactStore(tmp_path / "artifacts")
+    return FolderStore(tmp_path / "artifacts")
 
 
 def submit(sessions: sessionmaker[Session], **options: Any) -> str:

@@ -25,7 +25,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import init_db, make_session_factory
-from db.store import ArtifactStore
+from db.store import open_store
 from workers import celery_app
 from workers.celery_app import TASK_NAME, app, settings
 from workers.executor import CeleryExecutor
@@ -52,7 +52,7 @@ class WorkerRuntime:
     def __init__(self) -> None:
         self._engine: Engine | None = None
         self._sessions: sessionmaker[Session] | None = None
-        self.store = ArtifactStore()
+        self.store = open_store()
 
     @property
     def sessions(self) -> sessionmaker[Session]:

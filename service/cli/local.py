@@ -77,14 +77,14 @@ def _record(spec: JobSpec, result) -> dict:
     """Store the finished job (imports the database layer only once there is something to keep)."""
     from db import repositories
     from db.session import init_db, make_session_factory
-    from db.store import ArtifactStore
+    from db.store import open_store
     from workers.record import record_success
 
     engine = init_db()
     try:
         with make_session_factory(engine)() as session:
             job, _ = repositories.create_job(session, tenant=LOCAL_TENANT, spec=spec.to_dict())
-            return record_success(session, ArtifactStore(), job.id, result)
+            return record_success(session, open_store(), job.id, result)
     finally:
         # Closing the pool checkpoints SQLite's WAL now, not whenever the engine is collected.
         engine.dispose()

@@ -4,7 +4,8 @@ The probes are open; `/metrics` tells every tenant's traffic, so it takes a bear
 operator's `BITPLAN_METRICS_TOKEN` if set, else any valid API key.
 
 `/healthz` says the process answers (restart it if not); `/readyz` says it can do its work, so a
-load balancer sends traffic only while the database (and, distributed, the broker) answers.
+load balancer sends traffic only while the database, the artifact store (a bucket, when one is
+configured) and, distributed, the broker answer.
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ def healthz() -> dict[str, str]:
 
 @router.get(
     "/readyz",
-    summary="The database and the broker answer",
+    summary="The database, the artifact store and the broker answer",
     responses={status.HTTP_503_SERVICE_UNAVAILABLE: {"description": "A dependency is down."}},
 )
 def readyz(request: Request, response: Response, settings: SettingsDep) -> dict[str, Any]:
     checks = {"database": _probe(_ping_database, request.app.state.engine)}
+    if settings.store.url:
+        checks["store"] = _probe(lambda store: store.check(), request.app.state.store)
     if settings.workers.executor == ExecutorKind.CELERY:
         checks["broker"] = _probe(_ping_broker, settings.workers.broker_url)
     ready = all(value == "ok" for value in checks.values())

@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 
@@ -252,7 +253,8 @@ async def get_artifact(
     if artifact is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} has no artifact {name!r}")
     try:
-        path = store.path(artifact.uri)
+        # A bucket-backed store may download the file first: never on the event loop.
+        path = await run_in_threadpool(store.path, artifact.uri)
     except UnknownObject:
         raise HTTPException(
             status.HTTP_410_GONE,
