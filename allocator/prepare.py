@@ -13,8 +13,10 @@ import torch
 from allocator import costs, memory
 from allocator.activation_bench import ActivationBench
 from allocator.budget import Budget, parse_budget
+from allocator.cache import CODE_VERSION, Cache, cached, digest
 from allocator.clock import Clock
 from allocator.data import (
+    Dataset,
     EvalSet,
     calibration_batches,
     eval_source,
@@ -33,6 +35,7 @@ from allocator.limits import Limits
 from allocator.solve import check_budget
 from allocator.weight_rules import (
     RULE_SETS,
+    RuleSelection,
     fp32_outputs,
     select_rules,
 )
@@ -47,25 +50,21 @@ def prepare(
     clock: Clock | None = None,
     budget: Budget | None = None,
     limits: Limits | None = None,
+    cache: Cache | None = None,
 ) -> Workbench:
     """Load, measure the layers and gather the calibration statistics (the budget-free part).
 
     With `budget`, an infeasible one fails as soon as the layer table is known. A job whose
     estimated memory is above `limits` fails before its calibration samples are prepared.
+    With `cache`, statistics an earlier job gathered on the same content are reused, and the
+    workbench keeps and reuses its fits, cost tables and evaluations there too.
     """
     clock = clock or Clock()
     limits = limits or Limits()
     acts = act_widths(spec, budget or parse_budget(spec.budget))
     with clock.phase("load"):
         model = load_model(spec.model, spec.weights)
-        calib = load_dataset(spec.calib, max_bytes=limits.max_dataset_bytes)
-        source = eval_source(spec.calib, spec.eval)
-        if source == "holdout":
-            calib, eval_data = split_for_eval(calib, seed=spec.seed)
-        elif source == "calibration":
-            eval_data = calib
-        else:
-            eval_data = load_dataset(spec.eval, max_bytes=limits.max_dataset_bytes)
+        calib, eval_data, source = load_data(spec, limits)
         sample = calibration_batches(calib, model, 1, 1, spec.seed)[0]
         check_forward(model, sample)
         check_memory(spec, model, sample, limits)
@@ -78,17 +77,30 @@ def prepare(
         if budget is not None:
             check_budget(table, spec.bits, budget.resolve(table), acts=acts or FLOAT_ACTS)
     with clock.phase("statistics") as tick:
-        stats = costs.input_stats(
-            model, batches, table, on_batch=lambda i: tick((i + 1) / len(batches), "inputs")
-        )
-        candidates = costs.rule_set_choices(
-            model, table, stats, spec.bits, RULE_SETS, bias_correction=spec.bias_correction
-        )
-        tick(0.7, "weight rules")
         holdout = holdout_batches(calib, model, spec.calib_samples, spec.batch_size, spec.seed)
         reference = fp32_outputs(model, holdout)
-        choices, rules = select_rules(model, table, candidates, holdout, reference)
-        del candidates
+        content = "" if cache is None else _content(spec, model, batches, holdout)
+
+        def gather() -> tuple[costs.Choices, RuleSelection]:
+            stats = costs.input_stats(
+                model, batches, table, on_batch=lambda i: tick((i + 1) / len(batches), "inputs")
+            )
+            candidates = costs.rule_set_choices(
+                model, table, stats, spec.bits, RULE_SETS, bias_correction=spec.bias_correction
+            )
+            tick(0.7, "weight rules")
+            return select_rules(model, table, candidates, holdout, reference)
+
+        (choices, rules), reused = cached(
+            cache if content else None,
+            digest("statistics", CODE_VERSION, content),
+            gather,
+            lambda value: {"choices": costs.choices_state(value[0]), "rules": value[1].to_state()},
+            lambda state: (
+                costs.choices_from_state(state["choices"], model.module),
+                RuleSelection.from_state(state["rules"]),
+            ),
+        )
         tick(1.0, "activations")
         activations = (
             ActivationBench(model, batches, table, holdout, reference) if acts is not None else None
@@ -99,13 +111,52 @@ def prepare(
         batches,
         evalset,
         table,
-        choices,
+        dict(choices),
         activations,
         rules,
         holdout,
         reference,
         source,
+        cache=cache,
+        content=content,
+        reused={"statistics": 1} if reused else {},
     )
+
+
+def _content(
+    spec: JobSpec, model: LoadedModel, batches: list[Inputs], holdout: list[Inputs]
+) -> str:
+    """What a job's statistics, fits, cost tables and checks depend on, as one digest: the
+    model's architecture name and weights, the model-ready calibration and held-out samples,
+    and the options that change those computations (the seed too: Hutchinson draws probes)."""
+    return digest(
+        model.ref,
+        model.module,
+        batches,
+        holdout,
+        list(spec.bits),
+        spec.bias_correction,
+        spec.pin_first_last,
+        dict(spec.pins),
+        spec.seed,
+        {name: [list(clips), list(roundings)] for name, (clips, roundings) in RULE_SETS.items()},
+    )
+
+
+def load_data(spec: JobSpec, limits: Limits) -> tuple[Dataset, Dataset, str]:
+    """The job's calibration data, its evaluation data and where that came from (a key of
+    `EVAL_SOURCES`): the `--eval` file, the part of the calibration file held out for it, or
+    the calibration file itself. An export of a finished job evaluates on the same samples."""
+    calib = load_dataset(spec.calib, max_bytes=limits.max_dataset_bytes)
+    source = eval_source(spec.calib, spec.eval)
+    if source == "holdout":
+        calib, eval_data = split_for_eval(calib, seed=spec.seed)
+    elif source == "calibration":
+        eval_data = calib
+    else:
+        assert spec.eval is not None  # eval_source says "eval" only for a named file
+        eval_data = load_dataset(spec.eval, max_bytes=limits.max_dataset_bytes)
+    return calib, eval_data, source
 
 
 def check_forward(model: LoadedModel, sample: Inputs) -> None:

@@ -1,0 +1,249 @@
+"""Run an exported ONNX model in ONNX Runtime and compare it with bitplan's quantized model.
+
+An export is only handed out when ONNX Runtime (CPUExecutionProvider) reproduces bitplan's own
+quantized model on the job's evaluation samples: the largest absolute output difference must
+stay within `TOLERANCE` of the range of bitplan's outputs and the primary metric within
+`METRIC_TOLERANCE`. When it does not, the graph is run again on the batch with the largest
+difference with every planned layer's output exposed as an extra graph output, and the first
+layer (in the order the torch model runs them) whose output differs beyond the same relative
+tolerance is named.
+
+Two of ONNX Runtime's default graph rewrites compute a different model from the one bitplan
+evaluated: `DequantizeLinear -> MatMul` becomes MatMulNBits, which by default
+(`session.qdq_matmulnbits_accuracy_level` 4) quantizes the activations to int8 on the fly (on
+the tiny ViT of the tests, 1 % of the output range off), and WeightBiasQuantization rounds a
+float bias after quantized inputs to int32 on the grid input scale x weight scale (on a 4-bit
+activation, 1.6 % of the output range on the tests' CNN). `SESSION_CONFIG` and
+`DISABLED_OPTIMIZERS` switch both off, parity is measured with them, and the exported model's
+metadata names them for whoever runs it; the figures under ONNX Runtime's defaults are
+recorded beside (`Parity.defaults`), so the cost of running it without them is known.
+
+Imports torch, onnx and onnxruntime; never anything from the service, database or worker layers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import Tensor
+
+from allocator.activations import quantized_activations
+from allocator.data import EvalSet, evaluate_outputs
+from allocator.errors import ParityFailed
+from allocator.export.onnx_qdq import OUTPUT_NAME, feeds, layer_outputs, plan_sites
+from allocator.quant.activation import ActQuantizer
+from allocator.zoo.base import Inputs, LoadedModel
+
+TOLERANCE = 1e-3
+"""Largest absolute output difference allowed, as a fraction of the reference output range."""
+METRIC_TOLERANCE = 0.1
+"""Largest difference of the primary metric allowed (points for top-1 and Spearman)."""
+SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
+"""Session config entries the parity is measured with (float accumulation in MatMulNBits)."""
+DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
+"""Graph rewrites switched off for parity (float biases stay float)."""
+PROVIDER = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class Parity:
+    """The runtime's outputs against bitplan's on the evaluation samples."""
+
+    samples: int
+    max_abs_diff: float
+    mean_abs_diff: float
+    output_range: float
+    metric: str
+    runtime_metric: float
+    bitplan_metric: float
+    tolerance: float = TOLERANCE
+    metric_tolerance: float = METRIC_TOLERANCE
+    defaults: dict[str, float] | None = None
+    """The max abs diff and metric of the same model in a session with ONNX Runtime's
+    defaults (informative: parity is judged with `SESSION_CONFIG`)."""
+
+    @property
+    def passed(self) -> bool:
+        metric_gap = abs(self.runtime_metric - self.bitplan_metric)
+        return self.max_abs_diff <= self.tolerance * self.output_range and (
+            metric_gap <= self.metric_tolerance
+            or (math.isnan(self.runtime_metric) and math.isnan(self.bitplan_metric))
+        )
+
+    def text(self) -> str:
+        return (
+            f"max abs diff {self.max_abs_diff:.3g} ({self.max_abs_diff / self.output_range:.3g} "
+            f"of the output range {self.output_range:.3g}, tolerance {self.tolerance:g}); "
+            f"{self.metric} {self.runtime_metric:.2f} against {self.bitplan_metric:.2f}"
+        )
+
+
+def runtime_name() -> str:
+    return f"onnxruntime {ort.__version__} {PROVIDER}"
+
+
+def session(
+    path: str | Path, defaults: bool = False, threads: int | None = None
+) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session with `SESSION_CONFIG` and `DISABLED_OPTIMIZERS` (or, with
+    `defaults`, as ONNX Runtime comes) and as many intra-op threads as torch uses, so both
+    sides of a comparison or a timing get the same."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    if defaults:
+        return ort.InferenceSession(str(path), options, providers=[PROVIDER])
+    for key, value in SESSION_CONFIG.items():
+        options.add_session_config_entry(key, value)
+    return ort.InferenceSession(
+        str(path), options, providers=[PROVIDER], disabled_optimizers=list(DISABLED_OPTIMIZERS)
+    )
+
+
+def session_metadata() -> dict[str, str]:
+    """How to open the exported model so that it computes what parity measured."""
+    settings = {"config": SESSION_CONFIG, "disabled_optimizers": list(DISABLED_OPTIMIZERS)}
+    return {"bitplan.onnxruntime_session": json.dumps(settings)}
+
+
+def runtime_forward(
+    runtime: ort.InferenceSession, names: Sequence[str]
+) -> Callable[[Inputs], Tensor]:
+    """The exported model as a function of a model-ready batch, like `LoadedModel.__call__`."""
+
+    def forward(batch: Inputs) -> Tensor:
+        return torch.from_numpy(runtime.run([OUTPUT_NAME], feeds(names, batch))[0])
+
+    return forward
+
+
+@contextmanager
+def bitplan_forward(
+    model: LoadedModel, quantizers: Mapping[str, ActQuantizer]
+) -> Iterator[Callable[[Inputs], Tensor]]:
+    """bitplan's quantized model (weights from `load_packed`) with the plan's activation
+    quantizers, as the job evaluated it."""
+    sites = plan_sites(quantizers, dict(model.module.named_modules()))
+    with quantized_activations(model.module, sites, quantizers):
+        yield model
+
+
+def check_parity(
+    path: str | Path,
+    names: Sequence[str],
+    model: LoadedModel,
+    quantizers: Mapping[str, ActQuantizer],
+    evalset: EvalSet,
+    fp32_reference: Tensor | None = None,
+    tolerance: float = TOLERANCE,
+) -> Parity:
+    """Compare the ONNX model at `path` with bitplan's on every batch of `evalset`; raises
+    `ParityFailed`, naming the first diverging layer, above tolerance. `fp32_reference` (FP32
+    outputs on `evalset`) is needed only when the primary metric compares with FP32."""
+    runtime = runtime_forward(session(path), names)
+    expected: list[Tensor] = []
+    worst: list[float] = []
+
+    def reference(batch: Inputs) -> Tensor:
+        expected.append(ours(batch).float())
+        return expected[-1]
+
+    def onnx_forward(batch: Inputs) -> Tensor:
+        out = runtime(batch).float()
+        worst.append(float((out - expected[len(worst)]).abs().max()))
+        return out
+
+    with bitplan_forward(model, quantizers) as ours:
+        bitplan_out = evalset.outputs(reference)
+    runtime_out = evalset.outputs(onnx_forward)
+    difference = (runtime_out - bitplan_out).abs()
+    metric = evalset.primary_metric
+    default_out = evalset.outputs(runtime_forward(session(path, defaults=True), names))
+    defaults = {
+        "max_abs_diff": float((default_out - bitplan_out).abs().max()),
+        "runtime_metric": evaluate_outputs(default_out, evalset, fp32_reference)[metric],
+    }
+    parity = Parity(
+        samples=len(evalset),
+        max_abs_diff=float(difference.max()),
+        mean_abs_diff=float(difference.mean()),
+        output_range=float(bitplan_out.max() - bitplan_out.min()) or 1.0,
+        metric=metric,
+        runtime_metric=evaluate_outputs(runtime_out, evalset, fp32_reference)[metric],
+        bitplan_metric=evaluate_outputs(bitplan_out, evalset, fp32_reference)[metric],
+        tolerance=tolerance,
+        defaults=defaults,
+    )
+    if not parity.passed:
+        batch = evalset.batches[int(np.argmax(worst))]
+        where = first_divergence(path, names, model, quantizers, batch, tolerance)
+        failure = ParityFailed(
+            f"ONNX Runtime does not reproduce bitplan's model: {parity.text()}; {where}"
+        )
+        failure.parity = parity  # type: ignore[attr-defined]  # the figures, for the record
+        raise failure
+    return parity
+
+
+def first_divergence(
+    path: str | Path,
+    names: Sequence[str],
+    model: LoadedModel,
+    quantizers: Mapping[str, ActQuantizer],
+    batch: Inputs,
+    tolerance: float = TOLERANCE,
+) -> str:
+    """Where outputs first part: every planned layer's output exposed as a graph output, run on
+    `batch` in ONNX Runtime and in torch (forward hooks, in the order torch runs the layers);
+    the first layer off by more than `tolerance` of its own output range."""
+    proto = onnx.load(str(path))
+    outputs = layer_outputs(proto)
+    present = {out.name for out in proto.graph.output}
+    for tensor in outputs.values():
+        if tensor not in present:
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(tensor))
+            present.add(tensor)
+    modules = dict(model.module.named_modules())
+    seen: dict[str, Tensor] = {}
+    handles = [
+        modules[layer].register_forward_hook(_keep(layer, seen))
+        for layer in outputs
+        if layer in modules
+    ]
+    try:
+        with torch.no_grad(), bitplan_forward(model, quantizers) as ours:
+            ours(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    with tempfile.TemporaryDirectory(prefix="bitplan-parity-") as tmp:
+        debug = Path(tmp) / "layers.onnx"
+        onnx.save(proto, str(debug))
+        runtime = session(debug)
+        tensors = list(outputs.values())
+        values = dict(zip(tensors, runtime.run(tensors, feeds(names, batch)), strict=True))
+    for layer, expected in seen.items():
+        got = torch.from_numpy(values[outputs[layer]]).float()
+        if got.shape != expected.shape:
+            return f"first diverging layer: {layer} (output shape {tuple(got.shape)} in ONNX, {tuple(expected.shape)} in bitplan)"
+        gap = float((got - expected).abs().max())
+        scale = float(expected.max() - expected.min()) or 1.0
+        if gap > tolerance * scale:
+            return f"first diverging layer: {layer} (max abs diff {gap:.3g} of an output range {scale:.3g})"
+    return "no planned layer's output diverges; the difference arises after the last one"
+
+
+def _keep(layer: str, seen: dict[str, Tensor]) -> Callable[..., None]:
+    def hook(_module: torch.nn.Module, _args: tuple, out: Tensor) -> None:
+        seen.setdefault(layer, out.detach().float().clone())
+
+    return hook

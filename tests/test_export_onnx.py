@@ -1,0 +1,222 @@
+"""ONNX QDQ export (`allocator.export`): the ONNX initializers hold the packed codes, ONNX Runtime
+reproduces bitplan's quantized model (weights only and with activation QDQ, on a small CNN and
+a small ViT), a tampered or mismatched artifact fails naming the layer, and quantizers ONNX
+cannot express are refused with the reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import timm
+import torch
+from onnx import numpy_helper
+
+from allocator.activations import collect, find_sites
+from allocator.apply import pack, read_packed
+from allocator.data import EvalSet, ImageSet
+from allocator.errors import ExportRefused, ParityFailed
+from allocator.export.job import export_checked
+from allocator.export.onnx_qdq import check_exportable, read_metadata, replace_module
+from allocator.export.parity import check_parity
+from allocator.layers import build_layer_table
+from allocator.plan import BitPlan, LayerPlan
+from allocator.quant.activation import calibrate
+from allocator.zoo.base import LoadedModel
+from tests.test_apply import SmallCNN
+
+WIDTHS = (2, 3, 4, 5, 6, 8, 16)
+
+
+def _cnn() -> LoadedModel:
+    torch.manual_seed(0)
+    module = SmallCNN().eval()
+    module.bn.running_mean.uniform_(-0.5, 0.5)
+    return LoadedModel("test:cnn", module, "classification", "image", image_size=16, num_classes=10)
+
+
+def _vit() -> LoadedModel:
+    torch.manual_seed(0)
+    module = timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=16,
+        patch_size=4,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        num_classes=10,
+    ).eval()
+    return LoadedModel("test:vit", module, "classification", "image", image_size=16, num_classes=10)
+
+
+def _evalset(model: LoadedModel, count: int = 40) -> EvalSet:
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(count, 16, 16, 3), dtype=np.uint8)
+    return EvalSet(ImageSet(images, rng.integers(0, 10, size=count)), model, batch_size=16)
+
+
+def _plan(model: LoadedModel, evalset: EvalSet, act: dict[str, str] | None = None) -> BitPlan:
+    """Every width on some layer, bias corrections on every other one; with `act` (role ->
+    quantizer kind), every activation site quantized at 8 or 4 bits by that kind."""
+    batch = evalset.batches[0]
+    table = build_layer_table(model, batch[:1], pin_first_last=False)
+    modules = dict(model.module.named_modules())
+    layers = {}
+    for i, layer in enumerate(table):
+        channels = modules[layer.name].weight.shape[0]
+        correction = [0.01] * channels if i % 2 == 0 else None
+        layers[layer.name] = LayerPlan(WIDTHS[i % len(WIDTHS)], bias_correction=correction)
+    activations = {}
+    if act is not None:
+        sites = find_sites(model, batch, table)
+        samples = collect(model, [batch], sites)
+        for i, site in enumerate(sites):
+            kind = act.get(site.role, act["other"])
+            quantizer = calibrate(kind, samples[site.name], (8, 4)[i % 2], site.channel_axis)
+            activations[site.name] = {
+                "site": site.name,
+                "act_bits": quantizer.bits,
+                "quantizer": kind,
+                "params": quantizer.to_dict(),
+            }
+    return BitPlan(layers=layers, activations=activations, meta={"model": model.ref})
+
+
+def _packed(tmp_path: Path, model: LoadedModel, plan: BitPlan) -> Path:
+    path = tmp_path / "model.safetensors"
+    pack(model.module, plan, path)
+    return path
+
+
+def _exported(tmp_path: Path, model: LoadedModel) -> tuple[Path, Path, BitPlan]:
+    """A weight-only plan packed and exported (checked) for `model`: (artifact, onnx, plan)."""
+    evalset = _evalset(model, 16)
+    plan = _plan(model, evalset)
+    packed = _packed(tmp_path, model, plan)
+    out = tmp_path / "model.onnx"
+    check = export_checked(model, packed, evalset, out)
+    assert check.passed, check.error
+    return packed, out, plan
+
+
+@pytest.mark.parametrize("make", [_cnn, _vit], ids=["cnn", "vit"])
+@pytest.mark.parametrize(
+    "act",
+    [None, {"other": "minmax", "post-ln": "percentile", "post-softmax": "minmax"}],
+    ids=["weights", "activations"],
+)
+def test_onnx_runtime_reproduces_the_packed_model(make, act, tmp_path: Path) -> None:
+    model = make()
+    evalset = _evalset(model)
+    plan = _plan(model, evalset, act)
+    packed = _packed(tmp_path, model, plan)
+    out = tmp_path / "model.onnx"
+
+    check = export_checked(model, packed, evalset, out, plan=plan, job_id="job-1")
+
+    assert check.passed, check.error
+    assert check.max_abs_diff <= check.tolerance * check.output_range
+    assert check.runtime_metric == pytest.approx(check.bitplan_metric, abs=0.1)
+    assert check.samples == len(evalset)
+    assert check.activation_sites == len(plan.activations)
+    metadata = read_metadata(out)
+    assert metadata["bitplan.job_id"] == "job-1"
+    assert json.loads(metadata["bitplan.plan"]) == plan.to_dict()
+    assert json.loads(metadata["bitplan.onnxruntime_session"])["disabled_optimizers"]
+
+
+@pytest.mark.parametrize("make", [_cnn, _vit], ids=["cnn", "vit"])
+def test_onnx_initializers_hold_the_packed_codes(make, tmp_path: Path) -> None:
+    packed, out, plan = _exported(tmp_path, make())
+
+    codes = read_packed(packed).codes
+    proto = onnx.load(str(out))
+    initializers = {init.name: init for init in proto.graph.initializer}
+    weights = json.loads(read_metadata(out)["bitplan.weights"])
+    assert set(weights) == set(plan.layers)
+    for layer, storage in weights.items():
+        bits = plan.layers[layer].weight_bits
+        stored = numpy_helper.to_array(initializers[storage["initializer"]])
+        if storage["transposed"]:
+            stored = stored.T
+        expected = codes[layer].codes.numpy()
+        if bits == 16:
+            assert storage["type"] == "FLOAT16"
+            np.testing.assert_array_equal(stored.astype(np.float16), expected)
+            continue
+        assert storage["type"] == ("INT4" if bits <= 4 else "INT8")
+        np.testing.assert_array_equal(stored.astype(np.int8), expected)
+        assert stored.min() >= -(2 ** (bits - 1)) and stored.max() <= 2 ** (bits - 1) - 1
+        scale = numpy_helper.to_array(initializers[f"{layer}.weight_scale"])
+        np.testing.assert_array_equal(scale, codes[layer].scale.float().numpy())
+
+
+def test_tampered_codes_fail_the_check_naming_the_layer(tmp_path: Path) -> None:
+    model = _cnn()
+    packed, out, _ = _exported(tmp_path, model)
+    proto = onnx.load(str(out))
+    for init in proto.graph.initializer:
+        if init.name == "conv.weight_codes":  # conv is 3-bit: INT4 storage
+            values = numpy_helper.to_array(init).astype(np.int8)
+            forged = onnx.helper.make_tensor(
+                init.name, init.data_type, values.shape, (-values).ravel().tolist()
+            )
+            init.CopyFrom(forged)
+    onnx.save(proto, str(out))
+
+    from allocator.apply import load_packed
+
+    rebuilt, _ = load_packed(packed, _cnn().module)
+    with pytest.raises(ParityFailed, match=r"first diverging layer: conv \("):
+        check_parity(out, ("input",), replace_module(model, rebuilt), {}, _evalset(model, 16))
+
+
+def test_an_artifact_of_another_plan_is_refused_naming_the_layer(tmp_path: Path) -> None:
+    model = _cnn()
+    evalset = _evalset(model, 16)
+    plan = _plan(model, evalset)
+    packed = _packed(tmp_path, model, plan)
+    other = BitPlan(layers={**plan.layers, "conv": LayerPlan(8)}, meta=plan.meta)
+    out = tmp_path / "model.onnx"
+
+    check = export_checked(model, packed, evalset, out, plan=other)
+
+    assert not check.passed
+    assert "layer conv differs" in check.error
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("params", "reason"),
+    [
+        ({"kind": "log2", "bits": 4}, r"probs uses the log2 quantizer, which is not uniform"),
+        ({"kind": "sulq", "bits": 4, "shift": 0.01}, r"probs uses the sulq quantizer"),
+        (
+            {"kind": "channel", "bits": 8, "lo": [-1.0, 0.0], "hi": [1.0, 2.0]},
+            r"probs uses the channel quantizer \(RepQ-ViT's per-channel ranges",
+        ),
+    ],
+)
+def test_quantizers_onnx_cannot_run_are_refused_with_the_reason(params, reason) -> None:
+    uniform = {"params": {"kind": "minmax", "bits": 8, "lo": -1.0, "hi": 1.0}}
+    with pytest.raises(ExportRefused, match=reason):
+        check_exportable({"blocks.0.attn.qkv": uniform, "blocks.0.attn.probs": {"params": params}})
+    assert set(check_exportable({"blocks.0.attn.qkv": uniform})) == {"blocks.0.attn.qkv"}
+
+
+def test_a_refused_plan_is_a_failed_check_with_the_reason_and_no_file(tmp_path: Path) -> None:
+    model = _vit()
+    evalset = _evalset(model, 16)
+    plan = _plan(model, evalset, {"other": "minmax", "post-ln": "channel", "post-softmax": "log2"})
+    packed = _packed(tmp_path, model, plan)
+    out = tmp_path / "model.onnx"
+
+    check = export_checked(model, packed, evalset, out)
+
+    assert not check.passed
+    assert "quantizer" in check.error and "--act-quantizers baseline" in check.error
+    assert check.max_abs_diff is None
+    assert not out.exists()
