@@ -157,8 +157,24 @@ def run(
     if workdir is not None:
         with clock.phase("pack"):
             result.artifacts = write_artifacts(Path(workdir), mixed, plan, result)
+            if "onnx" in spec.export:
+                _export_onnx(bench, plan, result, Path(workdir))
         result.timings["pack"] = clock.timings["pack"]
     return result
+
+
+def _export_onnx(bench: Workbench, plan: BitPlan, result: Result, workdir: Path) -> None:
+    """The packed model as ONNX, checked in ONNX Runtime on the job's evaluation samples
+    (`allocator.export`): `metrics.exports["onnx"]` says how it went, and the file joins the
+    artifacts only when the check passed; a failed export does not fail the job."""
+    from allocator.export.job import ONNX_FILE, export_checked  # loads onnx and onnxruntime
+
+    path = workdir / ONNX_FILE
+    packed = Path(result.artifacts["model"])
+    check = export_checked(bench.model, packed, bench.evalset, path, bench.reference, plan)
+    result.metrics = replace(result.metrics, exports={"onnx": check})
+    if check.passed:
+        result.artifacts["onnx"] = str(path)
 
 
 def _allocation(
