@@ -1,0 +1,170 @@
+"""Machines that share nothing but the database, the broker and a bucket.
+
+`bitplan serve` (Celery executor) and a Celery worker started as `bitplan worker` starts it run
+with separate `BITPLAN_HOME`s against PostgreSQL, Redis and an S3 server the test starts itself
+(moto's server mode): neither can read the other's disk, and no job names a server path
+(`BITPLAN_ALLOWED_INPUT_ROOTS` is unset), so every byte passes through the bucket. Weights and
+calibration data are uploaded over HTTP, a ResNet20 job runs on the worker, and its artifacts
+(the packed model, the plan, the report) are downloaded through the API, checked against their
+listed sha256, and the model loaded. An object that vanishes from the bucket is a 410.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from allocator.apply import load_packed
+from allocator.job import JobSpec, JobStatus
+from allocator.zoo import load_model
+from bench.deploy import Deployment, flushed_redis
+from service.client import BitplanClient
+from tests.s3_server import Bucket
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REDIS_URL = "redis://127.0.0.1:6379/11"
+"""A Redis database number of its own on the shared server, flushed before and after."""
+TENANT = "s3-tests"
+JOB_SECONDS = 300
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as error:
+        pytest.skip(f"Redis unreachable at {REDIS_URL}: {error}")
+    with flushed_redis(REDIS_URL) as url:
+        yield url
+
+
+@pytest.fixture
+def machines(
+    postgres_url: str, redis_url: str, s3_bucket: Bucket, tmp_path: Path
+) -> Iterator[tuple[Deployment, Deployment]]:
+    """(api, worker): one `bitplan serve`, one Celery worker, each with a home of its own."""
+    shared = {
+        **os.environ,
+        **s3_bucket.env(),
+        "BITPLAN_EXECUTOR": "celery",
+        "BITPLAN_BROKER_URL": redis_url,
+        "BITPLAN_DATABASE_URL": postgres_url,
+        "BITPLAN_LEASE_SECONDS": "5",
+        "BITPLAN_SWEEP_SECONDS": "1",
+    }
+    shared.pop("BITPLAN_ALLOWED_INPUT_ROOTS", None)
+    deployments = []
+    for name in ("api", "worker"):
+        folder = tmp_path / name
+        folder.mkdir()
+        deployments.append(Deployment(folder, {**shared, "BITPLAN_HOME": str(folder / "home")}))
+    api, worker = deployments
+    try:
+        worker.start_workers(1)
+        api.start_api(1)
+        yield api, worker
+    finally:
+        api.close()
+        worker.close()
+
+
+def test_api_and_worker_share_only_the_bucket(
+    machines: tuple[Deployment, Deployment],
+    s3_bucket: Bucket,
+    resnet20_inputs: tuple[Path, Path],
+    tmp_path: Path,
+) -> None:
+    api, worker = machines
+    weights, images = resnet20_inputs
+    key = api.create_key(TENANT)
+    headers = {"Authorization": f"Bearer {key}"}
+    with BitplanClient(api.url, key) as client:
+        model_upload = client.upload_model(weights)
+        data_upload = client.upload_dataset(images)
+        spec = JobSpec(
+            model="zoo:cifar_resnet20",
+            weights=model_upload.ref,
+            calib=data_upload.ref,
+            budget="avg-bits=6",
+            method="fisher",
+            bits=(4, 8),
+            calib_samples=16,
+            batch_size=16,
+            eval_samples=16,
+            report_widths=False,
+            context_rounds=0,
+        )
+        job = client.submit(spec)
+        ended = client.wait(job.id, poll=0.5, timeout=JOB_SECONDS)
+        assert ended.status is JobStatus.SUCCEEDED, (ended.error, _logs(api, worker))
+        result = client.result(job.id)
+        listed = httpx.get(f"{api.url}/v1/jobs/{job.id}/artifacts", headers=headers).json()
+        downloads = {
+            item["name"]: client.fetch(job.id, item["name"], tmp_path / "got" / item["name"])
+            for item in listed
+        }
+
+        # What the bucket holds is what bitplan stored, each object under its digest.
+        stored = {f"artifacts/sha256/{item['sha256']}" for item in listed}
+        stored |= {f"artifacts/sha256/{u.sha256}" for u in (model_upload, data_upload)}
+        assert set(s3_bucket.keys()) == stored
+        for item in listed:
+            assert (
+                hashlib.sha256(downloads[item["name"]].read_bytes()).hexdigest() == (item["sha256"])
+            )
+
+        # Gone from the bucket and from the API's cache: 410, naming nothing of the deployment.
+        report = next(item for item in listed if item["name"] == "report")
+        s3_bucket.client().delete_object(
+            Bucket=s3_bucket.name, Key=f"artifacts/sha256/{report['sha256']}"
+        )
+        shutil.rmtree(api.folder / "home" / "store-cache")
+        gone = httpx.get(f"{api.url}/v1/jobs/{job.id}/artifacts/report", headers=headers)
+
+    assert {"model", "bitplan", "profile", "report"} <= set(downloads)
+    module, plan = load_packed(downloads["model"], load_model("zoo:cifar_resnet20").module)
+    assert plan.weight_bits == {
+        entry["layer"]: entry["weight_bits"] for entry in result["allocation"]
+    }
+    with torch.no_grad():
+        assert torch.isfinite(module.eval()(torch.zeros(2, 3, 32, 32))).all()
+    assert json.loads(downloads["bitplan"].read_text())
+    assert b"<html" in downloads["report"].read_bytes()[:2000].lower()
+
+    assert gone.status_code == 410, gone.text
+    for text in (gone.text, json.dumps(result)):
+        for secret in (s3_bucket.name, s3_bucket.endpoint, str(tmp_path)):
+            assert secret not in text
+
+    # Each side read the other's files through the bucket only: no artifact folder was made,
+    # the worker's cache holds the uploads it fetched, the API's the artifacts it served.
+    api_home, worker_home = api.folder / "home", worker.folder / "home"
+    assert not (api_home / "artifacts").exists() and not (worker_home / "artifacts").exists()
+    worker_cached = _cached(worker_home)
+    assert {model_upload.sha256, data_upload.sha256} <= worker_cached
+    assert {item["sha256"] for item in listed} <= worker_cached  # written through its cache
+    assert "] received" in (worker.folder / "worker-0.log").read_text(), "no Celery task"
+
+
+def _cached(home: Path) -> set[str]:
+    cache = home / "store-cache"
+    return {path.name for path in cache.glob("??/*") if path.is_file()}
+
+
+def _logs(*deployments: Deployment) -> str:
+    return "\n".join(
+        f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}"
+        for deployment in deployments
+        for log in sorted(deployment.folder.glob("*.log"))
+    )
