@@ -245,6 +245,10 @@ class ExportCheck(Record):
     activation_sites: int
     file_bytes: int
     runtime: str
+    over_tolerance: int | None = None
+    """Samples whose outputs differ by more than `tolerance` of the range: with quantized
+    activations up to 1 % may (a value at a code boundary rounds the other way in the
+    runtime's float order); None before a run."""
     runtime_defaults: dict[str, float] | None = None
     """`max_abs_diff` and `runtime_metric` in a session with the runtime's defaults, which
     for ONNX Runtime rewrite parts of the graph into another model (`allocator.export.parity`);

@@ -145,6 +145,15 @@ class BitplanClient:
             partial.unlink(missing_ok=True)
         return path
 
+    def export(self, job_id: str, path: str | Path, fmt: str = "onnx") -> Path:
+        """Download the job's model in a runtime format (`fmt`: "onnx"), streamed to `path`.
+
+        A job that did not export it as it ran exports it now and checks it in ONNX Runtime
+        (seconds to minutes; the read timeout covers it); a refusal or a failed check is an
+        `ApiError` (422) whose detail names the quantizer or the first diverging layer. The
+        check's figures are then in `result(job_id)["metrics"]["exports"]`."""
+        return self.fetch(job_id, fmt, path)
+
     def solve_profile(
         self, profile_id: str, budget: str, *, time_limit: float | None = None
     ) -> SolveOut:

@@ -31,6 +31,7 @@ from allocator.errors import (
 from db.repositories import IdempotencyConflict, InvalidCursor
 from db.store import StoreUnavailable
 from service.quotas import StoredBytesQuotaExceeded, Throttled
+from workers.exports import NoSuchJob, NotExportable
 
 
 class UnsupportedFormat(BitplanError):
@@ -56,6 +57,8 @@ STATUS_BY_ERROR: dict[type[Exception], HTTPStatus] = {
     JobCancelled: HTTPStatus.CONFLICT,
     BadReference: HTTPStatus.UNPROCESSABLE_ENTITY,
     NotReady: HTTPStatus.CONFLICT,
+    NoSuchJob: HTTPStatus.NOT_FOUND,
+    NotExportable: HTTPStatus.CONFLICT,
     BitplanError: HTTPStatus.UNPROCESSABLE_ENTITY,
     IdempotencyConflict: HTTPStatus.CONFLICT,
     InvalidCursor: HTTPStatus.BAD_REQUEST,

@@ -42,6 +42,7 @@ ARTIFACT_KINDS = {
     "profile": "profile-json",
     "report": "report-html",
     "pareto": "pareto-png",
+    "onnx": "onnx-model",
 }
 
 
@@ -85,6 +86,10 @@ def record_success(
 ) -> dict[str, Any]:
     """Store artifacts and the result row; returns the result JSON with the stored artifacts'
     local paths (for the CLI on this machine). The stored result names them by API URL."""
+    if "onnx" in result.artifacts:
+        from allocator.export.onnx_qdq import stamp  # loads onnx, only for a job that exported
+
+        stamp(result.artifacts["onnx"], job_id)
     records = store_artifacts(store, result.artifacts)
     result.job_id = job_id
     result.artifacts = {r.name: artifact_url(job_id, r.name) for r in records}

@@ -95,6 +95,7 @@ def export_checked(
         activation_sites=len(exported.activations),
         file_bytes=path.stat().st_size,
         runtime=runtime_name(),
+        over_tolerance=parity.over_tolerance,
         runtime_defaults=parity.defaults,
     )
 
@@ -160,6 +161,7 @@ def _failed(reason: str, samples: int, metric: str, parity: Parity | None) -> Ex
         activation_sites=0,
         file_bytes=0,
         runtime=runtime_name(),
+        over_tolerance=None if parity is None else parity.over_tolerance,
         runtime_defaults=None if parity is None else parity.defaults,
     )
 

@@ -2,11 +2,11 @@
 
 An export is only handed out when ONNX Runtime (CPUExecutionProvider) reproduces bitplan's own
 quantized model on the job's evaluation samples: the largest absolute output difference must
-stay within `TOLERANCE` of the range of bitplan's outputs and the primary metric within
-`METRIC_TOLERANCE`. When it does not, the graph is run again on the batch with the largest
-difference with every planned layer's output exposed as an extra graph output, and the first
-layer (in the order the torch model runs them) whose output differs beyond the same relative
-tolerance is named.
+stay within `TOLERANCE` of the range of bitplan's outputs (with quantized activations, on all
+but `FLIP_SHARE` of the samples) and the primary metric within `METRIC_TOLERANCE`. When it
+does not, the graph is run again on the batch with the largest difference with every planned
+layer's output exposed as an extra graph output, and the first layer (in the order the torch
+model runs them) whose output differs beyond the same relative tolerance is named.
 
 Two of ONNX Runtime's default graph rewrites compute a different model from the one bitplan
 evaluated: `DequantizeLinear -> MatMul` becomes MatMulNBits, which by default
@@ -46,6 +46,11 @@ from allocator.zoo.base import Inputs, LoadedModel
 
 TOLERANCE = 1e-3
 """Largest absolute output difference allowed, as a fraction of the reference output range."""
+FLIP_SHARE = 0.01
+"""With quantized activations, the share of samples allowed beyond `TOLERANCE`: an activation
+within float rounding of a code boundary may take the neighbouring code in the runtime (its
+kernels sum in another order), and one code step moves that sample's outputs. A systematic
+difference (a rewritten bias, a kernel that quantizes differently) moves every sample."""
 METRIC_TOLERANCE = 0.1
 """Largest difference of the primary metric allowed (points for top-1 and Spearman)."""
 SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
@@ -66,8 +71,15 @@ class Parity:
     metric: str
     runtime_metric: float
     bitplan_metric: float
+    rows: int
+    """Output rows compared (samples; sentences for sentence pairs)."""
+    over_tolerance: int
+    """Rows whose largest difference is above `tolerance` of the output range."""
+    activations: bool
+    """Whether the plan quantizes activations (rounding flips are then expected)."""
     tolerance: float = TOLERANCE
     metric_tolerance: float = METRIC_TOLERANCE
+    flip_share: float = FLIP_SHARE
     defaults: dict[str, float] | None = None
     """The max abs diff and metric of the same model in a session with ONNX Runtime's
     defaults (informative: parity is judged with `SESSION_CONFIG`)."""
@@ -75,15 +87,19 @@ class Parity:
     @property
     def passed(self) -> bool:
         metric_gap = abs(self.runtime_metric - self.bitplan_metric)
-        return self.max_abs_diff <= self.tolerance * self.output_range and (
-            metric_gap <= self.metric_tolerance
-            or (math.isnan(self.runtime_metric) and math.isnan(self.bitplan_metric))
+        metric_ok = metric_gap <= self.metric_tolerance or (
+            math.isnan(self.runtime_metric) and math.isnan(self.bitplan_metric)
         )
+        outputs_ok = self.max_abs_diff <= self.tolerance * self.output_range or (
+            self.activations and self.over_tolerance <= self.flip_share * self.rows
+        )
+        return metric_ok and outputs_ok
 
     def text(self) -> str:
         return (
             f"max abs diff {self.max_abs_diff:.3g} ({self.max_abs_diff / self.output_range:.3g} "
-            f"of the output range {self.output_range:.3g}, tolerance {self.tolerance:g}); "
+            f"of the output range {self.output_range:.3g}, tolerance {self.tolerance:g}; "
+            f"{self.over_tolerance} of {self.rows} samples beyond it); "
             f"{self.metric} {self.runtime_metric:.2f} against {self.bitplan_metric:.2f}"
         )
 
@@ -172,11 +188,16 @@ def check_parity(
         "max_abs_diff": float((default_out - bitplan_out).abs().max()),
         "runtime_metric": evaluate_outputs(default_out, evalset, fp32_reference)[metric],
     }
+    output_range = float(bitplan_out.max() - bitplan_out.min()) or 1.0
+    per_row = difference.reshape(len(difference), -1).amax(dim=1)
     parity = Parity(
         samples=len(evalset),
+        rows=len(per_row),
+        over_tolerance=int((per_row > tolerance * output_range).sum()),
+        activations=bool(quantizers),
         max_abs_diff=float(difference.max()),
         mean_abs_diff=float(difference.mean()),
-        output_range=float(bitplan_out.max() - bitplan_out.min()) or 1.0,
+        output_range=output_range,
         metric=metric,
         runtime_metric=evaluate_outputs(runtime_out, evalset, fp32_reference)[metric],
         bitplan_metric=evaluate_outputs(bitplan_out, evalset, fp32_reference)[metric],

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from allocator.job import JobStatus
 from db.models import Artifact, Job, ResultRow, utcnow
+from db.repositories.job_leases import ArtifactRecord
 from db.repositories.shared import LIVE_STATUSES, canonical_json, insert_or_existing
 
 DEFAULT_QUEUE = "batch"
@@ -180,6 +181,44 @@ def get_artifact(session: Session, *, tenant: str, job_id: str, name: str) -> Ar
         .join(Job, Job.id == Artifact.job_id)
         .where(*_owned_job(tenant, job_id), Artifact.name == name)
     )
+
+
+def add_export(
+    session: Session,
+    *,
+    tenant: str,
+    job_id: str,
+    artifact: ArtifactRecord,
+    check: Mapping[str, Any],
+    url: str,
+) -> Artifact:
+    """Record an export of a succeeded job made after it finished: its artifact (named as its
+    format) and its check under `metrics.exports` of the result, so the result reads as if the
+    job had exported it. A concurrent export of the same job and format wins once; the loser
+    gets the winner's artifact and writes nothing."""
+    row = Artifact(
+        job_id=job_id,
+        name=artifact.name,
+        kind=artifact.kind,
+        sha256=artifact.sha256,
+        size=artifact.size,
+        uri=artifact.uri,
+    )
+    stored, created = insert_or_existing(
+        session,
+        row,
+        lambda: get_artifact(session, tenant=tenant, job_id=job_id, name=artifact.name),
+    )
+    result = get_result(session, tenant=tenant, job_id=job_id)
+    if created and result is not None:
+        exports = {**(result.metrics.get("exports") or {}), artifact.name: dict(check)}
+        result.metrics = {**result.metrics, "exports": exports}
+        payload = dict(result.result)
+        payload["metrics"] = {**payload.get("metrics", {}), "exports": exports}
+        payload["artifacts"] = {**payload.get("artifacts", {}), artifact.name: url}
+        result.result = payload
+        session.commit()
+    return stored
 
 
 def _owned_job(tenant: str, job_id: str) -> tuple[ColumnElement[bool], ...]:

@@ -74,6 +74,12 @@ CalibrationOpt = Annotated[
 ContextRoundsOpt = Annotated[
     int, typer.Option(help="re-solves with costs measured around the plan (0: solve once)")
 ]
+ExportOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--export", help="also export the model: onnx (checked in ONNX Runtime); repeatable"
+    ),
+]
 DEFAULT_BITS_TEXT = ",".join(map(str, DEFAULTS.bits))
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object")]
@@ -136,6 +142,7 @@ def build_spec(
     act_quantizers: ActQuantizersOpt = DEFAULTS.act_quantizers,
     calibration: CalibrationOpt = DEFAULTS.calibration,
     context_rounds: ContextRoundsOpt = DEFAULTS.context_rounds,
+    export: ExportOpt = None,
 ) -> JobSpec:
     """The validated spec the options of `run` and `submit` describe; its parameters are those
     options (see `spec_options`).
@@ -170,6 +177,7 @@ def build_spec(
         act_quantizers=act_quantizers,
         calibration=calibration,
         context_rounds=context_rounds,
+        export=tuple(export or ()),
     )
     spec.validate()
     return spec

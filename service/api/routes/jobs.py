@@ -10,16 +10,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 
 from allocator.job import JobSpec, JobStatus
 from db import repositories
-from db.models import Job
+from db.models import Artifact, Job
 from db.repositories import IdempotencyConflict
-from db.store import UnknownObject
+from db.store import ArtifactStore, UnknownObject
 from service.api.deps import (
     UNAUTHORIZED,
     ArtifactName,
@@ -46,6 +46,7 @@ from service.schemas import (
 from service.settings import Settings
 from service.webhooks import check_callback_url
 from workers.executor import Executor
+from workers.exports import export_artifact
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=UNAUTHORIZED)
 
@@ -55,6 +56,7 @@ ARTIFACT_MEDIA = {
     "profile-json": ("application/json", ".json"),
     "report-html": ("text/html", ".html"),
     "pareto-png": ("image/png", ".png"),
+    "onnx-model": ("application/octet-stream", ".onnx"),
 }
 """Artifact kind -> (media type, file suffix) for downloads."""
 
@@ -235,6 +237,42 @@ async def list_artifacts(job_id: JobId, read: ReaderDep, tenant: TenantDep) -> l
 
 
 @router.get(
+    "/{job_id}/artifacts/onnx",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "The ONNX model."},
+        **NOT_FOUND,
+        status.HTTP_409_CONFLICT: {"model": ErrorOut, "description": "Not succeeded (yet)."},
+        status.HTTP_410_GONE: {"model": ErrorOut, "description": "The file is gone."},
+        status.HTTP_422_UNPROCESSABLE_CONTENT: {
+            "model": ErrorOut,
+            "description": "The plan has a quantizer ONNX cannot express, or ONNX Runtime did "
+            "not reproduce bitplan's model (the detail names the first diverging layer).",
+        },
+    },
+    summary="The model as ONNX (QDQ), exported and checked in ONNX Runtime on first request",
+)
+async def get_onnx(
+    job_id: JobId, request: Request, tenant: TenantDep, settings: SettingsDep, store: StoreDep
+) -> FileResponse:
+    """The job's model in the standard QDQ layout (INT4/INT8 weight codes, UINT8 activations),
+    with the plan, the job id and the ONNX Runtime session settings in its metadata. A job that
+    did not export it (`export: ["onnx"]`) exports it now: seconds to minutes, one export at a
+    time per server; its parity figures then appear under the result's `metrics.exports`."""
+    artifact = await run_in_threadpool(
+        export_artifact,
+        request.app.state.session_factory,
+        store,
+        tenant=tenant,
+        job_id=job_id,
+        fmt="onnx",
+        allowed_roots=settings.allowed_input_roots,
+        limits=settings.workers.limits,
+    )
+    return await _download(artifact, store, job_id)
+
+
+@router.get(
     "/{job_id}/artifacts/{name}",
     response_class=FileResponse,
     responses={
@@ -252,6 +290,12 @@ async def get_artifact(
     )
     if artifact is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} has no artifact {name!r}")
+    return await _download(artifact, store, job_id)
+
+
+async def _download(artifact: Artifact, store: ArtifactStore, job_id: str) -> FileResponse:
+    """The stored file of `artifact`, or 410 when the store no longer has it."""
+    name = artifact.name
     try:
         # A bucket-backed store may download the file first: never on the event loop.
         path = await run_in_threadpool(store.path, artifact.uri)
