@@ -36,6 +36,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,6 +133,54 @@ class QuantChoice:
     weight_error: torch.Tensor
     """dW, the weight error of the chosen rule."""
     bias_correction: torch.Tensor | None
+
+
+Choices = Mapping[tuple[str, int], QuantChoice]
+
+
+def choices_state(choices: Choices) -> list[dict[str, Any]]:
+    """`choices` as plain containers of tensors (`allocator.cache` stores them); the weight
+    errors are left out, `choices_from_state` recomputes them from the model."""
+    return [
+        {
+            "layer": name,
+            "bits": b,
+            "clip": c.clip,
+            "rounding": c.rounding,
+            "codes": c.quantized.codes,
+            "scale": c.quantized.scale,
+            "quantized_bits": c.quantized.bits,
+            "quantized_clip": c.quantized.clip,
+            "output_error": c.output_error,
+            "channel_error": c.channel_error,
+            "bias_correction": c.bias_correction,
+        }
+        for (name, b), c in choices.items()
+    ]
+
+
+def choices_from_state(state: Sequence[Mapping[str, Any]], module: nn.Module) -> Choices:
+    """The choices `choices_state` wrote, for the layers of `module`."""
+    modules = dict(module.named_modules())
+    choices = {}
+    for entry in state:
+        quantized = QuantizedWeight(
+            codes=entry["codes"],
+            scale=entry["scale"],
+            bits=entry["quantized_bits"],
+            clip=entry["quantized_clip"],
+        )
+        weight = modules[entry["layer"]].weight.detach()
+        choices[(entry["layer"], entry["bits"])] = QuantChoice(
+            clip=entry["clip"],
+            rounding=entry["rounding"],
+            quantized=quantized,
+            output_error=entry["output_error"],
+            channel_error=entry["channel_error"],
+            weight_error=quantized.dequantize() - weight,
+            bias_correction=entry["bias_correction"],
+        )
+    return choices
 
 
 def _channel_error(delta: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:

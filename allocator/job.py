@@ -201,6 +201,9 @@ class JobSpec:
     report: bool = True
     """Draw report.html and pareto.png with the artifacts (about a second of plotting); bulk
     jobs that only need the plan turn it off."""
+    reuse: bool = True
+    """Reuse what earlier jobs computed on the same weights, data and options (statistics,
+    cost tables, fits, evaluations: `allocator.cache`) and keep this job's for later ones."""
     act_bits: int | str | None = None
     """Activation width of every site, or "auto" to allocate them with the weights (joint
     integer program). None: float activations, unless the budget is `match=WxAy`, which sets y.
@@ -349,6 +352,9 @@ class Result:
     job_id: str | None = None
     act_allocation: list[dict[str, Any]] | None = None
     bops: float = 0.0
+    reused: dict[str, int] = field(default_factory=dict)
+    """How many results of each kind ("statistics", "sensitivity", "fits", "evaluations",
+    "held-out checks") came from earlier jobs on the same content instead of being computed."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -365,4 +371,5 @@ class Result:
             "artifacts": self.artifacts,
             "act_allocation": self.act_allocation,
             "bops": self.bops,
+            "reused": self.reused,
         }

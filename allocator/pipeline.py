@@ -27,6 +27,7 @@ import torch
 from allocator.activation_bench import quantizers
 from allocator.artifacts import write_artifacts
 from allocator.budget import parse_budget
+from allocator.cache import Cache
 from allocator.clock import Clock, silent
 from allocator.data.compare import compare
 from allocator.job import (
@@ -56,16 +57,18 @@ def run(
     progress: Progress = silent,
     workdir: str | Path | None = None,
     limits: Limits | None = None,
+    cache: Cache | None = None,
 ) -> Result:
     """Run one job end to end within the operator's `limits`; artifacts go to `workdir` when
-    given."""
+    given; with `cache` (and `spec.reuse`), what earlier jobs computed on the same content is
+    reused and this job's work kept (`allocator.cache`)."""
     limits = limits or Limits()
     spec.validate(limits)
     budget = parse_budget(spec.budget)
     acts = act_widths(spec, budget)
     torch.manual_seed(spec.seed)
     clock = Clock(progress)
-    bench = prepare(spec, clock, budget, limits)
+    bench = prepare(spec, clock, budget, limits, cache if spec.reuse else None)
     table = bench.table
     resolved = budget.resolve(table)
     act_bench = bench.activations  # the activation sites: None exactly when `acts` is None
@@ -153,6 +156,7 @@ def run(
         profile=profile_dict(table, spec.bits, cost, spec.method),
         act_allocation=act_allocation,
         bops=solution.bops,
+        reused=dict(bench.reused),
     )
     if workdir is not None:
         with clock.phase("pack"):

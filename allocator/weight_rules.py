@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -53,6 +54,14 @@ class RuleSelection:
             str(b): {"chosen": self.chosen[b], "divergence": self.divergence[b]}
             for b in sorted(self.divergence)
         }
+
+    def to_state(self) -> dict[str, Any]:
+        """Every field, `chosen` included where no divergence was measured (`allocator.cache`)."""
+        return {"chosen": dict(self.chosen), "divergence": dict(self.divergence)}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> RuleSelection:
+        return cls(dict(state["chosen"]), {b: dict(d) for b, d in state["divergence"].items()})
 
 
 def select_rules(

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from allocator.activation_bench import ActivationBench, joint_widths, quantizers
 from allocator.activations import quantized_activations
 from allocator.apply import apply
 from allocator.budget import ResolvedBudget
+from allocator.cache import CODE_VERSION, Cache, cached, digest
 from allocator.context_costs import refine
 from allocator.data import (
     EvalSet,
@@ -50,7 +51,8 @@ from allocator.zoo.base import Inputs, LoadedModel
 
 FITTED_PLANS_KEPT = 3
 """Plans whose in-network fits a workbench keeps (each as large as the model's weights)."""
-Choices = Mapping[tuple[str, int], costs.QuantChoice]
+Choices = costs.Choices
+T = TypeVar("T")
 
 
 def make_plan(
@@ -101,6 +103,14 @@ class Workbench:
     """Where `evalset` came from (`allocator.job_metrics.EVAL_SOURCES`)."""
     fit_check: FitCheck | None = None
     """What `choose_fit` measured, once it has."""
+    cache: Cache | None = None
+    """Where fits, cost tables and evaluations are kept by content (`allocator.cache`)."""
+    content: str = ""
+    """The digest of what every cached step here depends on: the model, the calibration and
+    held-out samples and the options that change the statistics (`prepare` sets it)."""
+    reused: dict[str, int] = field(default_factory=dict)
+    """How many results of each kind came from the cache instead of being computed."""
+    _eval_digest: str | None = None
     _reference: torch.Tensor | None = None
     _fitted: dict[tuple[Any, ...], Choices] = field(default_factory=dict)
     """Fitted choices by (plan, activation quantizers, neighbours)."""
@@ -149,23 +159,63 @@ class Workbench:
     def reference(self) -> torch.Tensor:
         """FP32 outputs on the evaluation set, computed once."""
         if self._reference is None:
-            self._reference = self.evalset.outputs(self.model)
+            self._reference = self._evaluated(self.model.module, None)
         return self._reference
+
+    def _cached(
+        self,
+        what: str,
+        parts: tuple[object, ...],
+        compute: Callable[[], T],
+        encode: Callable[[T], Any] = lambda value: value,
+        decode: Callable[[Any], T] = lambda value: value,
+    ) -> T:
+        """`compute()`, or its value from an earlier job on the same content (`reused` counts
+        it under `what`); no cache or no content digest: always computed."""
+        cache = self.cache if self.content else None
+        key = digest(what, CODE_VERSION, self.content, *parts)
+        value, hit = cached(cache, key, compute, encode, decode)
+        if hit:
+            self.reused[what] = self.reused.get(what, 0) + 1
+        return value
 
     def cost_table(
         self, method: str, tick: Callable[[float, str], None] = lambda _f, _m: None
     ) -> tuple[np.ndarray, list[Sensitivity], dict[str, float]]:
-        context = SensitivityContext(
-            self.model,
-            self.batches,
-            self.table,
-            self.spec.bits,
-            self.choices,
-            parse_method(method),
-            progress=tick,
-        )
-        cost, sensitivities = sensitivity_costs(context)
-        return cost, sensitivities, context.timings
+        """Each layer's cost at each width by `method`, with the methods' scores and seconds
+        (none when the table came from the cache)."""
+
+        def measure() -> tuple[np.ndarray, list[Sensitivity], dict[str, float]]:
+            context = SensitivityContext(
+                self.model,
+                self.batches,
+                self.table,
+                self.spec.bits,
+                self.choices,
+                parse_method(method),
+                progress=tick,
+            )
+            cost, sensitivities = sensitivity_costs(context)
+            return cost, sensitivities, context.timings
+
+        def encode(value: tuple[np.ndarray, list[Sensitivity], dict[str, float]]) -> Any:
+            cost, sensitivities, _timings = value
+            return {
+                "cost": torch.from_numpy(cost),
+                "sensitivities": [
+                    {"method": s.method, "cost": torch.from_numpy(s.cost), "scores": s.scores}
+                    for s in sensitivities
+                ],
+            }
+
+        def decode(state: Any) -> tuple[np.ndarray, list[Sensitivity], dict[str, float]]:
+            sensitivities = [
+                Sensitivity(s["method"], s["cost"].numpy(), dict(s["scores"]))
+                for s in state["sensitivities"]
+            ]
+            return state["cost"].numpy(), sensitivities, {}
+
+        return self._cached("sensitivity", (method, self.spec.seed), measure, encode, decode)
 
     def fitted(
         self,
@@ -183,9 +233,7 @@ class Workbench:
         """
         if self.calibration != "in-network":
             return self.choices
-        # A site's quantizer is calibrated once per (kind, width): those name it within a job.
-        acts = tuple(sorted((name, q.kind, q.bits) for name, q in (activations or {}).items()))
-        key = (tuple(sorted(bits.items())), acts, neighbours)
+        key = (tuple(sorted(bits.items())), tuple(_activations_key(activations)), neighbours)
         for known, choices in self._fitted.items():
             if known[:2] == key[:2] and (known[2] or not neighbours):
                 return choices
@@ -196,14 +244,23 @@ class Workbench:
             def context() -> AbstractContextManager[None]:
                 return quantized_activations(self.model.module, sites, quantizers_)
 
-        choices = in_network.calibrate(
-            self.model,
-            self.batches,
-            self.table,
-            bits,
-            self.choices,
-            widths=self._neighbours if neighbours else None,
-            context=context,
+        def fit() -> Choices:
+            return in_network.calibrate(
+                self.model,
+                self.batches,
+                self.table,
+                bits,
+                self.choices,
+                widths=self._neighbours if neighbours else None,
+                context=context,
+            )
+
+        choices = self._cached(
+            "fits",
+            key,
+            fit,
+            costs.choices_state,
+            lambda state: costs.choices_from_state(state, self.model.module),
         )
         while len(self._fitted) >= FITTED_PLANS_KEPT:
             self._fitted.pop(next(iter(self._fitted)))
@@ -259,15 +316,29 @@ class Workbench:
         """How far the plan's outputs move from FP32 on the held-out samples, with
         `activations` quantizing its activation sites when given; `swap` moves a few layers to
         other widths fitted in the plan's context (`fitted(..., neighbours=True)`)."""
-        choices = self.fitted(bits, activations, neighbours=bool(swap))
-        widths = {**bits, **(swap or {})}
-        layers = {name: choices[(name, b)] for name, b in widths.items()}
-        with ExitStack() as stack:
-            if activations and self.activations is not None:
-                stack.enter_context(
-                    quantized_activations(self.model.module, self.activations.sites, activations)
+
+        def measure() -> float:
+            choices = self.fitted(bits, activations, neighbours=bool(swap))
+            widths = {**bits, **(swap or {})}
+            layers = {name: choices[(name, b)] for name, b in widths.items()}
+            with ExitStack() as stack:
+                if activations and self.activations is not None:
+                    stack.enter_context(
+                        quantized_activations(
+                            self.model.module, self.activations.sites, activations
+                        )
+                    )
+                return divergence_from_fp32(
+                    self.model, self.holdout, self.holdout_reference, layers
                 )
-            return divergence_from_fp32(self.model, self.holdout, self.holdout_reference, layers)
+
+        parts = (
+            self.calibration,
+            sorted(bits.items()),
+            _activations_key(activations),
+            sorted((swap or {}).items()),
+        )
+        return self._cached("held-out checks", parts, measure)
 
     def site_widths(self, solution: Solution, acts: ActWidths) -> int | dict[str, int]:
         """The activation width of every site under `solution`: the one width of `FixedActs`,
@@ -399,10 +470,31 @@ class Workbench:
         if module is None and not activations:
             return self.reference  # the FP32 outputs, computed once
         self.reference  # noqa: B018  # computed first, while the model is still FP32
-        target = self.model if module is None else replace(self.model, module=module)
-        with ExitStack() as stack:
-            if activations and self.activations is not None:
-                stack.enter_context(
-                    quantized_activations(target.module, self.activations.sites, activations)
-                )
-            return self.evalset.outputs(target)
+        return self._evaluated(self.model.module if module is None else module, activations)
+
+    def _evaluated(
+        self, module: torch.nn.Module, activations: Mapping[str, ActQuantizer] | None
+    ) -> torch.Tensor:
+        """`module`'s outputs on the evaluation set with `activations`, or those an earlier
+        job kept for the same weights, activation quantizers and evaluation samples."""
+
+        def run() -> torch.Tensor:
+            target = replace(self.model, module=module)
+            with ExitStack() as stack:
+                if activations and self.activations is not None:
+                    stack.enter_context(
+                        quantized_activations(module, self.activations.sites, activations)
+                    )
+                return self.evalset.outputs(target)
+
+        if self.cache is None or not self.content:
+            return run()
+        if self._eval_digest is None:
+            self._eval_digest = digest(self.evalset.batches, self.evalset.size)
+        params = {name: q.to_dict() for name, q in (activations or {}).items()}
+        return self._cached("evaluations", (self._eval_digest, module, params), run)
+
+
+def _activations_key(activations: Mapping[str, ActQuantizer] | None) -> list[tuple[str, str, int]]:
+    """Names a job's activation quantizers: each site's is calibrated once per (kind, width)."""
+    return sorted((name, q.kind, q.bits) for name, q in (activations or {}).items())

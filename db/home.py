@@ -16,3 +16,9 @@ DEFAULT_HOME = "bitplan-data"
 def bitplan_home() -> Path:
     """`$BITPLAN_HOME`, else `./bitplan-data`, made absolute so a later chdir cannot move it."""
     return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).resolve()
+
+
+def cache_folder() -> Path:
+    """Where jobs keep what they computed by content (`allocator.cache.FolderCache`): shared by
+    the CLI's jobs and every worker with this home."""
+    return bitplan_home() / "cache"

@@ -30,11 +30,13 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from allocator.cache import FolderCache
 from allocator.errors import BitplanError, JobCancelled
 from allocator.job import PHASES, TERMINAL_STATUSES, JobSpec, JobStatus, Progress, Result
 from allocator.limits import Limits
 from allocator.pipeline import run
 from db import repositories
+from db.home import cache_folder
 from db.models import Job
 from db.store import ArtifactStore
 from workers.hooks import JobEndedHook, notify_ended
@@ -113,7 +115,7 @@ class JobRunner:
         self.lease_seconds = lease_seconds
         self.permanent_errors = dict(permanent_errors or {})
         self.stopping = stopping or threading.Event()
-        self.pipeline = pipeline or partial(run, limits=limits)
+        self.pipeline = pipeline or partial(run, limits=limits, cache=FolderCache(cache_folder()))
         self.on_ended = on_ended
         self.allowed_roots = allowed_roots
         self.time_limit = time_limit

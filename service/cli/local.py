@@ -33,13 +33,15 @@ LOCAL_TENANT = "local"
 @spec_options
 def run_command(spec: SpecFactory, as_json: JsonOpt = False) -> None:
     """Find and apply the bit allocation for one model and budget, on this machine."""
-    from allocator.pipeline import run  # imported here: it loads torch
+    from allocator.cache import FolderCache  # imported here: it loads torch
+    from allocator.pipeline import run
+    from db.home import cache_folder
 
     with user_errors():
         job = spec()
         with tempfile.TemporaryDirectory(prefix="bitplan-") as workdir:
             with _progress_bars(sys.stderr.isatty()) as progress:
-                result = run(job, progress, workdir)
+                result = run(job, progress, workdir, cache=FolderCache(cache_folder()))
             payload = _record(job, result)
         kept = _keep_report(payload) if job.report else None
     if as_json:

@@ -65,6 +65,9 @@ def print_summary(payload: dict) -> None:
             soft_wrap=True,
             markup=False,
         )
+    if reused := payload.get("reused"):
+        what = ", ".join(f"{count} {kind}" if count > 1 else kind for kind, count in reused.items())
+        out.print(f"reused from earlier jobs on the same content: {what}", soft_wrap=True)
     if typed.fit_check is not None:
         out.print(typed.fit_text, soft_wrap=True, markup=False)
     if text := rounds_text(typed.rounds):
