@@ -30,7 +30,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from allocator.cache import FolderCache
+from allocator.cache import Cache, FolderCache
 from allocator.errors import BitplanError, JobCancelled
 from allocator.job import PHASES, TERMINAL_STATUSES, JobSpec, JobStatus, Progress, Result
 from allocator.limits import Limits
@@ -102,20 +102,24 @@ class JobRunner:
         limits: Limits | None = None,
         allowed_roots: Sequence[Path] | None = None,
         time_limit: float = DEFAULT_TIME_LIMIT,
+        cache: Cache | None = None,
     ) -> None:
         """`permanent_errors` maps failures besides `BitplanError` that would happen again on
         every attempt (a time limit) to the error to record; `stopping`, once set, hands
         running jobs back; `on_ended` hears of every ending this runner records; `limits`
         and `allowed_roots` bound what a job may make this worker do and read (None: no path
         check, for the CLI's own jobs); past `time_limit` seconds an attempt stops at its next
-        progress call and its lease is no longer renewed."""
+        progress call and its lease is no longer renewed; `cache` keeps what jobs computed
+        (a service passes `db.cache.StoreCache`, shared through the database and the store;
+        None: the folder under this machine's home)."""
         self.worker_id = worker_id
         self.sessions = sessions
         self.store = store
         self.lease_seconds = lease_seconds
         self.permanent_errors = dict(permanent_errors or {})
         self.stopping = stopping or threading.Event()
-        self.pipeline = pipeline or partial(run, limits=limits, cache=FolderCache(cache_folder()))
+        cache = cache if cache is not None else FolderCache(cache_folder())
+        self.pipeline = pipeline or partial(run, limits=limits, cache=cache)
         self.on_ended = on_ended
         self.allowed_roots = allowed_roots
         self.time_limit = time_limit
