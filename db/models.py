@@ -260,3 +260,22 @@ class Artifact(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     uri: Mapped[str] = mapped_column(String(1024))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CacheEntry(Base):
+    """What a job computed, kept by content key (`allocator.cache`) in the store's cache
+    namespace, so that every worker and API process sharing this database finds it.
+
+    Not a tenant's row: the key hashes the weights, the data and the options, so only
+    content-identical work is shared, and these bytes count against the cache's own bound
+    (`BITPLAN_CACHE_MAX_BYTES`), not a tenant's storage quota. `last_used` orders eviction.
+    """
+
+    __tablename__ = "cache_entries"
+    __table_args__ = (Index("ix_cache_entries_last_used", "last_used"),)
+
+    key: Mapped[str] = mapped_column(String(SHA256_HEX_LENGTH), primary_key=True)
+    uri: Mapped[str] = mapped_column(String(1024), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used: Mapped[datetime] = mapped_column(default=utcnow)

@@ -48,6 +48,7 @@ from db.store import (
     StoredObject,
     StoreUnavailable,
     UnknownObject,
+    check_namespace,
     parse_s3_url,
     sha256_of,
     spool,
@@ -185,6 +186,19 @@ class S3Store(ArtifactStore):
                 client.head_bucket(Bucket=self.bucket)
         except UnknownObject:
             raise StoreUnavailable("the artifact store's bucket does not exist") from None
+
+    def delete(self, uri: str) -> None:
+        """Remove the object and this machine's copy; other machines' copies stay until their
+        cache folder is cleared, and no row names them any more."""
+        sha256 = sha256_of(uri)
+        with self._translated(uri):
+            self._client.delete_object(Bucket=self.bucket, Key=self.key(sha256))
+        self.cache.delete(uri)
+
+    def namespace(self, name: str) -> S3Store:
+        check_namespace(name)
+        prefix = f"{self.prefix}/{name}" if self.prefix else name
+        return S3Store(self.bucket, prefix, self.cache.root / name, endpoint_url=self.endpoint_url)
 
     def _cached(self, sha256: str) -> Path | None:
         """The cached copy if it holds the bytes its name says; a copy modified since it was

@@ -98,6 +98,18 @@ class ArtifactStore(ABC):
     def check(self) -> None:
         """Raise StoreUnavailable if the store cannot be used now (for `/readyz`)."""
 
+    @abstractmethod
+    def delete(self, uri: str) -> None:
+        """Remove the bytes `uri` names (nothing if they are absent). Only for a namespace whose
+        rows know every reference (`db.cache`): artifacts and uploads are shared by content
+        across tenants and jobs and are never deleted."""
+
+    @abstractmethod
+    def namespace(self, name: str) -> ArtifactStore:
+        """A store of the same kind beside this one's objects whose content is never shared with
+        them (`<root>/<name>`, `<prefix>/<name>`), so what is deleted there cannot be an object
+        an upload or an artifact refers to."""
+
 
 class Spooled(NamedTuple):
     """A temporary file and the digest and size of what was written to it."""
@@ -169,6 +181,13 @@ class FolderStore(ArtifactStore):
         """Nothing to ask: a local folder's faults surface, with their paths, in the server's
         log at the first write, and readiness answers unauthenticated callers."""
 
+    def delete(self, uri: str) -> None:
+        self.location(sha256_of(uri)).unlink(missing_ok=True)
+
+    def namespace(self, name: str) -> FolderStore:
+        check_namespace(name)
+        return FolderStore(self.root / name)
+
     def location(self, sha256: str) -> Path:
         """Where the file of this digest is or would be; says nothing about whether it exists."""
         return self.root / sha256[:2] / sha256
@@ -221,6 +240,13 @@ def open_store(config: StoreConfig | None = None, home: Path | None = None) -> A
     return S3Store.from_url(
         config.url, cache_root=home / "store-cache", endpoint_url=config.s3_endpoint_url or None
     )
+
+
+def check_namespace(name: str) -> None:
+    """A namespace is one plain folder or key segment longer than the fan-out's two characters,
+    so it can never be mistaken for a fan-out folder or step outside the store."""
+    if not re.fullmatch(r"[a-z][a-z0-9-]{2,31}", name) or name == "tmp":
+        raise ValueError(f"not a store namespace: {name!r}")
 
 
 def _fsync_dir(folder: Path) -> None:

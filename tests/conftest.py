@@ -20,9 +20,9 @@ import torch
 from allocator.zoo import load_model
 from bench.deploy import throwaway_database
 
-pytest_plugins = ("tests.api_app", "tests.s3_server")
-"""The HTTP API fixtures (settings, client, acme, globex, calib_ref) and an S3-compatible server
-(s3_server, s3_bucket) for every test module."""
+pytest_plugins = ("tests.api_app", "tests.databases", "tests.s3_server")
+"""The HTTP API fixtures (settings, client, acme, globex, calib_ref), a migrated database on each
+backend (engine) and an S3-compatible server (s3_server, s3_bucket) for every test module."""
 
 POSTGRES_ADMIN_URL_ENV = "BITPLAN_TEST_POSTGRES_URL"
 DEFAULT_POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"

@@ -23,7 +23,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, func, select, text, update
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -45,28 +45,6 @@ T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SPEC = {"model": "zoo:resnet20", "budget": "4.5 bits"}
 LEASE = 30.0
-
-
-@pytest.fixture(scope="session")
-def postgres_engine(postgres_url: str) -> Iterator[Engine]:
-    engine = init_db(postgres_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    """A migrated, empty database on each backend."""
-    if request.param == "sqlite":
-        engine = init_db(f"sqlite:///{tmp_path / 'bitplan.db'}")
-        yield engine
-        engine.dispose()
-        return
-    engine = request.getfixturevalue("postgres_engine")
-    tables = ", ".join(table.name for table in Base.metadata.sorted_tables)
-    with engine.begin() as connection:
-        connection.execute(text(f"TRUNCATE {tables} CASCADE"))
-    yield engine
 
 
 @pytest.fixture

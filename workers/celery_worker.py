@@ -24,6 +24,7 @@ from celery.signals import worker_init, worker_process_init
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.cache import StoreCache
 from db.session import init_db, make_session_factory
 from db.store import open_store
 from workers import celery_app
@@ -45,7 +46,7 @@ warnings.filterwarnings(
 
 
 class WorkerRuntime:
-    """The database and artifact store of one worker process, opened on first use: the main
+    """The database, artifact store and cache of one worker process, opened on first use: the main
     process opens it (migrating the schema once) before forking, children reuse the engine
     with a fresh pool."""
 
@@ -53,6 +54,7 @@ class WorkerRuntime:
         self._engine: Engine | None = None
         self._sessions: sessionmaker[Session] | None = None
         self.store = open_store()
+        self._cache: StoreCache | None = None
 
     @property
     def sessions(self) -> sessionmaker[Session]:
@@ -60,6 +62,14 @@ class WorkerRuntime:
             self._engine = init_db()
             self._sessions = make_session_factory(self._engine)
         return self._sessions
+
+    @property
+    def cache(self) -> StoreCache:
+        """What jobs computed, shared with every worker and API process of the deployment
+        through the database and the store (not this machine's folder)."""
+        if self._cache is None:
+            self._cache = StoreCache(self.sessions, self.store, max_bytes=settings.cache_max_bytes)
+        return self._cache
 
     def after_fork(self) -> None:
         """Drop the parent's pooled connections without closing them: closing would end the
@@ -97,6 +107,7 @@ def run_job_task(self: Task, job_id: str) -> str | None:
         limits=settings.limits,
         allowed_roots=settings.allowed_input_roots,
         time_limit=settings.soft_time_limit,
+        cache=runtime.cache,
     )
     status = runner.run(job_id)
     return None if status is None else status.value

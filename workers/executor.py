@@ -91,8 +91,11 @@ class InlineExecutor(Executor):
         on_ended: JobEndedHook | None = None,
     ) -> None:
         """`queues=None` serves every queue; `pipeline` replaces the real one in tests only;
-        `on_ended` hears of every job these threads or the sweeper end."""
-        from workers.runner import JobRunner  # imported here: the pipeline imports torch
+        `on_ended` hears of every job these threads or the sweeper end. Jobs keep what they
+        compute in the database and the store (`db.cache.StoreCache`), shared with any Celery
+        workers of the same deployment."""
+        from db.cache import StoreCache  # imported here, as the pipeline: they import torch
+        from workers.runner import JobRunner
 
         self.settings = settings
         self.sessions = sessions
@@ -111,6 +114,7 @@ class InlineExecutor(Executor):
             limits=settings.limits,
             allowed_roots=settings.allowed_input_roots,
             time_limit=settings.job_time_limit,
+            cache=StoreCache(sessions, store, max_bytes=settings.cache_max_bytes),
         )
         self._prefix = f"{socket.gethostname()}:{os.getpid()}:inline"
         self._generation = 0

@@ -24,6 +24,9 @@ BATCH_QUEUE = "batch"
 QUEUES = (INTERACTIVE_QUEUE, BATCH_QUEUE)
 """The queues a job may name; a job in any other queue is never sent to a Celery worker."""
 
+DEFAULT_CACHE_MAX_BYTES = 20 * 2**30
+"""20 GiB, as `allocator.cache.DEFAULT_MAX_BYTES` (not imported: that module loads torch)."""
+
 T = TypeVar("T")
 
 
@@ -55,6 +58,9 @@ class WorkerSettings:
     allowed_input_roots: tuple[Path, ...] = ()
     """Server folders whose files a job may name by path (anything else must be uploaded);
     checked where the file is opened, so a worker refuses what the API would have refused."""
+    cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES
+    """The bound of the cache of computed values the service's workers share
+    (`BITPLAN_CACHE_MAX_BYTES`, `db.cache.StoreCache`); least recently used entries go first."""
 
     @property
     def heartbeat_seconds(self) -> float:
@@ -94,6 +100,9 @@ class WorkerSettings:
             limits=_limits(environ, defaults.limits),
             allowed_input_roots=_parse(
                 environ, "BITPLAN_ALLOWED_INPUT_ROOTS", _paths, defaults.allowed_input_roots
+            ),
+            cache_max_bytes=_parse(
+                environ, "BITPLAN_CACHE_MAX_BYTES", _positive_int, defaults.cache_max_bytes
             ),
         )
 

@@ -9,7 +9,7 @@ aggregate:
 - `job_leases`: what workers do to a job: claim, heartbeat, progress, finish, fail, requeue
   expired leases, and the bookkeeping of broker messages (`jobs_to_dispatch`).
 - `keys`: API keys. `uploads`: uploaded files. `profiles`: cached cost tables.
-- `usage`: what the tenant quotas count.
+- `usage`: what the tenant quotas count. `cache`: the shared cache of computed values.
 
 Functions that take a `tenant` act for a caller of the API and never see another tenant's rows;
 the others act for workers, which are trusted and address jobs by id. Callers import this
@@ -18,6 +18,15 @@ package (`from db import repositories`) and find every function here.
 Never import FastAPI, Celery or torch here.
 """
 
+from db.repositories.cache import (
+    cache_bytes,
+    cache_uri_in_use,
+    drop_cache_entry,
+    evict_cache_entries,
+    find_cache_entry,
+    put_cache_entry,
+    touch_cache_entry,
+)
 from db.repositories.job_leases import (
     ArtifactRecord,
     LeaseSweep,
@@ -78,6 +87,8 @@ __all__ = [
     "ProfileKey",
     "add_export",
     "add_upload",
+    "cache_bytes",
+    "cache_uri_in_use",
     "cancel_job",
     "canonical_sha256",
     "claim_job",
@@ -85,7 +96,10 @@ __all__ = [
     "count_active_jobs",
     "create_api_key",
     "create_job",
+    "drop_cache_entry",
+    "evict_cache_entries",
     "fail_job",
+    "find_cache_entry",
     "finish_job",
     "get_artifact",
     "get_job",
@@ -101,12 +115,14 @@ __all__ = [
     "list_artifacts",
     "list_jobs",
     "mark_dispatched",
+    "put_cache_entry",
     "put_profile",
     "release_job",
     "request_cancel",
     "requeue_expired_leases",
     "revoke_api_key",
     "stored_bytes",
+    "touch_cache_entry",
     "update_progress",
     "verify_api_key",
 ]
