@@ -352,6 +352,9 @@ class Result:
     job_id: str | None = None
     act_allocation: list[dict[str, Any]] | None = None
     bops: float = 0.0
+    phases: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
+    """Per phase: seconds, model calls (`forwards`) over how many `samples`, and peak resident
+    memory in MB (`allocator.clock.Clock`)."""
     reused: dict[str, int] = field(default_factory=dict)
     """How many results of each kind ("statistics", "sensitivity", "fits", "evaluations",
     "held-out checks") came from earlier jobs on the same content instead of being computed."""
@@ -371,5 +374,6 @@ class Result:
             "artifacts": self.artifacts,
             "act_allocation": self.act_allocation,
             "bops": self.bops,
+            "phases": self.phases,
             "reused": self.reused,
         }

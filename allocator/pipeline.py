@@ -156,6 +156,7 @@ def run(
         profile=profile_dict(table, spec.bits, cost, spec.method),
         act_allocation=act_allocation,
         bops=solution.bops,
+        phases=clock.phases,
         reused=dict(bench.reused),
     )
     if workdir is not None:

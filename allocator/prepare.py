@@ -64,6 +64,7 @@ def prepare(
     acts = act_widths(spec, budget or parse_budget(spec.budget))
     with clock.phase("load"):
         model = load_model(spec.model, spec.weights)
+        clock.watch(model.module)
         calib, eval_data, source = load_data(spec, limits)
         sample = calibration_batches(calib, model, 1, 1, spec.seed)[0]
         check_forward(model, sample)

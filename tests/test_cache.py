@@ -137,6 +137,10 @@ def test_the_same_job_again_reuses_every_step_and_returns_the_same_plan(
         "evaluations",
         "held-out checks",
     }
+    # The evaluation passes over the 48 images ran in the first job, never in the second.
+    assert first.phases["evaluate"]["samples"] >= 2 * 48
+    assert second.phases["evaluate"]["samples"] == 0
+    assert second.phases["statistics"]["forwards"] < first.phases["statistics"]["forwards"]
     assert second.plan.layers == first.plan.layers
     assert second.metrics.to_dict() == first.metrics.to_dict()
     assert "statistics" not in run(replace(spec, reuse=False), cache=cache).reused
