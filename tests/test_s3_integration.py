@@ -7,6 +7,8 @@ with separate `BITPLAN_HOME`s against PostgreSQL, Redis and an S3 server the tes
 calibration data are uploaded over HTTP, a ResNet20 job runs on the worker, and its artifacts
 (the packed model, the plan, the report) are downloaded through the API, checked against their
 listed sha256, and the model loaded. An object that vanishes from the bucket is a 410.
+The same job run again on a second worker, with a home of its own, reuses what the first
+computed through the cache kept in the database and the bucket (`db.cache.StoreCache`).
 """
 
 from __future__ import annotations
@@ -49,27 +51,41 @@ def redis_url() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture
-def machines(
-    postgres_url: str, redis_url: str, s3_bucket: Bucket, tmp_path: Path
-) -> Iterator[tuple[Deployment, Deployment]]:
-    """(api, worker): one `bitplan serve`, one Celery worker, each with a home of its own."""
+def deployments(
+    names: tuple[str, ...], environ: dict[str, str], tmp_path: Path
+) -> list[Deployment]:
+    """One deployment per name, sharing PostgreSQL, Redis and the bucket, each with a home
+    of its own: machines that cannot read each other's disks."""
     shared = {
         **os.environ,
-        **s3_bucket.env(),
+        **environ,
         "BITPLAN_EXECUTOR": "celery",
-        "BITPLAN_BROKER_URL": redis_url,
-        "BITPLAN_DATABASE_URL": postgres_url,
         "BITPLAN_LEASE_SECONDS": "5",
         "BITPLAN_SWEEP_SECONDS": "1",
     }
     shared.pop("BITPLAN_ALLOWED_INPUT_ROOTS", None)
-    deployments = []
-    for name in ("api", "worker"):
+    made = []
+    for name in names:
         folder = tmp_path / name
         folder.mkdir()
-        deployments.append(Deployment(folder, {**shared, "BITPLAN_HOME": str(folder / "home")}))
-    api, worker = deployments
+        made.append(Deployment(folder, {**shared, "BITPLAN_HOME": str(folder / "home")}))
+    return made
+
+
+@pytest.fixture
+def shared_env(postgres_url: str, redis_url: str, s3_bucket: Bucket) -> dict[str, str]:
+    """What every machine is told: the database, the broker and the bucket."""
+    return {
+        **s3_bucket.env(),
+        "BITPLAN_BROKER_URL": redis_url,
+        "BITPLAN_DATABASE_URL": postgres_url,
+    }
+
+
+@pytest.fixture
+def machines(shared_env: dict[str, str], tmp_path: Path) -> Iterator[tuple[Deployment, Deployment]]:
+    """(api, worker): one `bitplan serve`, one Celery worker, each with a home of its own."""
+    api, worker = deployments(("api", "worker"), shared_env, tmp_path)
     try:
         worker.start_workers(1)
         api.start_api(1)
@@ -92,19 +108,7 @@ def test_api_and_worker_share_only_the_bucket(
     with BitplanClient(api.url, key) as client:
         model_upload = client.upload_model(weights)
         data_upload = client.upload_dataset(images)
-        spec = JobSpec(
-            model="zoo:cifar_resnet20",
-            weights=model_upload.ref,
-            calib=data_upload.ref,
-            budget="avg-bits=6",
-            method="fisher",
-            bits=(4, 8),
-            calib_samples=16,
-            batch_size=16,
-            eval_samples=16,
-            report_widths=False,
-            context_rounds=0,
-        )
+        spec = small_job(model_upload.ref, data_upload.ref)
         job = client.submit(spec)
         ended = client.wait(job.id, poll=0.5, timeout=JOB_SECONDS)
         assert ended.status is JobStatus.SUCCEEDED, (ended.error, _logs(api, worker))
@@ -115,10 +119,13 @@ def test_api_and_worker_share_only_the_bucket(
             for item in listed
         }
 
-        # What the bucket holds is what bitplan stored, each object under its digest.
+        # What the bucket holds is what bitplan stored, each object under its digest, and
+        # apart from those the cache of what the job computed.
         stored = {f"artifacts/sha256/{item['sha256']}" for item in listed}
         stored |= {f"artifacts/sha256/{u.sha256}" for u in (model_upload, data_upload)}
-        assert set(s3_bucket.keys()) == stored
+        objects = set(s3_bucket.keys())
+        cache = {name for name in objects if name.startswith("artifacts/cache/sha256/")}
+        assert cache and objects - cache == stored
         for item in listed:
             assert (
                 hashlib.sha256(downloads[item["name"]].read_bytes()).hexdigest() == (item["sha256"])
@@ -155,6 +162,62 @@ def test_api_and_worker_share_only_the_bucket(
     assert {model_upload.sha256, data_upload.sha256} <= worker_cached
     assert {item["sha256"] for item in listed} <= worker_cached  # written through its cache
     assert "] received" in (worker.folder / "worker-0.log").read_text(), "no Celery task"
+
+
+def test_a_job_again_on_another_worker_reuses_what_the_first_computed(
+    shared_env: dict[str, str], resnet20_inputs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The same job twice, the first on worker A, the second on worker B (A stopped before
+    it is submitted), homes apart: B finds A's statistics and evaluations in the cache the
+    database and the bucket hold, and returns the same plan."""
+    api, worker_a, worker_b = deployments(("api", "worker-a", "worker-b"), shared_env, tmp_path)
+    weights, images = resnet20_inputs
+    try:
+        worker_a.start_workers(1)
+        api.start_api(1)
+        with BitplanClient(api.url, api.create_key(TENANT)) as client:
+            spec = small_job(client.upload_model(weights).ref, client.upload_dataset(images).ref)
+            jobs, results = [], []
+            for worker in (worker_a, worker_b):
+                if worker is worker_b:
+                    worker_a.close()
+                    worker_b.start_workers(1)
+                job = client.submit(spec)
+                ended = client.wait(job.id, poll=0.5, timeout=JOB_SECONDS)
+                assert ended.status is JobStatus.SUCCEEDED, (ended.error, _logs(api, worker))
+                jobs.append(job.id)
+                results.append(client.result(job.id))
+    finally:
+        for deployment in (api, worker_a, worker_b):
+            deployment.close()
+
+    first, second = results
+    assert "statistics" not in first["reused"]
+    assert {"statistics", "evaluations"} <= set(second["reused"]), second["reused"]
+    assert second["allocation"] == first["allocation"]
+    assert second["metrics"] == first["metrics"]
+    # Each job ran on its own worker, and B's own folder cache had nothing to give.
+    log_a, log_b = (worker.folder / "worker-0.log" for worker in (worker_a, worker_b))
+    assert jobs[0] in log_a.read_text() and jobs[1] not in log_a.read_text()
+    assert jobs[1] in log_b.read_text()
+    assert not list((worker_b.folder / "home" / "cache").glob("??/*"))
+
+
+def small_job(model_ref: str, data_ref: str) -> JobSpec:
+    """A ResNet20 job that runs in seconds on the random inputs."""
+    return JobSpec(
+        model="zoo:cifar_resnet20",
+        weights=model_ref,
+        calib=data_ref,
+        budget="avg-bits=6",
+        method="fisher",
+        bits=(4, 8),
+        calib_samples=16,
+        batch_size=16,
+        eval_samples=16,
+        report_widths=False,
+        context_rounds=0,
+    )
 
 
 def _cached(home: Path) -> set[str]:
