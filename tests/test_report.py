@@ -14,6 +14,7 @@ from allocator.job import JobSpec, Result
 from allocator.job_metrics import (
     Comparison,
     Difference,
+    ExportCheck,
     FitCheck,
     FloatLayer,
     JobMetrics,
@@ -201,6 +202,28 @@ def test_a_job_with_activations_reports_bops(result: Result, tmp_path: Path) -> 
     assert all(p.bops is None for p in build(result).measured)
 
 
+EXPORT_CHECK = ExportCheck(
+    format="onnx",
+    passed=True,
+    error=None,
+    samples=10_000,
+    max_abs_diff=2.1e-5,
+    mean_abs_diff=2.4e-6,
+    output_range=56.0,
+    tolerance=1e-3,
+    metric="top1",
+    runtime_metric=76.52,
+    bitplan_metric=76.52,
+    metric_tolerance=0.1,
+    storage={"INT4": 18, "INT8": 3},
+    activation_sites=0,
+    file_bytes=233_224,
+    runtime="onnxruntime 1.32.0 CPUExecutionProvider",
+    over_tolerance=0,
+    runtime_defaults={"max_abs_diff": 2.1e-5, "runtime_metric": 76.52},
+)
+
+
 def test_metrics_keep_the_json_shape_results_store(result: Result) -> None:
     """`metrics` in results (API, database, `bitplan run --json`) keeps its keys and reads back."""
     metrics = replace(
@@ -211,6 +234,7 @@ def test_metrics_keep_the_json_shape_results_store(result: Result) -> None:
         calibration="in-network",
         fit_check=FitCheck(3, 0.07, 0.15, "in-network"),
         rounds=(PlanRound(0, 0.2, 0, True), PlanRound(1, 0.25, 3, False)),
+        exports={"onnx": EXPORT_CHECK},
     )
     data = json.loads(json.dumps(metrics.to_dict()))
     assert list(data) == [
@@ -229,7 +253,9 @@ def test_metrics_keep_the_json_shape_results_store(result: Result) -> None:
         "calibration",
         "fit_check",
         "rounds",
+        "exports",
     ]
+    assert data["exports"]["onnx"]["storage"] == {"INT4": 18, "INT8": 3}
     assert data["fit_check"] == {"bits": 3, "in_network": 0.07, "fp32": 0.15, "chose": "in-network"}
     assert data["rounds"][1] == {"round": 1, "divergence": 0.25, "changed": 3, "kept": False}
     assert data["uniform"] == {"bits": 4, "act_bits": None, "top1": 78.0, "kl": 0.1}
