@@ -46,8 +46,9 @@ class StoreCache:
     in all, least recently used entries out first.
 
     Safe to share between threads and processes: every call opens its own short sessions, and
-    concurrent writers of one key both succeed (the first row is kept). A store or database
-    that fails while reading is a miss, not a failed job: the cache only saves work.
+    concurrent writers of one key both succeed (the first row is kept). A store that fails is
+    a miss or an entry not kept, not a failed job: the cache only saves work. A database that
+    fails fails the attempt, as it would at the job's next progress write anyway.
     """
 
     def __init__(
