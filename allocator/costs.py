@@ -303,7 +303,7 @@ def _quantize(
     grids = {
         (clip, b): quantize_weight(weight, b, clip)
         for b in widths
-        for clip, _ in _pairs_at(b, pairs)
+        for clip in dict.fromkeys(clip for clip, _ in _pairs_at(b, pairs))
     }
     refine = [
         (clip, b) for b in widths for clip, rounding in _pairs_at(b, pairs) if rounding == "gptq"
