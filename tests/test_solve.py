@@ -376,7 +376,7 @@ def test_time_limit_reports_feasible_not_optimal(solver: str) -> None:
 def test_status_infeasible_and_unknown_carry_no_plan() -> None:
     table = LayerTable((layer("a"), layer("b")))
     program = build_program(table, BITS, convex_costs(2), FLOAT_ACTS)
-    too_small = np.array([program.min_use[0] - 1, np.inf])
+    too_small = np.array([program.min_use[0] - 1, np.inf, np.inf])
     for backend in (HighsBackend(program), CbcBackend(program)):
         outcome = backend.solve(too_small, None, 1e-4, 5.0)
         assert (outcome.status, outcome.columns) == ("infeasible", None)
@@ -458,7 +458,8 @@ def test_solution_to_dict_is_strict_json() -> None:
     solution = solve(table, BITS, np.array([[2.0, 1.0, 0.0]]), ResolvedBudget())
     data = solution.to_dict()
     assert data["name"] == "knapsack" and data["status"] == "optimal" and data["bits"] == {"a": 8}
-    assert set(data) == set(Solution.__dataclass_fields__) - {"solver", "act_bits"} | {"name"}
+    hidden = {"solver", "act_bits", "latency_table", "latency_ms"}  # latency_ms: latency budgets
+    assert set(data) == set(Solution.__dataclass_fields__) - hidden | {"name"}
     empty = Solution({}, math.inf, 0, 0.0, "cbc", "unknown", math.inf, 0.5).to_dict()
     assert (empty["objective"], empty["gap"]) == (None, None)
     json.dumps([data, empty], allow_nan=False)

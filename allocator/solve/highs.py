@@ -1,7 +1,7 @@
 """The HiGHS backend (the default): the program as one highspy model, LP shortcut, then MIP.
 
-The model goes to highspy directly as column-wise numpy arrays; budgets only move two row
-bounds, so `solve_budgets` keeps one model. Built this way it costs a small fraction of building
+The model goes to highspy directly as column-wise numpy arrays; budgets only move the resource
+rows' bounds, so `solve_budgets` keeps one model. Built this way it costs a small fraction of building
 a PuLP model and having PuLP translate it to HiGHS (docs/design.md has the figures).
 
 HiGHS first solves the LP relaxation. Rounding it (each group takes the leanest width the LP
@@ -32,7 +32,7 @@ import numpy as np
 
 from allocator.solve.backend import Outcome, SolverError, relative_gap
 from allocator.solve.heuristics import cheaper, fill, weighted_use
-from allocator.solve.program import BOPS, FEASIBILITY_TOL, STORAGE, Program
+from allocator.solve.program import FEASIBILITY_TOL, RESOURCES, Program
 
 log = logging.getLogger(__name__)
 
@@ -67,26 +67,26 @@ class HighsBackend:
         self._check(self.highs.passModel(self._model()), "passModel")
 
     def _model(self) -> Any:
-        """Column-wise: every column has a 1 in its group's row and its two resource shares."""
+        """Column-wise: every column has a 1 in its group's row and its resource shares."""
         program, highspy = self.program, self._hs
         groups, columns = len(program.groups), len(program.col_group)
-        index = np.empty((columns, 3), dtype=np.int32)
+        per_column = 1 + RESOURCES
+        index = np.empty((columns, per_column), dtype=np.int32)
         index[:, 0] = program.col_group
-        index[:, 1] = groups + STORAGE
-        index[:, 2] = groups + BOPS
-        value = np.empty((columns, 3))
+        index[:, 1:] = groups + np.arange(RESOURCES, dtype=np.int32)
+        value = np.empty((columns, per_column))
         value[:, 0] = 1.0
         value[:, 1:] = program.col_use / program.scale
         lp = highspy.HighsLp()
         lp.num_col_ = columns
-        lp.num_row_ = groups + 2
+        lp.num_row_ = groups + RESOURCES
         lp.col_cost_ = program.col_cost * program.cost_scale
         lp.col_lower_ = np.zeros(columns)
         lp.col_upper_ = np.ones(columns)
-        lp.row_lower_ = np.r_[np.ones(groups), -np.inf, -np.inf]
-        lp.row_upper_ = np.r_[np.ones(groups), np.inf, np.inf]
+        lp.row_lower_ = np.r_[np.ones(groups), np.full(RESOURCES, -np.inf)]
+        lp.row_upper_ = np.r_[np.ones(groups), np.full(RESOURCES, np.inf)]
         lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-        lp.a_matrix_.start_ = np.arange(0, 3 * columns + 1, 3, dtype=np.int32)
+        lp.a_matrix_.start_ = np.arange(0, per_column * columns + 1, per_column, dtype=np.int32)
         lp.a_matrix_.index_ = index.ravel()
         lp.a_matrix_.value_ = value.ravel()
         lp.integrality_ = [highspy.HighsVarType.kInteger] * columns
@@ -97,7 +97,7 @@ class HighsBackend:
     ) -> Outcome:
         program, highs = self.program, self.highs
         deadline = time.perf_counter() + time_limit
-        for resource in (STORAGE, BOPS):
+        for resource in range(RESOURCES):
             upper = limit[resource] / program.scale[resource]
             highs.changeRowBounds(len(program.groups) + resource, -np.inf, upper)
         relaxation = self._relax(deadline)

@@ -7,22 +7,26 @@ integer program solves it to a proven gap (HAWQ-V3, CalibTIP) where greedy rules
 - Groups: layers that must share a width (tied weights) form one group; their cost rows, storage
   and BOPs add up. A group with a pinned member is fixed at that width (which need not be one of
   `bits`, e.g. 8 or 16) and leaves the program; its storage and BOPs are taken off the budget.
-- Choices: option k of a free group is a `Choice` (weight width, activation width) with a storage
-  and a BOPs coefficient: one per entry of `bits` at one activation width (`FixedActs`), or,
+- Choices: option k of a free group is a `Choice` (weight width, activation width) with a storage,
+  a BOPs and a latency coefficient (the latency table's entry; 0 without a table): one per entry of `bits` at one activation width (`FixedActs`), or,
   under joint allocation (`JointActs`), one per (weight width, activation width) pair,
   weight-major, and the cost table has a column per pair. Pinned groups run their inputs at the widest
   activation width. A choice is forbidden (no variable) when any member's cost is inf.
 - Variables: x[g, k] in {0, 1} for every free group g and allowed choice k.
 - Constraints: sum_k x[g, k] = 1 for every g; sum storage[g, k] x[g, k] <= size budget - pinned
-  storage; sum bops[g, k] x[g, k] <= BOPs budget - pinned BOPs (each only when the budget has it).
+  storage; sum bops[g, k] x[g, k] <= BOPs budget - pinned BOPs; sum ms[g, k] x[g, k] <= latency
+  budget - pinned layers' ms - the table's `rest_ms` (each only when the budget has it). A
+  latency budget is one more knapsack row, so every solve stays exact (the knapsack search
+  when it is the only limit, else HiGHS or CBC).
 - Objective: minimise sum cost[g, k] x[g, k]. Pinned layers add no cost: `Solution.objective` is
   the summed cost of the free layers at their chosen widths.
 
 Numerics
-- Resource rows are divided by the largest storage / BOPs the free groups can use. Storage and
-  BOPs are integers, so each row's right-hand side is put half a unit above the budget, less
+- Resource rows are divided by the largest storage / BOPs / ms the free groups can use. Storage
+  and BOPs are integers, so each row's right-hand side is put half a unit above the budget, less
   twice the feasibility tolerance: a plan the solver accepts never exceeds the exact budget, and
-  a plan that fills it exactly stays allowed (see `resource_limits`).
+  a plan that fills it exactly stays allowed (see `resource_limits`). Milliseconds are not
+  integral: that row's right-hand side is the budget less twice the tolerance.
 - Costs are divided by the mean per-group cost range: measured, with raw costs spanning 1e12,
   HiGHS's absolute tolerances let it prove a bound above a feasible plan.
 
@@ -44,13 +48,15 @@ from allocator.errors import InfeasibleBudget
 from allocator.job import ActWidths
 
 if TYPE_CHECKING:
+    from allocator.latency_table import LatencyTable
     from allocator.layers import Layer, LayerTable
 
 Status = Literal["optimal", "feasible", "infeasible", "unknown"]
 FEASIBILITY_TOL = 1e-9
 """Primal and integrality tolerance given to both solvers, on rows scaled to at most 1."""
-STORAGE, BOPS = 0, 1
-"""Indices of the two resources in every usage array."""
+STORAGE, BOPS, LATENCY = 0, 1, 2
+"""Indices of the three resources in every usage array."""
+RESOURCES = 3
 
 
 @dataclass(frozen=True)
@@ -60,9 +66,15 @@ class Choice:
     weight_bits: int
     act_bits: int
 
-    def usage(self, layer: Layer) -> tuple[int, int]:
-        """Storage bits and BOPs per sample of `layer` at this choice."""
-        return layer.storage_bits(self.weight_bits), layer.macs * self.weight_bits * self.act_bits
+    def usage(self, layer: Layer, latency: LatencyTable | None = None) -> tuple[int, int, float]:
+        """Storage bits, BOPs per sample and (with a latency table) milliseconds of `layer` at
+        this choice."""
+        ms = 0.0 if latency is None else latency.ms(layer.name, self.weight_bits, self.act_bits)
+        return (
+            layer.storage_bits(self.weight_bits),
+            layer.macs * self.weight_bits * self.act_bits,
+            ms,
+        )
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,8 @@ class Program:
     fixed_use: np.ndarray
     total_params: int
     cost_scale: float
+    latency: LatencyTable | None = None
+    """The table the latency column is priced on; None: every latency coefficient is 0."""
     min_use: np.ndarray = field(init=False)
     max_use: np.ndarray = field(init=False)
 
@@ -92,7 +106,7 @@ class Program:
         extremes = (
             (np.minimum.reduceat(self.col_use, heads), np.maximum.reduceat(self.col_use, heads))
             if len(heads)
-            else (np.zeros((0, 2)), np.zeros((0, 2)))
+            else (np.zeros((0, RESOURCES)), np.zeros((0, RESOURCES)))
         )
         object.__setattr__(self, "min_use", extremes[0].sum(axis=0))
         object.__setattr__(self, "max_use", extremes[1].sum(axis=0))
@@ -115,9 +129,15 @@ class Program:
 
 
 def build_program(
-    table: LayerTable, bits: Sequence[int], cost: np.ndarray, acts: ActWidths
+    table: LayerTable,
+    bits: Sequence[int],
+    cost: np.ndarray,
+    acts: ActWidths,
+    latency: LatencyTable | None = None,
 ) -> Program:
-    """Sum tied layers into groups, fix pinned groups, and keep one column per allowed choice."""
+    """Sum tied layers into groups, fix pinned groups, and keep one column per allowed choice;
+    with `latency`, each column's latency is its layers' entries and the pinned layers' entries
+    plus the table's `rest_ms` are the fixed part."""
     choices = choices_of(bits, acts)
     cost = np.asarray(cost, dtype=float)
     if cost.shape != (len(table), len(choices)):
@@ -125,23 +145,26 @@ def build_program(
     if np.isnan(cost).any() or np.isneginf(cost).any():
         raise ValueError("cost must not hold NaN or -inf (np.inf forbids a choice)")
     fixed = table.pinned_widths()
-    fixed_use = np.zeros(2)
+    fixed_use = np.zeros(RESOURCES)
+    if latency is not None:
+        fixed_use[LATENCY] = latency.rest_ms
     rows: list[int] = []
     names: dict[str, list[str]] = {}
     for index, layer in enumerate(table.layers):
         if layer.name in fixed:
-            fixed_use += Choice(fixed[layer.name], acts.widest).usage(layer)
+            fixed_use += Choice(fixed[layer.name], acts.widest).usage(layer, latency)
         else:
             rows.append(index)
             names.setdefault(layer.group, []).append(layer.name)
     group_index = {group: g for g, group in enumerate(names)}
     row_group = np.array([group_index[table.layers[row].group] for row in rows], dtype=np.intp)
     layer_use = np.array(
-        [[choice.usage(table.layers[row]) for choice in choices] for row in rows], dtype=float
-    ).reshape(len(rows), len(choices), 2)
+        [[choice.usage(table.layers[row], latency) for choice in choices] for row in rows],
+        dtype=float,
+    ).reshape(len(rows), len(choices), RESOURCES)
     group_cost = np.zeros((len(names), len(choices)))
     np.add.at(group_cost, row_group, cost[rows])
-    group_use = np.zeros((len(names), len(choices), 2))
+    group_use = np.zeros((len(names), len(choices), RESOURCES))
     np.add.at(group_use, row_group, layer_use)
     allowed = np.isfinite(group_cost)
     closed = [group for group, ok in zip(names, allowed.any(axis=1), strict=True) if not ok]
@@ -161,6 +184,7 @@ def build_program(
         fixed_use=fixed_use,
         total_params=table.total_params,
         cost_scale=_cost_scale(col_cost, col_group, len(names)),
+        latency=latency,
     )
 
 
@@ -181,10 +205,17 @@ def plan_usage(
     storage = bops = 0
     for layer in table:
         act = act_bits if isinstance(act_bits, int) else act_bits[layer.name]
-        layer_storage, layer_bops = Choice(plan[layer.name], act).usage(layer)
+        layer_storage, layer_bops, _ = Choice(plan[layer.name], act).usage(layer)
         storage += layer_storage
         bops += layer_bops
     return storage, bops
+
+
+def plan_latency(
+    plan: Mapping[str, int], act_bits: int | Mapping[str, int], latency: LatencyTable | None
+) -> float | None:
+    """A full plan's predicted milliseconds on `latency` (None without a table)."""
+    return None if latency is None else latency.predict(plan, act_bits)
 
 
 def _cost_scale(col_cost: np.ndarray, col_group: np.ndarray, groups: int) -> float:
@@ -207,21 +238,36 @@ def _cost_scale(col_cost: np.ndarray, col_group: np.ndarray, groups: int) -> flo
 def resource_limits(program: Program, budget: ResolvedBudget) -> np.ndarray:
     """What the free groups may use of each resource (inf: unconstrained or never binding).
 
-    Usage is integral, so a plan fits when it uses at most `free = floor(budget - pinned)`. The
-    limit sits half a unit above `free`, less twice the solver's tolerance in these units: any
-    plan the solver accepts then uses at most `free`, and while that tolerance is under a quarter
-    unit every plan using `free` is accepted. Raises InfeasibleBudget when even the smallest plan
-    does not fit.
+    Storage and BOPs are integral, so a plan fits when it uses at most
+    `free = floor(budget - pinned)`. The limit sits half a unit above `free`, less twice the
+    solver's tolerance in these units: any plan the solver accepts then uses at most `free`,
+    and while that tolerance is under a quarter unit every plan using `free` is accepted.
+    Milliseconds are not integral: the limit is `budget - fixed` less twice the tolerance, so
+    an accepted plan's predicted latency never exceeds the budget. Raises InfeasibleBudget when
+    even the smallest plan does not fit.
     """
-    limits = np.full(2, np.inf)
-    for resource, total in ((STORAGE, budget.size_bits), (BOPS, budget.bops)):
+    if budget.latency_ms is not None and program.latency is None:
+        raise ValueError("a latency budget needs the program built on its latency table")
+    limits = np.full(RESOURCES, np.inf)
+    for resource, total in (
+        (STORAGE, budget.size_bits),
+        (BOPS, budget.bops),
+        (LATENCY, budget.latency_ms),
+    ):
         if total is None:
+            continue
+        tolerance = FEASIBILITY_TOL * program.scale[resource]
+        if resource == LATENCY:
+            free = total - program.fixed_use[resource]
+            if free < program.min_use[resource] - tolerance:
+                raise _shortfall(program, resource, total)
+            if free < program.max_use[resource]:
+                limits[resource] = max(free - 2 * tolerance, program.min_use[resource])
             continue
         free = math.floor(total - program.fixed_use[resource])
         if free < program.min_use[resource]:
             raise _shortfall(program, resource, total)
         if free < program.max_use[resource]:
-            tolerance = FEASIBILITY_TOL * program.scale[resource]
             limits[resource] = max(free + 0.5 - 2 * tolerance, program.min_use[resource])
     return limits
 
@@ -233,7 +279,14 @@ def _shortfall(program: Program, resource: int, total: float) -> InfeasibleBudge
         f"{size / BITS_PER_MB:.6g} MB = {size / program.total_params:.4f} average bits per weight"
     )
     how = "with pinned layers at their widths and every other layer at its smallest allowed width"
-    if resource == STORAGE:
+    if resource == LATENCY:
+        message = (
+            f"latency budget {total:.4g} ms is below the smallest feasible "
+            f"{smallest[LATENCY]:.4g} ms predicted by the latency table, with pinned layers at "
+            "their widths and every other layer at its fastest measured choice (that table's "
+            "runtime may run no quantized kernel faster than float: see its notes)"
+        )
+    elif resource == STORAGE:
         message = (
             f"size budget {total / BITS_PER_MB:.6g} MB ({total / program.total_params:.4f} "
             f"average bits) is below the smallest feasible size {size_text}, {how}"

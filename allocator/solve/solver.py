@@ -30,11 +30,13 @@ from allocator.solve.program import (
     Status,
     build_program,
     choices_of,
+    plan_latency,
     plan_usage,
     resource_limits,
 )
 
 if TYPE_CHECKING:
+    from allocator.latency_table import LatencyTable
     from allocator.layers import LayerTable
 
 log = logging.getLogger(__name__)
@@ -60,12 +62,20 @@ class Solution:
     seconds: float
     act_bits: dict[str, int] = field(default_factory=dict)
     """Each layer's input activation width (every layer at the one width unless joint)."""
+    latency_ms: float | None = None
+    """The plan's predicted milliseconds on the budget's latency table (None without one)."""
+    latency_table: LatencyTable | None = field(default=None, compare=False, repr=False)
+    """That table, so a plan chosen outside the program (`fixed_plan`) is priced on it too."""
 
     def to_dict(self) -> dict[str, Any]:
         """The strict-JSON form results store: the solver's name under "name", and None for an
-        objective or gap that is inf (no plan, or no bound), which JSON cannot carry."""
+        objective or gap that is inf (no plan, or no bound), which JSON cannot carry; the
+        predicted latency only when the budget had a latency term."""
         data = asdict(self)
         data.pop("act_bits")  # per layer; results report it as the activation allocation
+        data.pop("latency_table")
+        if data["latency_ms"] is None:
+            data.pop("latency_ms")
         data["name"] = data.pop("solver")
         return {
             key: None if isinstance(value, float) and not math.isfinite(value) else value
@@ -136,7 +146,7 @@ def solve_budgets(
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; use one of {SOLVERS}")
-    program = build_program(table, bits, cost, acts)
+    program = build_program(table, bits, cost, acts, _latency_table(budgets))
     limits = [resource_limits(program, budget) for budget in budgets]
     backend: Backend | None = None
     knapsacks: dict[int, Knapsack] = {}
@@ -165,6 +175,16 @@ def solve_budgets(
             to_solution(table, program, outcome, name, acts, time.perf_counter() - started)
         )
     return solutions
+
+
+def _latency_table(budgets: Sequence[ResolvedBudget]) -> LatencyTable | None:
+    """The one latency table the budgets' latency terms are priced on (a sweep shares one)."""
+    tables = [b.latency for b in budgets if b.latency_ms is not None and b.latency is not None]
+    if any(b.latency_ms is not None and b.latency is None for b in budgets):
+        raise ValueError("a resolved latency budget must carry its latency table")
+    if any(t != tables[0] for t in tables[1:]):
+        raise ValueError("budgets solved together must share one latency table")
+    return tables[0] if tables else None
 
 
 def fixed_plan(
@@ -201,6 +221,7 @@ def fixed_plan(
         objective=objective,
         storage_bits=storage,
         bops=bops,
+        latency_ms=plan_latency(plan, act_bits, like.latency_table),
     )
 
 
@@ -211,8 +232,8 @@ def uniform_bits_for(
     *,
     act_bits: int = FLOAT_ACT_BITS,
 ) -> int | None:
-    """The widest single width of `bits` that fits `budget` on every unpinned layer, with
-    every activation at `act_bits`, or None.
+    """The widest single width of `bits` that fits `budget` (size, BOPs and predicted latency)
+    on every unpinned layer, with every activation at `act_bits`, or None.
 
     This is the baseline a mixed plan is compared with at the same size.
     """
@@ -220,8 +241,13 @@ def uniform_bits_for(
     for width in sorted(set(bits), reverse=True):
         plan = {layer.name: fixed.get(layer.name, width) for layer in table}
         storage, bops = plan_usage(table, plan, act_bits)
-        if (budget.size_bits is None or storage <= budget.size_bits) and (
-            budget.bops is None or bops <= budget.bops
+        latency = plan_latency(plan, act_bits, budget.latency)
+        if (
+            (budget.size_bits is None or storage <= budget.size_bits)
+            and (budget.bops is None or bops <= budget.bops)
+            and (
+                budget.latency_ms is None or (latency is not None and latency <= budget.latency_ms)
+            )
         ):
             return width
     return None
@@ -247,7 +273,17 @@ def to_solution(
 ) -> Solution:
     """A backend's outcome as a plan over every layer, pinned ones included, with its usage."""
     if outcome.columns is None:
-        return Solution({}, math.inf, 0, 0.0, solver, outcome.status, math.inf, seconds)
+        return Solution(
+            {},
+            math.inf,
+            0,
+            0.0,
+            solver,
+            outcome.status,
+            math.inf,
+            seconds,
+            latency_table=program.latency,
+        )
     chosen = dict(program.fixed_bits)
     chosen_acts = dict.fromkeys(program.fixed_bits, acts.widest)
     for column in outcome.columns:
@@ -269,4 +305,6 @@ def to_solution(
         gap=relative_gap(objective, outcome.bound),
         seconds=seconds,
         act_bits=layer_acts,
+        latency_ms=plan_latency(plan, layer_acts, program.latency),
+        latency_table=program.latency,
     )
