@@ -17,6 +17,7 @@ import psycopg
 import pytest
 import torch
 
+from allocator.job import JobSpec
 from allocator.zoo import load_model
 from bench.deploy import throwaway_database
 
@@ -59,3 +60,22 @@ def resnet20_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     weights = folder / "resnet20.pth"
     torch.save(load_model("zoo:cifar_resnet20").module.state_dict(), weights)
     return weights, images
+
+
+@pytest.fixture
+def resnet20_job(resnet20_inputs: tuple[Path, Path]) -> JobSpec:
+    """A whole ResNet20 job on `resnet20_inputs` that runs in seconds: 16 calibration images,
+    evaluated on all 48, fisher costs, no report widths, no rounds."""
+    weights, images = resnet20_inputs
+    return JobSpec(
+        model="zoo:cifar_resnet20",
+        weights=str(weights),
+        calib=str(images),
+        eval=str(images),
+        calib_samples=16,
+        batch_size=16,
+        budget="avg-bits=4",
+        method="fisher",
+        report_widths=False,
+        context_rounds=0,
+    )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from allocator.job import JobSpec
 from allocator.zoo import load_model
 from bench.solver_speed import markdown, measure, measure_resolves, targets
 from bench.train_tiny_lm import STSB, TrainConfig, train
@@ -53,26 +54,10 @@ def test_tiny_lm_trainer_writes_a_folder_bitplan_loads(tmp_path: Path) -> None:
     assert (len(train_lines), len(dev_lines)) == (400, 400)
 
 
-def test_phase_bench_prints_every_phase_and_the_second_runs(
-    resnet20_inputs: tuple[Path, Path],
-) -> None:
-    from allocator.job import JobSpec
+def test_phase_bench_prints_every_phase_and_the_second_runs(resnet20_job: JobSpec) -> None:
     from bench.phases import section
 
-    weights, images = resnet20_inputs
-    spec = JobSpec(
-        model="zoo:cifar_resnet20",
-        weights=str(weights),
-        calib=str(images),
-        eval=str(images),
-        calib_samples=16,
-        batch_size=16,
-        budget="avg-bits=4",
-        method="fisher",
-        report_widths=False,
-        context_rounds=0,
-    )
-    text = section("toy", spec, "avg-bits=3")
+    text = section("toy", resnet20_job, "avg-bits=3")
     for phase in ("load", "statistics", "sensitivity", "solve", "evaluate"):
         assert f"| {phase} | " in text
     again = next(line for line in text.splitlines() if line.startswith("| same job again"))

@@ -110,22 +110,9 @@ def test_choices_read_back_with_the_weight_errors_recomputed() -> None:
 
 
 def test_the_same_job_again_reuses_every_step_and_returns_the_same_plan(
-    resnet20_inputs: tuple[Path, Path], tmp_path: Path
+    resnet20_job: JobSpec, tmp_path: Path
 ) -> None:
-    weights, images = resnet20_inputs
-    spec = JobSpec(
-        model="zoo:cifar_resnet20",
-        weights=str(weights),
-        calib=str(images),
-        eval=str(images),
-        calib_samples=16,
-        batch_size=16,
-        budget="avg-bits=3.5",
-        method="fisher",
-        report_widths=False,
-        calibration="in-network",
-        context_rounds=1,
-    )
+    spec = replace(resnet20_job, budget="avg-bits=3.5", calibration="in-network", context_rounds=1)
     cache = FolderCache(tmp_path / "cache")
     first = run(spec, cache=cache)
     second = run(spec, cache=cache)
