@@ -23,6 +23,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from allocator.errors import BadSpec
@@ -35,6 +36,16 @@ FLOAT_WIDTH = 32
 FLOAT_ACT_FROM = 16
 """Activation widths from here up are not quantized (`allocator.quant.activation`)."""
 FORMAT = "bitplan-latency-v1"
+
+
+class LatencyStatus(StrEnum):
+    """Where a requested table is: measured on the target's queue (`queued`, `running`), then
+    `succeeded` with its entries or `failed` with the reason."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
 
 
 def choice_key(weight_bits: int, act_bits: int) -> str:

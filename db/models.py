@@ -38,6 +38,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from allocator.job import JobStatus, UploadKind
+from allocator.latency_table import LatencyStatus
 
 # Deterministic constraint names, so Alembic can drop or alter them later on every backend.
 NAMING_CONVENTION = {
@@ -279,3 +280,47 @@ class CacheEntry(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LatencyTableRow(Base):
+    """A measured latency table (`allocator.latency_table.LatencyTable`): milliseconds per
+    weight layer and choice on one runtime and machine, or the request to measure one on a
+    target machine's queue (`status`).
+
+    Keyed per tenant, like profiles, by what determines the timings: the model's content
+    digest, the input shape, the runtime and its version, and the machine's fingerprint (known
+    once measured, hence nullable while queued). Jobs with a latency budget name a table by id
+    (`latency_table`), or measure one and store it here for later jobs.
+    """
+
+    __tablename__ = "latency_tables"
+    __table_args__ = (
+        Index(
+            "ix_latency_tables_key",
+            "tenant",
+            "model_sha256",
+            "input_shape",
+            "runtime",
+            "runtime_version",
+            "machine_sha256",
+        ),
+        Index("ix_latency_tables_tenant_created", "tenant", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant: Mapped[str] = mapped_column(String(64))
+    status: Mapped[LatencyStatus] = mapped_column(
+        _string_enum(LatencyStatus, "latency_status"), default=LatencyStatus.SUCCEEDED
+    )
+    request: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """What was asked: model ref, weights, input shape, runtime, widths, repeats."""
+    input_shape: Mapped[str] = mapped_column(String(64))
+    runtime: Mapped[str] = mapped_column(String(32))
+    queue: Mapped[str | None] = mapped_column(String(64))
+    model_sha256: Mapped[str | None] = mapped_column(String(SHA256_HEX_LENGTH))
+    runtime_version: Mapped[str | None] = mapped_column(String(64))
+    machine_sha256: Mapped[str | None] = mapped_column(String(SHA256_HEX_LENGTH))
+    table: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]

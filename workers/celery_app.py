@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
 TASK_NAME = "bitplan.run_job"
+LATENCY_TASK_NAME = "bitplan.profile_latency"
+"""Measures one latency-table request (`workers.latency.run_request`) on the machine whose
+worker serves the request's queue."""
 WORKER_MODULE = "workers.celery_worker"
 PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5}
 """A dispatch to an unreachable broker gives up within about a second: the job row is already
@@ -55,7 +58,9 @@ def make_celery(settings: WorkerSettings) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=False,
         task_soft_time_limit=settings.soft_time_limit,
         task_time_limit=settings.job_time_limit,
-        task_queues=[Queue(name, Exchange(name), routing_key=name) for name in QUEUES],
+        task_queues=[
+            Queue(name, Exchange(name), routing_key=name) for name in settings.worker_queues
+        ],
         task_default_queue=BATCH_QUEUE,
         task_create_missing_queues=False,
         task_serializer="json",
@@ -103,9 +108,11 @@ def start_worker(
     processes exits (to finish what `on_ended` started, such as webhook deliveries in flight).
     """
     global job_ended_hook
-    unknown = sorted(set(queues) - set(QUEUES))
+    unknown = sorted(set(queues) - set(settings.worker_queues))
     if unknown or not queues:
-        raise ValueError(f"queues must be among {', '.join(QUEUES)}; got {list(queues)}")
+        raise ValueError(
+            f"queues must be among {', '.join(settings.worker_queues)}; got {list(queues)}"
+        )
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     job_ended_hook = on_ended

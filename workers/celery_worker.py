@@ -28,7 +28,7 @@ from db.cache import StoreCache
 from db.session import init_db, make_session_factory
 from db.store import open_store
 from workers import celery_app
-from workers.celery_app import TASK_NAME, app, settings
+from workers.celery_app import LATENCY_TASK_NAME, TASK_NAME, app, settings
 from workers.executor import CeleryExecutor
 from workers.periodic import Periodic
 from workers.runner import JobRunner
@@ -111,6 +111,18 @@ def run_job_task(self: Task, job_id: str) -> str | None:
     )
     status = runner.run(job_id)
     return None if status is None else status.value
+
+
+@app.task(name=LATENCY_TASK_NAME)
+def profile_latency_task(table_id: str) -> str | None:
+    """Measure one latency-table request on this machine (the one serving its queue): the
+    timings are this worker's CPU's, which is the point. A redelivered message finds the
+    request taken and does nothing."""
+    from workers.latency import run_request
+
+    return run_request(
+        runtime.sessions, runtime.store, table_id, allowed_roots=settings.allowed_input_roots
+    )
 
 
 class SweeperStep(bootsteps.StartStopStep):

@@ -43,7 +43,7 @@ from db import repositories
 from db.models import Job, utcnow
 from db.repositories import PendingDispatch
 from db.store import ArtifactStore
-from workers.celery_app import TASK_NAME, make_celery
+from workers.celery_app import LATENCY_TASK_NAME, TASK_NAME, make_celery
 from workers.hooks import JobEndedHook, notify_ended
 from workers.periodic import Periodic
 from workers.settings import QUEUES, ExecutorKind, WorkerSettings, time_limit_error
@@ -70,6 +70,11 @@ class Executor(ABC):
 
     @abstractmethod
     def dispatch(self, job: Job) -> None: ...
+
+    @abstractmethod
+    def dispatch_latency(self, table_id: str, queue: str) -> None:
+        """Have a stored latency-table request measured (`workers.latency.run_request`) on
+        the machines serving `queue`; called after its row is committed."""
 
 
 class InlineExecutor(Executor):
@@ -99,6 +104,7 @@ class InlineExecutor(Executor):
 
         self.settings = settings
         self.sessions = sessions
+        self.store = store
         self.queues = queues
         self.on_ended = on_ended
         self._stopping = threading.Event()
@@ -154,6 +160,18 @@ class InlineExecutor(Executor):
 
     def dispatch(self, job: Job) -> None:
         self._wake.release()
+
+    def dispatch_latency(self, table_id: str, queue: str) -> None:
+        """Measured here, in a thread of its own: the embedded service is its own target
+        machine whatever the queue says."""
+        from workers.latency import run_request
+
+        threading.Thread(
+            target=run_request,
+            args=(self.sessions, self.store, table_id, self.settings.allowed_input_roots),
+            name=f"bitplan latency {table_id}",
+            daemon=True,
+        ).start()
 
     def sweep(self) -> None:
         """Replace threads stuck past their job's deadline, then requeue jobs whose lease
@@ -245,6 +263,14 @@ class CeleryExecutor(Executor):
             log.info("job %s: not before %s; a sweep sends it then", job.id, job.not_before)
             return
         self.send([PendingDispatch(job.id, job.queue, job.attempts)])
+
+    def dispatch_latency(self, table_id: str, queue: str) -> None:
+        """Sent to the workers serving `queue` (one of `latency_queues`)."""
+        if queue not in self.settings.latency_queues:
+            raise ValueError(
+                f"queue {queue!r} is not one of {', '.join(self.settings.latency_queues)}"
+            )
+        self.app.send_task(LATENCY_TASK_NAME, args=[table_id], queue=queue)
 
     def send(self, jobs: Sequence[PendingDispatch]) -> int:
         """Send a message per job and record it; stops at the first broker error (the rest stay

@@ -23,6 +23,9 @@ INTERACTIVE_QUEUE = "interactive"
 BATCH_QUEUE = "batch"
 QUEUES = (INTERACTIVE_QUEUE, BATCH_QUEUE)
 """The queues a job may name; a job in any other queue is never sent to a Celery worker."""
+LATENCY_QUEUE = "latency"
+"""Where latency-table requests go unless they name another of `latency_queues`: a platform
+starts `bitplan worker --queue latency` on the machines it wants timings of."""
 
 DEFAULT_CACHE_MAX_BYTES = 20 * 2**30
 """20 GiB, as `allocator.cache.DEFAULT_MAX_BYTES` (not imported: that module loads torch)."""
@@ -61,6 +64,15 @@ class WorkerSettings:
     cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES
     """The bound of the cache of computed values the service's workers share
     (`BITPLAN_CACHE_MAX_BYTES`, `db.cache.StoreCache`); least recently used entries go first."""
+    latency_queues: tuple[str, ...] = (LATENCY_QUEUE,)
+    """Queues latency-table requests may name (`BITPLAN_LATENCY_QUEUES`, comma-separated), one
+    per kind of target machine (`latency`, `latency-arm`, ...): the API and the workers read
+    the same list, so both declare the same queues."""
+
+    @property
+    def worker_queues(self) -> tuple[str, ...]:
+        """Every queue a worker may serve: the jobs' and the latency requests'."""
+        return (*QUEUES, *(q for q in self.latency_queues if q not in QUEUES))
 
     @property
     def heartbeat_seconds(self) -> float:
@@ -104,6 +116,9 @@ class WorkerSettings:
             cache_max_bytes=_parse(
                 environ, "BITPLAN_CACHE_MAX_BYTES", _positive_int, defaults.cache_max_bytes
             ),
+            latency_queues=_parse(
+                environ, "BITPLAN_LATENCY_QUEUES", _queue_names, defaults.latency_queues
+            ),
         )
 
 
@@ -137,6 +152,16 @@ def _limits(environ: Mapping[str, str], defaults: Limits) -> Limits:
         parse = _positive_int if isinstance(default, int) else _positive
         values[limit.name] = _parse(environ, f"BITPLAN_{limit.name.upper()}", parse, default)
     return Limits(**values)
+
+
+def _queue_names(text: str) -> tuple[str, ...]:
+    """Comma-separated queue names: letters, digits, '-' and '_'."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names or not all(
+        name.replace("-", "").replace("_", "").isalnum() and len(name) <= 64 for name in names
+    ):
+        raise ValueError("must be comma-separated queue names of letters, digits, - and _")
+    return names
 
 
 def _paths(text: str) -> tuple[Path, ...]:

@@ -10,6 +10,7 @@ aggregate:
   expired leases, and the bookkeeping of broker messages (`jobs_to_dispatch`).
 - `keys`: API keys. `uploads`: uploaded files. `profiles`: cached cost tables.
 - `usage`: what the tenant quotas count. `cache`: the shared cache of computed values.
+- `latency`: measured latency tables and the requests to measure them on a target's queue.
 
 Functions that take a `tenant` act for a caller of the API and never see another tenant's rows;
 the others act for workers, which are trusted and address jobs by id. Callers import this
@@ -68,6 +69,16 @@ from db.repositories.keys import (
     revoke_api_key,
     verify_api_key,
 )
+from db.repositories.latency import (
+    fail_latency_table,
+    find_latency_table,
+    finish_latency_table,
+    get_latency_table,
+    list_latency_tables,
+    put_latency_table,
+    request_latency_table,
+    start_latency_table,
+)
 from db.repositories.profiles import ProfileKey, get_profile, get_profile_by_id, put_profile
 from db.repositories.shared import canonical_sha256
 from db.repositories.uploads import add_upload, get_upload
@@ -99,10 +110,14 @@ __all__ = [
     "drop_cache_entry",
     "evict_cache_entries",
     "fail_job",
+    "fail_latency_table",
     "find_cache_entry",
+    "find_latency_table",
     "finish_job",
+    "finish_latency_table",
     "get_artifact",
     "get_job",
+    "get_latency_table",
     "get_profile",
     "get_profile_by_id",
     "get_result",
@@ -114,13 +129,17 @@ __all__ = [
     "list_api_keys",
     "list_artifacts",
     "list_jobs",
+    "list_latency_tables",
     "mark_dispatched",
     "put_cache_entry",
+    "put_latency_table",
     "put_profile",
     "release_job",
     "request_cancel",
+    "request_latency_table",
     "requeue_expired_leases",
     "revoke_api_key",
+    "start_latency_table",
     "stored_bytes",
     "touch_cache_entry",
     "update_progress",

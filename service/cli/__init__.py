@@ -7,6 +7,7 @@ service (serve it, work for it, talk to it). This file only assembles the comman
 - `remote`: `submit`, `status`, `wait`, `fetch` against a server (exit 2 refused, 1 the job
   failed or was cancelled, 3 unreachable);
 - `export`: `export`, a finished job's model as ONNX, checked in ONNX Runtime (local or remote);
+- `latency`: `profile-latency`, a latency table measured on this machine or a server's targets;
 - `admin`: `serve`, `worker`, `keys create|list|revoke`.
 
 Each command imports the heavy modules it uses when it runs, so `bitplan run` never loads the
@@ -20,7 +21,7 @@ import logging
 
 import typer
 
-from service.cli import admin, export, local, remote
+from service.cli import admin, export, latency, local, remote
 
 app = typer.Typer(add_completion=False, help="Mixed-precision bit allocation for PyTorch models.")
 
@@ -38,6 +39,7 @@ app.command("status")(remote.status_command)
 app.command("wait")(remote.wait_command)
 app.command("fetch")(remote.fetch_command)
 app.command("export")(export.export_command)
+app.command("profile-latency")(latency.profile_latency_command)
 app.add_typer(admin.keys_app, name="keys")
 
 

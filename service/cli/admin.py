@@ -66,7 +66,8 @@ def serve_command(
 
 def worker_command(
     queue: Annotated[
-        list[str] | None, typer.Option(help="interactive or batch, repeatable; default both")
+        list[str] | None,
+        typer.Option(help="interactive, batch or latency, repeatable; default: the job queues"),
     ] = None,
     concurrency: Annotated[int, typer.Option(help="jobs at once, one process each")] = 1,
 ) -> None:

@@ -1,0 +1,140 @@
+"""Measured latency tables, per tenant, keyed by what determines the timings (model content,
+input shape, runtime and version, machine fingerprint); and requests to measure one on a target
+machine's queue, which a worker there starts and finishes.
+
+A table measured in a job, by `bitplan profile-latency` or by a worker is stored whole (the
+JSON of `allocator.latency_table.LatencyTable`); `find_latency_table` hands the newest one of
+a key to the next job or request that would measure the same thing.
+
+Never import FastAPI, Celery or torch here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from allocator.latency_table import LatencyStatus
+from db.models import LatencyTableRow, utcnow
+from db.repositories.shared import execute_guarded
+
+MAX_LISTED = 100
+
+
+def put_latency_table(
+    session: Session, *, tenant: str, table: Mapping[str, Any], request: Mapping[str, Any]
+) -> LatencyTableRow:
+    """Store a table measured in this process (a job, the CLI); its row id names it from now."""
+    row = LatencyTableRow(
+        tenant=tenant,
+        status=LatencyStatus.SUCCEEDED,
+        request=dict(request),
+        finished_at=utcnow(),
+        **_columns(table),
+    )
+    session.add(row)
+    session.commit()
+    return row
+
+
+def request_latency_table(
+    session: Session, *, tenant: str, request: Mapping[str, Any], queue: str
+) -> LatencyTableRow:
+    """A queued request to measure a table on the machines that serve `queue`."""
+    row = LatencyTableRow(
+        tenant=tenant,
+        status=LatencyStatus.QUEUED,
+        request=dict(request),
+        input_shape=str(request["input_shape"]),
+        runtime=str(request["runtime"]),
+        queue=queue,
+    )
+    session.add(row)
+    session.commit()
+    return row
+
+
+def start_latency_table(session: Session, *, table_id: str) -> LatencyTableRow | None:
+    """Mark a queued request running; None when it is not queued (a redelivered message, or
+    another worker took it), so it is measured once."""
+    matched = execute_guarded(
+        session,
+        update(LatencyTableRow)
+        .where(LatencyTableRow.id == table_id, LatencyTableRow.status == LatencyStatus.QUEUED)
+        .values(status=LatencyStatus.RUNNING),
+    )
+    return session.get(LatencyTableRow, table_id, populate_existing=True) if matched else None
+
+
+def finish_latency_table(session: Session, *, table_id: str, table: Mapping[str, Any]) -> None:
+    execute_guarded(
+        session,
+        update(LatencyTableRow)
+        .where(LatencyTableRow.id == table_id)
+        .values(status=LatencyStatus.SUCCEEDED, finished_at=utcnow(), **_columns(table)),
+    )
+
+
+def fail_latency_table(session: Session, *, table_id: str, error: str) -> None:
+    execute_guarded(
+        session,
+        update(LatencyTableRow)
+        .where(LatencyTableRow.id == table_id)
+        .values(status=LatencyStatus.FAILED, finished_at=utcnow(), error=error[:2000]),
+    )
+
+
+def get_latency_table(session: Session, *, tenant: str, table_id: str) -> LatencyTableRow | None:
+    return session.scalar(
+        select(LatencyTableRow).where(
+            LatencyTableRow.id == table_id, LatencyTableRow.tenant == tenant
+        )
+    )
+
+
+def find_latency_table(
+    session: Session, *, tenant: str, key: tuple[str, str, str, str, str]
+) -> LatencyTableRow | None:
+    """The newest succeeded table of `key` (`LatencyTable.key`), for reuse."""
+    model_sha256, input_shape, runtime, version, machine_sha256 = key
+    return session.scalar(
+        select(LatencyTableRow)
+        .where(
+            LatencyTableRow.tenant == tenant,
+            LatencyTableRow.model_sha256 == model_sha256,
+            LatencyTableRow.input_shape == input_shape,
+            LatencyTableRow.runtime == runtime,
+            LatencyTableRow.runtime_version == version,
+            LatencyTableRow.machine_sha256 == machine_sha256,
+            LatencyTableRow.status == LatencyStatus.SUCCEEDED,
+        )
+        .order_by(LatencyTableRow.created_at.desc())
+        .limit(1)
+    )
+
+
+def list_latency_tables(session: Session, *, tenant: str) -> list[LatencyTableRow]:
+    """The tenant's newest tables and requests, newest first."""
+    return list(
+        session.scalars(
+            select(LatencyTableRow)
+            .where(LatencyTableRow.tenant == tenant)
+            .order_by(LatencyTableRow.created_at.desc(), LatencyTableRow.id)
+            .limit(MAX_LISTED)
+        )
+    )
+
+
+def _columns(table: Mapping[str, Any]) -> dict[str, Any]:
+    """The key columns of a table's JSON, and the JSON itself."""
+    return {
+        "model_sha256": table["model_sha256"],
+        "input_shape": "x".join(str(v) for v in table["input_shape"]),
+        "runtime": table["runtime"],
+        "runtime_version": table["runtime_version"],
+        "machine_sha256": table["machine_sha256"],
+        "table": dict(table),
+    }
