@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from allocator.budget import Budget, parse_budget
 from allocator.errors import BadBudget, BadSpec, UnknownMethod
 from allocator.job_metrics import JobMetrics
+from allocator.latency_table import check_runtime
 from allocator.limits import Limits
 
 if TYPE_CHECKING:
@@ -106,7 +107,14 @@ the wide layers of a transformer."""
 MAX_CONTEXT_ROUNDS = 5
 MAX_PINS = 10_000
 MAX_SEED = 2**32 - 1
-MAX_TEXT = {"model": 2048, "calib": 4096, "weights": 4096, "eval": 4096, "budget": 200}
+MAX_TEXT = {
+    "model": 2048,
+    "calib": 4096,
+    "weights": 4096,
+    "eval": 4096,
+    "budget": 200,
+    "latency_table": 4096,
+}
 """Longest accepted text per field; the rest are short names checked against their lists."""
 MAX_LAYER_NAME = 512
 
@@ -217,6 +225,14 @@ class JobSpec:
     export: tuple[str, ...] = ()
     """Runtime formats (of `EXPORT_FORMATS`) to export the model to as part of the job, each
     checked in its runtime (`allocator.export`); a finished job can also be exported later."""
+    latency_table: str | None = None
+    """A stored latency table (`bitplan profile-latency`, `POST /v1/latency-tables`) by id, or
+    on the machine that runs the job a table's JSON file: what a latency budget is priced on,
+    and with it the report measures FP32, uniform and mixed end to end."""
+    latency_runtime: str | None = None
+    """Measure the latency table in the job, on this runtime (`LATENCY_RUNTIMES`) of the
+    machine that runs it, at one evaluation sample's shape; stored for later jobs. A latency
+    budget needs this or `latency_table`."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -268,6 +284,14 @@ class JobSpec:
             )
         _check_range("context_rounds", self.context_rounds, 0, MAX_CONTEXT_ROUNDS)
         check_export_formats(self.export)
+        if self.latency_runtime is not None:
+            check_runtime(self.latency_runtime)
+        if budget.needs_latency and self.latency_table is None and self.latency_runtime is None:
+            raise BadBudget(
+                f"budget {self.budget!r} has a latency term, which needs a latency table: name "
+                "a stored one (latency_table, from bitplan profile-latency) or have the job "
+                "measure one (latency_runtime: onnxruntime-cpu, torch-cpu or torch-cuda)"
+            )
         _check_range("calib_samples", self.calib_samples, 1, limits.max_calib_samples)
         _check_range("batch_size", self.batch_size, 1, limits.max_batch_size)
         if self.eval_samples is not None:

@@ -217,6 +217,73 @@ def rounds_text(rounds: tuple[PlanRound, ...]) -> str:
 
 
 @dataclass(frozen=True)
+class PlanLatency(Record):
+    """One plan's latency: predicted from the latency table (its layers' entries plus the
+    table's `rest_ms`) and measured end to end on the same runtime and input shape (None when
+    it could not be run there: `error` says why), with its primary metric."""
+
+    plan: str
+    """"fp32", "uniform" or "mixed"."""
+    weight_bits: int | None
+    """The uniform plan's width; None for FP32 and the mixed plan."""
+    predicted_ms: float
+    measured_ms: float | None
+    metric: float | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class LatencyFigures(Record):
+    """What a job with a latency table measured (`allocator.latency_job`): its runtime and
+    input shape, the budget in milliseconds when the budget had a latency term, FP32, the
+    uniform plan and the mixed plan predicted against measured, and the predicted latency of
+    every uniform width evaluated (for the quality-vs-latency chart)."""
+
+    runtime: str
+    runtime_version: str
+    input_shape: tuple[int, ...]
+    table_id: str | None
+    measured_in_job: bool
+    budget_ms: float | None
+    plans: tuple[PlanLatency, ...]
+    uniform_predicted: dict[str, float]
+    """Predicted ms per uniform width ("4": ...), at the uniform plan's activation width."""
+    notes: tuple[str, ...] = ()
+    table: dict[str, Any] | None = None
+    """The table measured in the job, until the job is recorded (it is then stored and named
+    by `table_id`)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["input_shape"] = list(self.input_shape)
+        data["notes"] = list(self.notes)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LatencyFigures:
+        values = dict(data)
+        values["input_shape"] = tuple(values.get("input_shape") or ())
+        values["plans"] = tuple(PlanLatency.from_dict(p) for p in values.get("plans") or ())
+        values["notes"] = tuple(values.get("notes") or ())
+        values["uniform_predicted"] = dict(values.get("uniform_predicted") or {})
+        return cls(**values)
+
+    def plan(self, name: str) -> PlanLatency | None:
+        return next((p for p in self.plans if p.plan == name), None)
+
+    def text(self) -> str:
+        """`latency (onnxruntime-cpu, 1x3x32x32): fp32 0.57 ms (predicted 0.57) ...`."""
+        shape = "x".join(map(str, self.input_shape))
+        parts = []
+        for entry in self.plans:
+            name = entry.plan if entry.weight_bits is None else f"uniform W{entry.weight_bits}"
+            measured = "not run" if entry.measured_ms is None else f"{entry.measured_ms:.3f} ms"
+            parts.append(f"{name} {measured} (predicted {entry.predicted_ms:.3f})")
+        budget = "" if self.budget_ms is None else f", budget {self.budget_ms:.3f} ms predicted"
+        return f"latency ({self.runtime}, {shape}{budget}): " + "  ".join(parts)
+
+
+@dataclass(frozen=True)
 class ExportCheck(Record):
     """A job's model exported to a runtime format and run there (`allocator.export`): how far
     the runtime's outputs are from bitplan's own quantized model on the job's evaluation
@@ -308,6 +375,9 @@ class JobMetrics:
     exports: Mapping[str, ExportCheck] = field(default_factory=dict)
     """Per exported format ("onnx"), the runtime check of the exported model; empty when the
     job exported nothing."""
+    latency: LatencyFigures | None = None
+    """Predicted against measured latency of FP32, uniform and mixed, when the job had a
+    latency table; None (and no key in `to_dict`) otherwise."""
 
     @property
     def fit_text(self) -> str:
@@ -347,6 +417,8 @@ class JobMetrics:
         data["fit_check"] = None if self.fit_check is None else self.fit_check.to_dict()
         data["rounds"] = [r.to_dict() for r in self.rounds]
         data["exports"] = {name: check.to_dict() for name, check in self.exports.items()}
+        if self.latency is not None:
+            data["latency"] = self.latency.to_dict()
         return data
 
     @classmethod
@@ -375,4 +447,7 @@ class JobMetrics:
                 name: ExportCheck.from_dict(check)
                 for name, check in (data.get("exports") or {}).items()
             },
+            latency=None
+            if data.get("latency") is None
+            else LatencyFigures.from_dict(data["latency"]),
         )

@@ -32,6 +32,7 @@ from allocator.clock import Clock, silent
 from allocator.data.compare import compare
 from allocator.job import (
     FLOAT_ACTS,
+    ActWidths,
     JobSpec,
     JointActs,
     Progress,
@@ -39,6 +40,8 @@ from allocator.job import (
     act_widths,
 )
 from allocator.job_metrics import JobMetrics, UniformScores
+from allocator.latency_job import PlanRun, job_latency_table, plan_latencies
+from allocator.latency_table import LatencyTable
 from allocator.layers import LayerTable
 from allocator.limits import Limits
 from allocator.plan import BitPlan
@@ -46,7 +49,7 @@ from allocator.prepare import prepare
 from allocator.profile import profile_dict
 from allocator.quant.activation import ActQuantizer
 from allocator.sensitivity import Sensitivity
-from allocator.solve import Solution, uniform_bits_for
+from allocator.solve import Solution, check_budget, uniform_bits_for
 from allocator.workbench import Workbench
 
 __all__ = ["JobSpec", "Result", "Workbench", "prepare", "run"]
@@ -70,7 +73,10 @@ def run(
     clock = Clock(progress)
     bench = prepare(spec, clock, budget, limits, cache if spec.reuse else None)
     table = bench.table
-    resolved = budget.resolve(table)
+    latency = _latency_table(spec, bench, acts, clock, cache if spec.reuse else None)
+    resolved = budget.resolve(table, latency=latency)
+    if latency is not None:  # the size terms were checked in `prepare`, this one only now
+        check_budget(table, spec.bits, resolved, acts=acts or FLOAT_ACTS)
     act_bench = bench.activations  # the activation sites: None exactly when `acts` is None
     with clock.phase("sensitivity") as tick:
         cost, sensitivities, sensitivity_timings = bench.cost_table(spec.method, tick)
@@ -111,10 +117,10 @@ def run(
         tick(0.7, "mixed")
         uniform_act = None if acts is None else baseline_act
         uniform = comparison = None
+        model = uniform_plan = None
         if uniform_bits is not None:
-            model = bench.quantize(
-                bench.uniform_plan(uniform_bits, meta, uniform_acts or None), uniform_acts or None
-            )
+            uniform_plan = bench.uniform_plan(uniform_bits, meta, uniform_acts or None)
+            model = bench.quantize(uniform_plan, uniform_acts or None)
             scores, uniform_values = bench.score(model, uniform_acts)
             uniform = UniformScores(uniform_bits, scores, uniform_act)
             comparison = compare(
@@ -138,6 +144,31 @@ def run(
             fit_check=bench.fit_check,
             rounds=rounds,
         )
+    if latency is not None:
+        with clock.phase("latency-e2e"):
+            mixed_run = PlanRun(plan, mixed, act_quantizers, solution.bits, solution.act_bits)
+            uniform_run = None
+            if uniform_plan is not None and model is not None and uniform_bits is not None:
+                uniform_run = PlanRun(
+                    replace(uniform_plan, activations=_activations(uniform_acts)),
+                    model,
+                    uniform_acts,
+                    table.uniform(uniform_bits),
+                    baseline_act,
+                )
+            metrics = replace(
+                metrics,
+                latency=plan_latencies(
+                    bench.model,
+                    latency,
+                    metrics,
+                    table,
+                    mixed_run,
+                    uniform_run,
+                    measured_in_job=spec.latency_table is None,
+                    budget_ms=resolved.latency_ms,
+                ),
+            )
     result = Result(
         spec=spec,
         allocation=_allocation(table, solution, plan, sensitivities),
@@ -180,6 +211,27 @@ def _export_onnx(bench: Workbench, plan: BitPlan, result: Result, workdir: Path)
     result.metrics = replace(result.metrics, exports={"onnx": check})
     if check.passed:
         result.artifacts["onnx"] = str(path)
+
+
+def _latency_table(
+    spec: JobSpec,
+    bench: Workbench,
+    acts: ActWidths | None,
+    clock: Clock,
+    cache: Cache | None,
+) -> LatencyTable | None:
+    """The job's latency table (`allocator.latency_job`), measured in a phase of its own when
+    the job measures it."""
+    if spec.latency_table is None and spec.latency_runtime is None:
+        return None
+    with clock.phase("latency"):
+        sample = bench.evalset.batches[0]
+        return job_latency_table(spec, bench.model, sample, bench.table, acts, cache)
+
+
+def _activations(quantizers: Mapping[str, ActQuantizer]) -> dict[str, dict[str, Any]]:
+    """A plan's `activations` entries for quantizers (what the packed metadata carries)."""
+    return {site: {"params": q.to_dict()} for site, q in quantizers.items()}
 
 
 def _allocation(

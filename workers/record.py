@@ -9,8 +9,10 @@ artifact store); only a worker turns that into a local path, just before running
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,8 @@ ARTIFACT_KINDS = {
 ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/(?:[^\s'\"():,;/]+/)+([^\s'\"():,;/]*)")
 """An absolute path in free text (not the path part of a URL); group 1 is its last component."""
 UPLOAD_LINK = r"/([0-9a-fA-F-]{36})\.[A-Za-z0-9]+"
+LATENCY_TABLE_ID = re.compile(r"[0-9a-fA-F-]{36}")
+"""A spec's `latency_table` naming a stored table (a UUID); anything else is a file path."""
 """How `runnable_spec` names an upload's link inside the job's folder."""
 
 
@@ -92,8 +96,9 @@ def record_success(
         stamp(result.artifacts["onnx"], job_id)
     records = store_artifacts(store, result.artifacts)
     result.job_id = job_id
-    result.artifacts = {r.name: artifact_url(job_id, r.name) for r in records}
     tenant = session.get(Job, job_id, populate_existing=True).tenant
+    record_latency_table(session, tenant, job_id, result)
+    result.artifacts = {r.name: artifact_url(job_id, r.name) for r in records}
     profile = record_profile(session, tenant, result.spec, result.profile)
     payload = {**result.to_json(), "profile_id": profile.id}
     repositories.finish_job(
@@ -107,6 +112,36 @@ def record_success(
         timings=result.timings,
     )
     return {**payload, "artifacts": {r.name: str(store.path(r.uri)) for r in records}}
+
+
+def record_latency_table(session: Session, tenant: str, job_id: str, result: Result) -> None:
+    """A latency table the job measured is stored for later jobs (`db.repositories.latency`)
+    and named in the result by its id instead of carried whole."""
+    figures = result.metrics.latency
+    if figures is None or figures.table is None:
+        return
+    row = repositories.put_latency_table(
+        session,
+        tenant=tenant,
+        table=figures.table,
+        request={"job_id": job_id, "model": result.spec.model, "runtime": figures.runtime},
+    )
+    result.metrics = replace(result.metrics, latency=replace(figures, table=None, table_id=row.id))
+
+
+def latency_table_file(session: Session, tenant: str, table_id: str, folder: Path) -> Path:
+    """The tenant's stored latency table `table_id` as a JSON file in `folder`, what the
+    pipeline reads; a table that is not the tenant's, or not measured (yet), is refused."""
+    row = repositories.get_latency_table(session, tenant=tenant, table_id=table_id)
+    if row is None or row.table is None:
+        state = "" if row is None else f" (it is {row.status.value})"
+        raise BadReference(
+            f"latency_table {table_id[:40]!r} is not a measured latency table of yours{state}; "
+            "measure one (bitplan profile-latency, POST /v1/latency-tables)"
+        )
+    path = folder / f"latency-{row.id}.json"
+    path.write_text(json.dumps({**row.table, "table_id": row.id}))
+    return path
 
 
 def runnable_spec(
@@ -131,6 +166,11 @@ def runnable_spec(
             values[field] = str(_link_upload(session, store, job.tenant, ref, folder))
         elif isinstance(ref, str) and allowed_roots is not None:
             confined_path(ref, field, allowed_roots)
+    table = values.get("latency_table")
+    if isinstance(table, str) and LATENCY_TABLE_ID.fullmatch(table):
+        values["latency_table"] = str(latency_table_file(session, job.tenant, table, folder))
+    elif isinstance(table, str) and allowed_roots is not None:
+        confined_path(table, "latency_table", allowed_roots)
     spec = JobSpec.from_dict(values)
     if allowed_roots is not None:
         for path in ref_paths(spec.model):

@@ -24,7 +24,13 @@ from allocator.report.model import (
     predicted_frontier,
     rank_correlation,
 )
-from allocator.report.plots import bops_png, degradation_png, layers_png, pareto_png
+from allocator.report.plots import (
+    bops_png,
+    degradation_png,
+    latency_png,
+    layers_png,
+    pareto_png,
+)
 
 __all__ = [
     "PARETO_FILE",
@@ -35,6 +41,7 @@ __all__ = [
     "build",
     "degradation",
     "degradation_png",
+    "latency_png",
     "layers_png",
     "measured_points",
     "pareto_png",
@@ -58,6 +65,14 @@ def write_report(workdir: Path, result: Result) -> dict[str, str]:
     }
     if any(p.bops is not None for p in report.measured):
         images["bops"] = bops_png(report)
+    latency = result.metrics.latency
+    if latency is not None:
+        quality = {
+            u.bits: u.scores[report.primary]
+            for u in result.metrics.measured_uniform()
+            if report.primary in u.scores
+        }
+        images["latency"] = latency_png(latency, quality, report.primary)
     workdir.mkdir(parents=True, exist_ok=True)
     pareto_path = workdir / PARETO_FILE
     pareto_path.write_bytes(images["pareto"])

@@ -42,6 +42,7 @@ def render_html(result: Result, report: Report, images: Mapping[str, bytes]) -> 
         *_comparison(result),
         _image(images["pareto"], "Quality and predicted loss against weight size"),
         *([_image(images["bops"], "Quality against bit operations")] if "bops" in images else []),
+        *_latency_section(result, images),
         "<h2>Plans</h2>",
         _points_table(report),
         "<h2>Predicted vs measured degradation</h2>",
@@ -103,6 +104,41 @@ def _comparison(result: Result) -> list[str]:
         + ".</p>"
     )
     return lines
+
+
+def _latency_section(result: Result, images: Mapping[str, bytes]) -> list[str]:
+    """FP32, uniform and mixed: predicted from the latency table against measured end to end,
+    with the table's provenance and notes; nothing without a latency table."""
+    figures = result.metrics.latency
+    if figures is None:
+        return []
+    shape = "x".join(map(str, figures.input_shape))
+    source = "measured in this job" if figures.measured_in_job else "stored"
+    intro = (
+        f"<p>Latency on {_e(figures.runtime_version)} ({_e(figures.runtime)}), input {shape}, "
+        f"from the latency table {_e(figures.table_id or '')} ({source}): predicted is the sum "
+        "of the plan's layer entries plus what no layer entry covers; measured is the exported "
+        "model run end to end (median).</p>"
+    )
+    if figures.budget_ms is not None:
+        intro += f"<p>Latency budget: {figures.budget_ms:.4f} ms predicted.</p>"
+    rows = []
+    for entry in figures.plans:
+        name = entry.plan if entry.weight_bits is None else f"uniform W{entry.weight_bits}"
+        measured = "-" if entry.measured_ms is None else f"{entry.measured_ms:.4f}"
+        ratio = (
+            "-"
+            if entry.measured_ms is None or not entry.predicted_ms
+            else f"{entry.measured_ms / entry.predicted_ms:.3f}"
+        )
+        cells = [name, f"{entry.predicted_ms:.4f}", measured, ratio, _number(entry.metric)]
+        rows.append(([*cells, _e(entry.error or "")], "mixed" if entry.plan == "mixed" else ""))
+    head = ["plan", "predicted ms", "measured ms", "measured / predicted", "metric", "note"]
+    section = ["<h2>Latency</h2>", intro, _table(head, rows, escape=False)]
+    section += [f"<p>Note: {_e(note)}</p>" for note in figures.notes]
+    if "latency" in images:
+        section.append(_image(images["latency"], "Quality against latency"))
+    return section
 
 
 def _points_table(report: Report) -> str:

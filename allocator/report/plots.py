@@ -1,5 +1,6 @@
 """The report's pictures, as PNG bytes: quality and predicted loss against size, quality
-against bit operations, bits and sensitivity per layer, predicted against measured degradation.
+against bit operations, quality against latency (with a latency table), bits and sensitivity
+per layer, predicted against measured degradation.
 
 matplotlib draws through `Figure` objects (Agg canvas), never `pyplot`, because inline workers
 run jobs in threads and pyplot's global state is not thread-safe. Imports matplotlib, numpy and
@@ -18,6 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
+from allocator.job_metrics import LatencyFigures
 from allocator.report.model import Point, Report, sensitivities
 
 DPI = 110
@@ -123,6 +125,63 @@ def bops_png(report: Report) -> bytes:
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(loc="lower right", fontsize=8)
     axes.set_title("Quality against bit operations")
+    return _png(figure)
+
+
+def latency_png(
+    figures: LatencyFigures, uniform_quality: Mapping[int, float], primary: str
+) -> bytes:
+    """Measured quality against latency on the job's latency table: FP32, the uniform plan
+    and the mixed plan at their measured latency (filled) and predicted latency (hollow), every
+    evaluated uniform width at its predicted latency, and the budget when it had a latency
+    term."""
+    figure = Figure(figsize=(7.5, 3.5), layout="constrained", dpi=DPI)
+    axes = figure.subplots()
+    colors = {"fp32": "0.3", "uniform": "tab:blue", "mixed": "tab:red"}
+    markers = {"fp32": "s", "uniform": "o", "mixed": "D"}
+    widths = sorted(int(b) for b in figures.uniform_predicted if int(b) in uniform_quality)
+    if widths:
+        axes.plot(
+            [figures.uniform_predicted[str(b)] for b in widths],
+            [uniform_quality[b] for b in widths],
+            "o",
+            mfc="none",
+            color="tab:blue",
+            label="uniform widths (predicted)",
+        )
+        for b in widths:
+            axes.annotate(
+                f"W{b}",
+                (figures.uniform_predicted[str(b)], uniform_quality[b]),
+                xytext=(4, -12),
+                textcoords="offset points",
+                fontsize=8,
+            )
+    for entry in figures.plans:
+        if entry.metric is None:
+            continue
+        name = entry.plan if entry.weight_bits is None else f"uniform W{entry.weight_bits}"
+        style = {"color": colors[entry.plan], "markersize": 8}
+        axes.plot([entry.predicted_ms], [entry.metric], markers[entry.plan], mfc="none", **style)
+        if entry.measured_ms is not None:
+            axes.plot([entry.measured_ms], [entry.metric], markers[entry.plan], label=name, **style)
+            axes.plot(
+                [entry.predicted_ms, entry.measured_ms],
+                [entry.metric, entry.metric],
+                color=colors[entry.plan],
+                linewidth=0.8,
+                alpha=0.6,
+            )
+    if figures.budget_ms is not None:
+        axes.axvline(figures.budget_ms, color="tab:green", linestyle=":", label="budget")
+    axes.set_xlabel(
+        f"ms per run of {'x'.join(map(str, figures.input_shape))} on {figures.runtime} "
+        "(filled: measured, hollow: predicted)"
+    )
+    axes.set_ylabel(f"{primary} (measured)")
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc="lower right", fontsize=8)
+    axes.set_title("Quality against latency")
     return _png(figure)
 
 

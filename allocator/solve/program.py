@@ -283,8 +283,9 @@ def _shortfall(program: Program, resource: int, total: float) -> InfeasibleBudge
         message = (
             f"latency budget {total:.4g} ms is below the smallest feasible "
             f"{smallest[LATENCY]:.4g} ms predicted by the latency table, with pinned layers at "
-            "their widths and every other layer at its fastest measured choice (that table's "
-            "runtime may run no quantized kernel faster than float: see its notes)"
+            "their widths and every other layer at its fastest measured choice (compare the "
+            "table's entries with FP32's W32A32: a runtime's quantized kernels are not faster "
+            "than float on every machine)"
         )
     elif resource == STORAGE:
         message = (

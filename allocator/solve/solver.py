@@ -124,7 +124,8 @@ def check_budget(
     is known instead of after minutes of calibration.
     """
     columns = len(choices_of(bits, acts))
-    resource_limits(build_program(table, bits, np.zeros((len(table), columns)), acts), budget)
+    zeros = np.zeros((len(table), columns))
+    resource_limits(build_program(table, bits, zeros, acts, _latency_table([budget])), budget)
 
 
 def solve_budgets(

@@ -17,6 +17,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -40,8 +41,9 @@ def run_command(spec: SpecFactory, as_json: JsonOpt = False) -> None:
     with user_errors():
         job = spec()
         with tempfile.TemporaryDirectory(prefix="bitplan-") as workdir:
+            runnable = _with_latency_file(job, Path(workdir))
             with _progress_bars(sys.stderr.isatty()) as progress:
-                result = run(job, progress, workdir, cache=FolderCache(cache_folder()))
+                result = run(runnable, progress, workdir, cache=FolderCache(cache_folder()))
             payload = _record(job, result)
         kept = _keep_report(payload) if job.report else None
     if as_json:
@@ -73,6 +75,25 @@ def _progress_bars(enabled: bool) -> Iterator:
                 bars.update(task, completed=fraction, message=message, visible=True)
 
         yield update
+
+
+def _with_latency_file(spec: JobSpec, folder: Path) -> JobSpec:
+    """A `--latency-table` id read from this machine's database into a file in `folder`, as a
+    worker does for a server's job; a file path stays as given."""
+    from workers.record import LATENCY_TABLE_ID
+
+    if spec.latency_table is None or not LATENCY_TABLE_ID.fullmatch(spec.latency_table):
+        return spec
+    from db.session import init_db, make_session_factory
+    from workers.record import latency_table_file
+
+    engine = init_db()
+    try:
+        with make_session_factory(engine)() as session:
+            path = latency_table_file(session, LOCAL_TENANT, spec.latency_table, folder)
+    finally:
+        engine.dispose()
+    return replace(spec, latency_table=str(path))
 
 
 def _record(spec: JobSpec, result) -> dict:

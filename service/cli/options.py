@@ -43,7 +43,10 @@ EvalOnCalibrationOpt = Annotated[
     ),
 ]
 BudgetOpt = Annotated[
-    str, typer.Option(help="avg-bits=, size-mb=, compression=, bops=, match=W4A8")
+    str,
+    typer.Option(
+        help="avg-bits=, size-mb=, compression=, bops=, latency-ms=, latency=0.6x, match=W4A8"
+    ),
 ]
 MethodOpt = Annotated[str, typer.Option(help="lrp, fisher, hessian, measured, or a+b")]
 BitsOpt = Annotated[str, typer.Option(help="candidate weight bit-widths")]
@@ -78,6 +81,19 @@ ExportOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--export", help="also export the model: onnx (checked in ONNX Runtime); repeatable"
+    ),
+]
+LatencyTableOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="a stored latency table's id (bitplan profile-latency) or its JSON file: what a "
+        "latency budget is priced on"
+    ),
+]
+LatencyRuntimeOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="measure the latency table in the job: onnxruntime-cpu, torch-cpu or torch-cuda"
     ),
 ]
 DEFAULT_BITS_TEXT = ",".join(map(str, DEFAULTS.bits))
@@ -143,6 +159,8 @@ def build_spec(
     calibration: CalibrationOpt = DEFAULTS.calibration,
     context_rounds: ContextRoundsOpt = DEFAULTS.context_rounds,
     export: ExportOpt = None,
+    latency_table: LatencyTableOpt = DEFAULTS.latency_table,
+    latency_runtime: LatencyRuntimeOpt = DEFAULTS.latency_runtime,
 ) -> JobSpec:
     """The validated spec the options of `run` and `submit` describe; its parameters are those
     options (see `spec_options`).
@@ -178,6 +196,8 @@ def build_spec(
         calibration=calibration,
         context_rounds=context_rounds,
         export=tuple(export or ()),
+        latency_table=latency_table,
+        latency_runtime=latency_runtime,
     )
     spec.validate()
     return spec

@@ -72,5 +72,8 @@ def print_summary(payload: dict) -> None:
         out.print(typed.fit_text, soft_wrap=True, markup=False)
     if text := rounds_text(typed.rounds):
         out.print(f"plan rounds in context: {text}", soft_wrap=True, markup=False)
+    if typed.latency is not None:
+        table = f"  (table {typed.latency.table_id})" if typed.latency.table_id else ""
+        out.print(typed.latency.text() + table, soft_wrap=True, markup=False)
     for name, path in payload["artifacts"].items():
         out.print(f"{name}: {path}", soft_wrap=True)
