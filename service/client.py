@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from allocator.job import TERMINAL_STATUSES, JobSpec, JobStatus, UploadKind
-from service.schemas import JobOut, ParetoOut, SolveOut, UploadOut
+from service.schemas import JobOut, LatencyTableOut, ParetoOut, SolveOut, UploadOut
 
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, read=300.0)
 """Reads may wait on a slow validation of a large upload; connecting should never take long."""
@@ -153,6 +153,36 @@ class BitplanClient:
         `ApiError` (422) whose detail names the quantizer or the first diverging layer. The
         check's figures are then in `result(job_id)["metrics"]["exports"]`."""
         return self.fetch(job_id, fmt, path)
+
+    def request_latency_table(
+        self, request: dict[str, Any], *, queue: str = "latency"
+    ) -> LatencyTableOut:
+        """Have a latency table measured on the machines serving `queue` (the target's
+        workers): `request` names `model`, `weights` (an `upload:<id>` ref or a server path),
+        `input_shape` ("1,3,32,32"), `runtime`, and optionally `bits`, `act_bits`, `warmup`,
+        `repeats`, `force`. Poll `latency_table(id)` or call `wait_latency_table`."""
+        body = {**request, "queue": queue}
+        return LatencyTableOut.model_validate(self._json("POST", "/v1/latency-tables", json=body))
+
+    def latency_table(self, table_id: str) -> LatencyTableOut:
+        return LatencyTableOut.model_validate(self._json("GET", f"/v1/latency-tables/{table_id}"))
+
+    def latency_tables(self) -> list[LatencyTableOut]:
+        return [
+            LatencyTableOut.model_validate(row) for row in self._json("GET", "/v1/latency-tables")
+        ]
+
+    def wait_latency_table(
+        self, table_id: str, *, poll: float = 1.0, timeout: float | None = None
+    ) -> LatencyTableOut:
+        """Poll until the table is measured or its request failed (TimeoutError past
+        `timeout`); its `table` is the one a job names by this id in `latency_table`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (found := self.latency_table(table_id)).status in ("queued", "running"):
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"latency table {table_id} still {found.status}")
+            time.sleep(poll)
+        return found
 
     def solve_profile(
         self, profile_id: str, budget: str, *, time_limit: float | None = None

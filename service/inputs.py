@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from allocator.errors import BadReference
 from allocator.job import INPUT_KINDS, UPLOAD_REF_PREFIX, JobSpec, UploadKind
+from allocator.latency_table import LatencyTable
 from allocator.limits import Limits
 from allocator.memory import image_sample
 from allocator.prepare import check_memory
@@ -28,7 +29,7 @@ from allocator.zoo import check_ref, meta_model, ref_paths
 from db import repositories
 from service.profiles import answer_budgets
 from service.schemas import ID_PATTERN
-from workers.record import confined_path, file_sha256, profile_key
+from workers.record import LATENCY_TABLE_ID, confined_path, file_sha256, profile_key
 
 UPLOAD_ID = re.compile(ID_PATTERN)
 FEASIBILITY_TIME_LIMIT = 1.0
@@ -54,8 +55,37 @@ def check_spec(
     profile = repositories.get_profile(
         session, tenant=tenant, key=profile_key(spec, shas.get("weights"), shas["calib"])
     )
+    latency = _latency_table(session, tenant, spec.latency_table, allowed_roots)
     if profile is not None:
-        answer_budgets(profile.cost_table, [spec.budget], FEASIBILITY_TIME_LIMIT)
+        answer_budgets(
+            profile.cost_table,
+            [spec.budget],
+            FEASIBILITY_TIME_LIMIT,
+            latency,
+            require_latency=False,
+        )
+
+
+def _latency_table(
+    session: Session, tenant: str, ref: str | None, allowed_roots: Sequence[Path]
+) -> LatencyTable | None:
+    """The latency table a spec names: a measured table of the tenant's (by id) or a table
+    file under the allowed roots; anything else is refused now, not by the worker later."""
+    if ref is None:
+        return None
+    if not LATENCY_TABLE_ID.fullmatch(ref):
+        path = confined_path(ref, "latency_table", allowed_roots)
+        if not path.is_file():
+            raise BadReference(f"latency_table {ref[:80]!r} is neither a table id nor a file")
+        return None
+    row = repositories.get_latency_table(session, tenant=tenant, table_id=ref)
+    if row is None or row.table is None:
+        state = "" if row is None else f" (it is {row.status.value})"
+        raise BadReference(
+            f"latency_table {ref[:40]!r} is not a measured latency table of yours{state}; "
+            "measure one (bitplan profile-latency, POST /v1/latency-tables)"
+        )
+    return LatencyTable.from_dict({**row.table, "table_id": row.id})
 
 
 def _check_memory(spec: JobSpec, limits: Limits) -> None:

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from allocator.budget import parse_budget
+from allocator.errors import BadBudget
+from allocator.latency_table import LatencyTable
 from allocator.layers import LayerTable
 from allocator.profile import CostTable
 from allocator.solve import Solution, solve_budgets
@@ -19,11 +21,24 @@ from service.schemas import LayerBits, SolveOut
 
 
 def answer_budgets(
-    cost_table: Mapping[str, Any], budgets: Sequence[str], time_limit: float
+    cost_table: Mapping[str, Any],
+    budgets: Sequence[str],
+    time_limit: float,
+    latency: LatencyTable | None = None,
+    require_latency: bool = True,
 ) -> list[SolveOut]:
-    """One plan per budget; raises BadBudget or InfeasibleBudget naming what to change."""
+    """One plan per budget; raises BadBudget or InfeasibleBudget naming what to change.
+
+    A latency term is priced on `latency`; without one it is refused, unless
+    `require_latency` is off (a size check at submit, before the job measures its table)."""
     profile = CostTable.from_dict(cost_table)
-    resolved = [parse_budget(budget).resolve(profile.table) for budget in budgets]
+    parsed = [parse_budget(budget) for budget in budgets]
+    if require_latency and latency is None and any(b.needs_latency for b in parsed):
+        raise BadBudget(
+            "a latency budget needs a latency table: name one of yours (latency_table, from "
+            "bitplan profile-latency or POST /v1/latency-tables)"
+        )
+    resolved = [budget.resolve(profile.table, latency=latency) for budget in parsed]
     solutions = solve_budgets(
         profile.table, profile.bits, profile.cost, resolved, time_limit=time_limit
     )

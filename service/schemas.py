@@ -20,7 +20,7 @@ from allocator.job import UPLOAD_REF_PREFIX, JobSpec, JobStatus, UploadKind, art
 from workers.settings import BATCH_QUEUE, INTERACTIVE_QUEUE
 
 if TYPE_CHECKING:
-    from db.models import Artifact, Job, Profile, Upload
+    from db.models import Artifact, Job, LatencyTableRow, Profile, Upload
 
 Queue = Literal[INTERACTIVE_QUEUE, BATCH_QUEUE]
 MAX_SWEEP_JOBS = 1000
@@ -222,9 +222,17 @@ class SolveRequest(Body):
         extra="forbid", json_schema_extra={"examples": [{"budget": "size-mb=0.12"}]}
     )
 
-    budget: str = Field(max_length=200, description="avg-bits=, size-mb=, compression=, bops=")
+    budget: str = Field(
+        max_length=200,
+        description="avg-bits=, size-mb=, compression=, bops=, latency-ms=, latency=0.6x",
+    )
     time_limit: float | None = Field(
         default=None, gt=0, description="Solver seconds; capped by the server's limit."
+    )
+    latency_table: str | None = Field(
+        default=None,
+        pattern=ID_PATTERN,
+        description="A measured latency table of yours: needed for a latency budget.",
     )
 
 
@@ -236,6 +244,7 @@ class ParetoRequest(Body):
 
     budgets: list[str] = Field(min_length=1, max_length=64)
     time_limit: float | None = Field(default=None, gt=0)
+    latency_table: str | None = Field(default=None, pattern=ID_PATTERN)
 
 
 class LayerBits(BaseModel):
@@ -335,3 +344,55 @@ class WebhookEvent(BaseModel):
 
     event: Literal["job.finished"] = "job.finished"
     job: JobOut
+
+
+class LatencyRequest(Body):
+    """A latency table to measure on the machines serving `queue` (`bitplan worker --queue
+    latency` on the target): the model, its input shape and the runtime, and optionally the
+    candidate widths and the timing runs."""
+
+    model: str = Field(max_length=2048, examples=["zoo:cifar_resnet20"])
+    weights: str | None = Field(default=None, max_length=4096, examples=["upload:<id>"])
+    input_shape: str = Field(max_length=64, examples=["1,3,32,32"])
+    runtime: str = Field(default="onnxruntime-cpu", examples=["onnxruntime-cpu"])
+    bits: list[int] | None = Field(default=None, max_length=8, examples=[[2, 3, 4, 5, 6, 8, 16]])
+    act_bits: list[int] | None = Field(default=None, max_length=4, examples=[[4, 6, 8]])
+    warmup: int = 10
+    repeats: int = 50
+    force: bool = Field(default=False, description="Measure even if a table is stored.")
+    queue: str = Field(default="latency", max_length=64)
+
+
+class LatencyTableOut(BaseModel):
+    """A measured latency table (`table`, the JSON of `allocator.latency_table.LatencyTable`)
+    or the request to measure one (`status` queued/running/failed with `error`)."""
+
+    id: str
+    status: str
+    runtime: str
+    input_shape: str
+    queue: str | None
+    model_sha256: str | None
+    runtime_version: str | None
+    machine_sha256: str | None
+    table: dict[str, Any] | None
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, row: LatencyTableRow) -> LatencyTableOut:
+        return cls(
+            id=row.id,
+            status=row.status.value,
+            runtime=row.runtime,
+            input_shape=row.input_shape,
+            queue=row.queue,
+            model_sha256=row.model_sha256,
+            runtime_version=row.runtime_version,
+            machine_sha256=row.machine_sha256,
+            table=row.table,
+            error=row.error,
+            created_at=row.created_at,
+            finished_at=row.finished_at,
+        )

@@ -187,6 +187,7 @@ UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
 
 JobId = Annotated[str, Path(pattern=ID_PATTERN, description="A job id (UUID).")]
 ProfileId = Annotated[str, Path(pattern=ID_PATTERN, description="A profile id (UUID).")]
+LatencyTableId = Annotated[str, Path(pattern=ID_PATTERN, description="A latency table id (UUID).")]
 ArtifactName = Annotated[
     str,
     Path(pattern=r"^[A-Za-z0-9._-]{1,255}$", description="model, bitplan, profile, ..."),

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api.routes import dashboard, health, jobs, profiles, sweeps, uploads
+from service.api.routes import dashboard, health, jobs, latency, profiles, sweeps, uploads
 
 ROUTERS: tuple[APIRouter, ...] = tuple(
-    module.router for module in (uploads, jobs, profiles, sweeps, health, dashboard)
+    module.router for module in (uploads, jobs, profiles, latency, sweeps, health, dashboard)
 )

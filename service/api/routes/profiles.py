@@ -9,6 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 from sqlalchemy.orm import Session
 
+from allocator.latency_table import LatencyTable
 from db import repositories
 from db.models import Profile
 from service.api.deps import UNAUTHORIZED, ProfileId, ReaderDep, SettingsDep, TenantDep
@@ -43,7 +44,10 @@ async def solve(
     time_limit = _time_limit(request.time_limit, settings)
     return await read(
         lambda session: answer_budgets(
-            _owned(session, tenant, profile_id).cost_table, [request.budget], time_limit
+            _owned(session, tenant, profile_id).cost_table,
+            [request.budget],
+            time_limit,
+            _latency(session, tenant, request.latency_table),
         )[0]
     )
 
@@ -61,7 +65,8 @@ async def pareto(
 
     def sweep(session: Session) -> ParetoOut:
         profile = _owned(session, tenant, profile_id)
-        points = answer_budgets(profile.cost_table, request.budgets, time_limit)
+        latency = _latency(session, tenant, request.latency_table)
+        points = answer_budgets(profile.cost_table, request.budgets, time_limit, latency)
         return ParetoOut(profile_id=profile.id, points=points)
 
     return await read(sweep)
@@ -72,6 +77,16 @@ def _owned(session: Session, tenant: str, profile_id: str) -> Profile:
     if profile is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no profile {profile_id}")
     return profile
+
+
+def _latency(session: Session, tenant: str, table_id: str | None) -> LatencyTable | None:
+    """The tenant's measured latency table `table_id` (404 when it has none such)."""
+    if table_id is None:
+        return None
+    row = repositories.get_latency_table(session, tenant=tenant, table_id=table_id)
+    if row is None or row.table is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no measured latency table {table_id}")
+    return LatencyTable.from_dict({**row.table, "table_id": row.id})
 
 
 def _time_limit(asked: float | None, settings: Settings) -> float:
