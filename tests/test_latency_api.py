@@ -12,6 +12,9 @@ from fastapi.testclient import TestClient
 from service.client import ApiError, BitplanClient
 from tests.api_app import job_body
 
+# A served app and a key of it, as the client tests use them.
+from tests.test_client import home, key, server  # noqa: F401
+
 REQUEST = {
     "model": "zoo:cifar_resnet20",
     "input_shape": "1,3,32,32",
@@ -75,9 +78,8 @@ def test_refusals(client: TestClient, acme: dict, calib_ref: str) -> None:
     assert "not a measured latency table of yours" in unknown.json()["detail"]
 
 
-def test_client_calls(client: TestClient, acme: dict) -> None:
-    key = acme["Authorization"].removeprefix("Bearer ")
-    with BitplanClient("http://testserver", key, transport=client._transport) as api:
+def test_client_calls(server: Any, key: str) -> None:  # noqa: F811
+    with BitplanClient(server.url, key) as api:
         asked = api.request_latency_table(REQUEST)
         assert asked.status in ("queued", "running", "succeeded")
         done = api.wait_latency_table(asked.id, poll=0.2, timeout=120)
