@@ -92,6 +92,14 @@ function summary(result) {
     `mixed ${value(metrics.quantized)}${verdictText(metrics)}${source}`;
 }
 
+// The "latency" column, shown once a listed job measured its plans (metrics.latency): the
+// mixed plan's measured milliseconds end to end, and the latency table's prediction.
+function latencyText(latency) {
+  const mixed = latency && latency.plans.find((entry) => entry.plan === "mixed");
+  if (!mixed || mixed.measured_ms === null) return "";
+  return `${mixed.measured_ms.toFixed(3)} ms (${mixed.predicted_ms.toFixed(3)})`;
+}
+
 async function resultOf(job) {
   if (!results.has(job.id)) {
     results.set(job.id, await (await api(`/v1/jobs/${job.id}/result`)).json());
@@ -116,10 +124,17 @@ async function renderJob(tbody, job) {
     progress.textContent = `${Math.round(job.progress * 100)}%`;
   }
   const outcome = cell(row, job.error || "", job.error ? "result error" : "result");
+  const latency = cell(row, "", "latency");
   const actions = row.insertCell();
   if (job.status !== "succeeded") return;
   const result = await resultOf(job);
   outcome.textContent = summary(result);
+  const measured = latencyText(result.metrics.latency);
+  if (measured) {
+    latency.textContent = measured;
+    latency.title = `${result.metrics.latency.runtime}, input ${result.metrics.latency.input_shape.join("x")}`;
+    tbody.closest("table").classList.add("with-latency");
+  }
   actions.append(
     button("report", "report", () => showReport(job.id)),
     " ",
