@@ -30,6 +30,7 @@ from allocator.budget import parse_budget
 from allocator.cache import Cache
 from allocator.clock import Clock, silent
 from allocator.data.compare import compare
+from allocator.errors import InfeasibleBudget
 from allocator.job import (
     FLOAT_ACTS,
     ActWidths,
@@ -92,6 +93,12 @@ def run(
     with clock.phase("solve") as tick:
         solution, rounds, plan_check = bench.choose_plan(
             solve_cost, resolved, uniform_bits, acts, uniform_acts or None, tick
+        )
+    if not solution.bits:  # each term fits alone, not all together (proved, or no plan found)
+        raise InfeasibleBudget(
+            f"no plan meets every term of budget {spec.budget!r} together (the solver: "
+            f"{solution.status}); loosen one of them",
+            smallest_feasible_bits=table.uniform_storage_bits(min(spec.bits)),
         )
     meta: dict[str, Any] = {"model": spec.model, "budget": spec.budget, "method": spec.method}
     act_quantizers: dict[str, ActQuantizer] = {}
