@@ -10,9 +10,10 @@ keep the old row's shape, scaled to the anchor. The new table is solved exactly,
 new plan is fitted and kept only when its held-out divergence is lower. Rounds stop when a
 round changes nothing, fails to improve, or `rounds` is reached.
 
-Measured moves, not a first-order estimate at the quantized point: on CIFAR ResNet20 the
-network is nonlinear enough at 2-3 bits that gradients rank one-width moves poorly, and the
-forward passes are cheap next to fitting a plan.
+Measured moves, not a first-order estimate at the quantized point: `bench/move_estimates.py`
+shows the gradient ranking moves up well and moves down poorly on CIFAR ResNet20 at 2.5-3 bits
+(docs/benchmarks.md), and the re-solve trades exactly those against each other; the forward
+passes are cheap next to fitting a plan.
 """
 
 from __future__ import annotations
