@@ -186,7 +186,9 @@ def collect(
     def keep(name: str, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(name, x, axes[name])
         if rows.shape[0] > ROWS_PER_SITE:
-            rows = rows[torch.randperm(rows.shape[0], generator=generator)[:ROWS_PER_SITE]]
+            # Drawn on the CPU, whatever the device: the same rows on every machine.
+            picked = torch.randperm(rows.shape[0], generator=generator, device="cpu")
+            rows = rows[picked[:ROWS_PER_SITE].to(rows.device)]
         samples.setdefault(name, []).append(rows.detach().clone())
         return x
 

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from allocator import unfold
+from allocator.device import CPU, to_cpu, to_device
 from allocator.layers import LayerTable
 from allocator.quant.gptq import InverseFactor, gptq_quantize, inverse_factor
 from allocator.quant.weight import CLIP_RULES, QuantizedWeight, quantize_weight
@@ -84,7 +85,8 @@ def input_stats(
             total = unfold.positions(layer, x, padding)
             pick = None
             if total > ROWS_PER_BATCH:
-                pick = torch.randperm(total, generator=generator)[:ROWS_PER_BATCH]
+                # Drawn on the CPU, whatever the device: the same rows on every machine.
+                pick = torch.randperm(total, generator=generator, device=CPU)[:ROWS_PER_BATCH]
             by_group = unfold.rows(layer, x, padding, pick).transpose(0, 1)  # (groups, rows, width)
             gram = by_group.transpose(1, 2) @ by_group
             if name in stats.second_moment:
@@ -139,9 +141,10 @@ Choices = Mapping[tuple[str, int], QuantChoice]
 
 
 def choices_state(choices: Choices) -> list[dict[str, Any]]:
-    """`choices` as plain containers of tensors (`allocator.cache` stores them); the weight
-    errors are left out, `choices_from_state` recomputes them from the model."""
-    return [
+    """`choices` as plain containers of CPU tensors (`allocator.cache` stores them, and a
+    machine without the job's device must be able to read them); the weight errors are left
+    out, `choices_from_state` recomputes them from the model."""
+    state = [
         {
             "layer": name,
             "bits": b,
@@ -157,20 +160,22 @@ def choices_state(choices: Choices) -> list[dict[str, Any]]:
         }
         for (name, b), c in choices.items()
     ]
+    return to_cpu(state)
 
 
 def choices_from_state(state: Sequence[Mapping[str, Any]], module: nn.Module) -> Choices:
-    """The choices `choices_state` wrote, for the layers of `module`."""
+    """The choices `choices_state` wrote, for the layers of `module`, on its device."""
     modules = dict(module.named_modules())
     choices = {}
-    for entry in state:
+    for stored in state:
+        weight = modules[stored["layer"]].weight.detach()
+        entry = to_device(dict(stored), weight.device)
         quantized = QuantizedWeight(
             codes=entry["codes"],
             scale=entry["scale"],
             bits=entry["quantized_bits"],
             clip=entry["quantized_clip"],
         )
-        weight = modules[entry["layer"]].weight.detach()
         choices[(entry["layer"], entry["bits"])] = QuantChoice(
             clip=entry["clip"],
             rounding=entry["rounding"],

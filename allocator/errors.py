@@ -56,6 +56,11 @@ class UnknownMethod(BitplanError):
     """A sensitivity method or quantizer name that is not registered."""
 
 
+class DeviceUnavailable(BitplanError):
+    """A job asks for a device this machine does not have (CUDA on a CPU-only worker, a GPU
+    index past the last one): the same on every attempt, so the job fails at once."""
+
+
 class JobCancelled(BitplanError):
     """Raised between phases or layers when the job's cancel flag is set."""
 

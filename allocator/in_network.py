@@ -227,7 +227,9 @@ def _pick(module: nn.Module, x: Tensor, padding: str, index: int) -> Tensor | No
     total = unfold.positions(module, x, padding)
     if total <= ROWS_PER_BATCH:
         return None
-    return torch.randperm(total, generator=torch.Generator().manual_seed(index))[:ROWS_PER_BATCH]
+    # Drawn on the CPU, whatever the device: the same rows on every machine.
+    generator = torch.Generator().manual_seed(index)
+    return torch.randperm(total, generator=generator, device="cpu")[:ROWS_PER_BATCH]
 
 
 def _capture(model: LoadedModel, inputs: Inputs, module: nn.Module) -> Tensor:
@@ -295,7 +297,7 @@ def _fit(
 def _damped_inverse(covariance: Tensor) -> Tensor:
     """(C + d * mean(diag C) * I)^-1 per group: the least-squares fit stays bounded where few
     rows span a direction (the same dampening GPTQ uses)."""
-    eye = torch.eye(covariance.shape[-1], dtype=covariance.dtype)
+    eye = torch.eye(covariance.shape[-1], dtype=covariance.dtype, device=covariance.device)
     base = covariance.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)
     damped = covariance + (DAMPENING * base)[:, None, None] * eye
     # Cholesky, not `linalg.inv`: the damped moment is positive definite, and MKL's batched LU

@@ -15,6 +15,7 @@ Never import torch, numpy, SQLAlchemy, FastAPI or Celery here, nor an allocator 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -117,6 +118,10 @@ MAX_TEXT = {
 }
 """Longest accepted text per field; the rest are short names checked against their lists."""
 MAX_LAYER_NAME = 512
+MAX_DEVICE_INDEX = 63
+"""Highest `cuda:N` a spec may name: more GPUs than one host has, so any real index passes and
+a tenant's `cuda:99999999` is refused before a worker looks for it."""
+_DEVICE = re.compile(r"cpu|cuda(?::(\d{1,2}))?")
 
 
 @dataclass(frozen=True)
@@ -233,6 +238,11 @@ class JobSpec:
     """Measure the latency table in the job, on this runtime (`LATENCY_RUNTIMES`) of the
     machine that runs it, at one evaluation sample's shape; stored for later jobs. A latency
     budget needs this or `latency_table`."""
+    device: str | None = None
+    """Where the job's tensors live: "cpu", "cuda" or "cuda:N" (`allocator.device`). None
+    leaves it to what runs the job: `bitplan run` takes `--device` or `BITPLAN_DEVICE`, a worker
+    its own (`bitplan worker --device`, `BITPLAN_DEVICE`), and the library the CPU. A job
+    asking for CUDA on a machine without it fails at once, in one line."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -292,6 +302,7 @@ class JobSpec:
                 "a stored one (latency_table, from bitplan profile-latency) or have the job "
                 "measure one (latency_runtime: onnxruntime-cpu, torch-cpu or torch-cuda)"
             )
+        check_device(self.device)
         _check_range("calib_samples", self.calib_samples, 1, limits.max_calib_samples)
         _check_range("batch_size", self.batch_size, 1, limits.max_batch_size)
         if self.eval_samples is not None:
@@ -325,6 +336,19 @@ def check_export_formats(formats: tuple[str, ...] | list[str]) -> None:
             raise BadSpec(
                 f"export format {str(name)[:40]!r} is not one of {', '.join(EXPORT_FORMATS)}"
             )
+
+
+def check_device(device: object) -> None:
+    """None, "cpu", "cuda" or "cuda:N" with N in 0..`MAX_DEVICE_INDEX`; whether the machine
+    has it is the worker's question (`allocator.device.resolve`), not the spec's."""
+    if device is None:
+        return
+    found = _DEVICE.fullmatch(device) if isinstance(device, str) else None
+    if found is None or int(found.group(1) or 0) > MAX_DEVICE_INDEX:
+        raise BadSpec(
+            f"device {str(device)[:40]!r} is not cpu, cuda or cuda:N with N in "
+            f"0..{MAX_DEVICE_INDEX}; give one of those"
+        )
 
 
 def _check_widths(what: str, widths: tuple[int, ...]) -> None:
@@ -382,6 +406,10 @@ class Result:
     reused: dict[str, int] = field(default_factory=dict)
     """How many results of each kind ("statistics", "sensitivity", "fits", "evaluations",
     "held-out checks") came from earlier jobs on the same content instead of being computed."""
+    device: dict[str, Any] = field(default_factory=dict)
+    """Where the job ran: `device` ("cpu", "cuda:0"), for a GPU its model (`gpu`) and memory
+    (`gpu_memory_gb`), and the batch sizes it used (`calibration_batch_size`,
+    `evaluation_batch_size`: a GPU's follow its free memory, `allocator.device`)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -400,4 +428,5 @@ class Result:
             "bops": self.bops,
             "phases": self.phases,
             "reused": self.reused,
+            "device": self.device,
         }

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from allocator.device import DeviceMemory
 from allocator.errors import BadSpec
 from allocator.zoo.base import Inputs, LoadedModel
 
@@ -61,6 +62,19 @@ class MemoryEstimate:
     @property
     def total(self) -> int:
         return self.param_bytes + self.activation_bytes + self.input_bytes
+
+    def on_device(self, free: int) -> DeviceMemory:
+        """The terms as a GPU holds them, beside its `free` bytes (`allocator.device.batch_sizes`):
+        the weights and their copies stay there for the whole job; prepared samples stay on
+        the CPU and go over one batch at a time, so a sample costs its activations (with their
+        gradients and relevance copy while calibrating, once while evaluating) and its input."""
+        return DeviceMemory(
+            free=free,
+            weights=self.param_bytes,
+            calibration_per_sample=self.activation_bytes_per_sample * ACTIVATION_COPIES
+            + self.input_bytes_per_sample,
+            evaluation_per_sample=self.activation_bytes_per_sample + self.input_bytes_per_sample,
+        )
 
     def check(self, limit: int) -> None:
         """Raise `JobTooLarge` naming the largest term and what lowers it."""

@@ -30,6 +30,7 @@ from allocator.budget import parse_budget
 from allocator.cache import Cache
 from allocator.clock import Clock, silent
 from allocator.data.compare import compare
+from allocator.device import describe
 from allocator.errors import InfeasibleBudget
 from allocator.job import (
     FLOAT_ACTS,
@@ -196,6 +197,7 @@ def run(
         bops=solution.bops,
         phases=clock.phases,
         reused=dict(bench.reused),
+        device=_device(bench),
     )
     if workdir is not None:
         with clock.phase("pack"):
@@ -239,6 +241,16 @@ def _latency_table(
 def _activations(quantizers: Mapping[str, ActQuantizer]) -> dict[str, dict[str, Any]]:
     """A plan's `activations` entries for quantizers (what the packed metadata carries)."""
     return {site: {"params": q.to_dict()} for site, q in quantizers.items()}
+
+
+def _device(bench: Workbench) -> dict[str, Any]:
+    """Where the job ran and with which batch sizes (`Result.device`)."""
+    sizes = bench.batch_sizes
+    return {
+        **describe(bench.model.device),
+        "calibration_batch_size": sizes.calibration if sizes else bench.spec.batch_size,
+        "evaluation_batch_size": sizes.evaluation if sizes else None,
+    }
 
 
 def _allocation(

@@ -16,6 +16,7 @@ from allocator.budget import Budget, parse_budget
 from allocator.cache import CODE_VERSION, Cache, cached, digest
 from allocator.clock import Clock
 from allocator.data import (
+    DEFAULT_BATCH_SIZE,
     Dataset,
     EvalSet,
     calibration_batches,
@@ -24,6 +25,7 @@ from allocator.data import (
     load_dataset,
     split_for_eval,
 )
+from allocator.device import CPU, BatchSizes, batch_sizes, free_memory, full_float32, resolve
 from allocator.errors import BitplanError, UnsupportedModel
 from allocator.job import (
     FLOAT_ACTS,
@@ -55,22 +57,31 @@ def prepare(
     """Load, measure the layers and gather the calibration statistics (the budget-free part).
 
     With `budget`, an infeasible one fails as soon as the layer table is known. A job whose
-    estimated memory is above `limits` fails before its calibration samples are prepared.
+    estimated memory is above `limits` fails before its calibration samples are prepared, and
+    one whose device this machine lacks before anything is loaded (`allocator.device`). The
+    model is checked and measured on the CPU, then moved to the device; on a GPU the batch
+    sizes follow its free memory (`device_batch_sizes`).
     With `cache`, statistics an earlier job gathered on the same content are reused, and the
     workbench keeps and reuses its fits, cost tables and evaluations there too.
     """
     clock = clock or Clock()
     limits = limits or Limits()
     acts = act_widths(spec, budget or parse_budget(spec.budget))
+    device = resolve(spec.device)
+    full_float32(device)
     with clock.phase("load"):
         model = load_model(spec.model, spec.weights)
         clock.watch(model.module)
         calib, eval_data, source = load_data(spec, limits)
         sample = calibration_batches(calib, model, 1, 1, spec.seed)[0]
         check_forward(model, sample)
-        check_memory(spec, model, sample, limits)
-        batches = calibration_batches(calib, model, spec.calib_samples, spec.batch_size, spec.seed)
-        evalset = EvalSet(eval_data, model, limit=spec.eval_samples)
+        estimate = check_memory(spec, model, sample, limits)
+        sizes = device_batch_sizes(spec, device, estimate)
+        model.to(device)
+        batches = calibration_batches(
+            calib, model, spec.calib_samples, sizes.calibration, spec.seed
+        )
+        evalset = EvalSet(eval_data, model, batch_size=sizes.evaluation, limit=spec.eval_samples)
     with clock.phase("layers"):
         table = build_layer_table(
             model, _first(batches[0]), pin_first_last=spec.pin_first_last, pins=spec.pins
@@ -78,7 +89,7 @@ def prepare(
         if budget is not None:
             check_budget(table, spec.bits, budget.resolve(table), acts=acts or FLOAT_ACTS)
     with clock.phase("statistics") as tick:
-        holdout = holdout_batches(calib, model, spec.calib_samples, spec.batch_size, spec.seed)
+        holdout = holdout_batches(calib, model, spec.calib_samples, sizes.calibration, spec.seed)
         reference = fp32_outputs(model, holdout)
         content = "" if cache is None else _content(spec, model, batches, holdout)
 
@@ -121,6 +132,7 @@ def prepare(
         cache=cache,
         content=content,
         reused={"statistics": 1} if reused else {},
+        batch_sizes=sizes,
     )
 
 
@@ -129,8 +141,14 @@ def _content(
 ) -> str:
     """What a job's statistics, fits, cost tables and checks depend on, as one digest: the
     model's architecture name and weights, the model-ready calibration and held-out samples,
-    and the options that change those computations (the seed too: Hutchinson draws probes)."""
+    and the options that change those computations (the seed too: Hutchinson draws probes).
+    A GPU's numbers equal the CPU's only within float rounding, so work done on another kind of
+    device is never reused: its kind is in the key (not for the CPU, whose keys stay as they
+    were before devices existed)."""
+    kind = model.device.type
+    on_device = () if kind == CPU.type else (("device", kind),)
     return digest(
+        *on_device,
         model.ref,
         model.module,
         batches,
@@ -181,15 +199,31 @@ def check_forward(model: LoadedModel, sample: Inputs) -> None:
         ) from None
 
 
-def check_memory(spec: JobSpec, model: LoadedModel, sample: Inputs, limits: Limits) -> None:
-    """Refuse the job when its estimated peak memory is above `limits.max_job_memory`."""
-    memory.estimate(
+def check_memory(
+    spec: JobSpec, model: LoadedModel, sample: Inputs, limits: Limits
+) -> memory.MemoryEstimate:
+    """Refuse the job when its estimated peak memory is above `limits.max_job_memory`; the
+    estimate, for sizing batches on a GPU."""
+    estimate = memory.estimate(
         model,
         sample,
         batch_size=spec.batch_size,
         samples=spec.calib_samples,
         widths=len(spec.bits),
-    ).check(limits.max_job_memory)
+    )
+    estimate.check(limits.max_job_memory)
+    return estimate
+
+
+def device_batch_sizes(
+    spec: JobSpec, device: torch.device, estimate: memory.MemoryEstimate
+) -> BatchSizes:
+    """The calibration and evaluation batch sizes: the spec's and `DEFAULT_BATCH_SIZE` on the
+    CPU (what jobs always used); on a GPU, from its free memory and the job's estimate
+    (`allocator.device.batch_sizes`)."""
+    if device.type == "cpu":
+        return BatchSizes(spec.batch_size, DEFAULT_BATCH_SIZE)
+    return batch_sizes(estimate.on_device(free_memory(device)), spec.batch_size, str(device))
 
 
 def _first(inputs: Inputs) -> Inputs:

@@ -99,13 +99,18 @@ def rows(layer: nn.Module, x: Tensor, padding: str, pick: Tensor | None = None) 
     padded by the rule named `padding` (`match_padding`'s answer for this layer)."""
     if not isinstance(layer, nn.Conv2d):
         flat = x.reshape(-1, x.shape[-1])
-        return (flat if pick is None else flat[pick])[:, None, :]
-    pick = torch.arange(positions(layer, x, padding)) if pick is None else pick
+        return (flat if pick is None else flat[pick.to(x.device)])[:, None, :]
+    # Positions may be drawn on the CPU (the same rows on every device); they index `x` there.
+    pick = (
+        torch.arange(positions(layer, x, padding), device=x.device)
+        if pick is None
+        else pick.to(x.device)
+    )
     height, width = _out_size(layer, x, padding)
     sample, place = pick // (height * width), pick % (height * width)
     kh, kw = layer.kernel_size
-    ky = (torch.arange(kh) * layer.dilation[0]).repeat_interleave(kw)
-    kx = (torch.arange(kw) * layer.dilation[1]).repeat(kh)
+    ky = (torch.arange(kh, device=x.device) * layer.dilation[0]).repeat_interleave(kw)
+    kx = (torch.arange(kw, device=x.device) * layer.dilation[1]).repeat(kh)
     ys = (place // width)[:, None] * layer.stride[0] + ky[None, :]
     xs = (place % width)[:, None] * layer.stride[1] + kx[None, :]
     channels_last = _padded(layer, x, padding).permute(0, 2, 3, 1)
@@ -117,7 +122,7 @@ def output_rows(layer: nn.Module, out: Tensor, pick: Tensor) -> Tensor:
     """The layer's output at positions `pick`, as (rows, output channels)."""
     if isinstance(layer, nn.Conv2d):
         out = out.permute(0, 2, 3, 1)
-    return out.reshape(-1, out.shape[-1])[pick]
+    return out.reshape(-1, out.shape[-1])[pick.to(out.device)]
 
 
 def match_padding(layer: nn.Module, x: object, out: object) -> str:
@@ -155,7 +160,9 @@ def match_padding(layer: nn.Module, x: object, out: object) -> str:
 
 def _reproduces(layer: nn.Module, x: Tensor, out: Tensor, padding: str) -> bool:
     total = positions(layer, x, padding)
-    pick = torch.linspace(0, total - 1, min(total, CHECKED_POSITIONS)).round().long()
+    pick = (
+        torch.linspace(0, total - 1, min(total, CHECKED_POSITIONS), device=x.device).round().long()
+    )
     count = groups(layer)
     weight = grouped_weight(layer.weight.detach(), count)
     product = torch.einsum("rgd,gcd->rgc", rows(layer, x.detach(), padding, pick), weight)

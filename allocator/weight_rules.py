@@ -100,8 +100,10 @@ def _uniform(plan: Mapping[str, int], b: int, choices: Choices, default: Choices
 
 
 def fp32_outputs(model: LoadedModel, batches: Sequence[Inputs]) -> list[torch.Tensor]:
+    """The FP32 model's outputs on `batches`, on the CPU with the batches (a GPU keeps only
+    the batch being compared, `mean_divergence`)."""
     with torch.inference_mode():
-        return [model(inputs) for inputs in batches]
+        return [model(inputs).cpu() for inputs in batches]
 
 
 def divergence_from_fp32(

@@ -29,6 +29,7 @@ from allocator.data import (
     evaluate_outputs,
     per_sample,
 )
+from allocator.device import BatchSizes
 from allocator.job import (
     FLOAT_ACTS,
     ActWidths,
@@ -110,6 +111,8 @@ class Workbench:
     held-out samples and the options that change the statistics (`prepare` sets it)."""
     reused: dict[str, int] = field(default_factory=dict)
     """How many results of each kind came from the cache instead of being computed."""
+    batch_sizes: BatchSizes | None = None
+    """The calibration and evaluation batch sizes `prepare` chose for the model's device."""
     _eval_digest: str | None = None
     _reference: torch.Tensor | None = None
     _fitted: dict[tuple[Any, ...], Choices] = field(default_factory=dict)

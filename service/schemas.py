@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import AnyHttpUrl, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from allocator.job import UPLOAD_REF_PREFIX, JobSpec, JobStatus, UploadKind, artifact_url
-from workers.settings import BATCH_QUEUE, INTERACTIVE_QUEUE
+from workers.settings import BATCH_QUEUE, GPU_QUEUE, INTERACTIVE_QUEUE
 
 if TYPE_CHECKING:
     from db.models import Artifact, Job, LatencyTableRow, Profile, Upload
 
-Queue = Literal[INTERACTIVE_QUEUE, BATCH_QUEUE]
+Queue = Literal[INTERACTIVE_QUEUE, BATCH_QUEUE, GPU_QUEUE]
+"""`gpu` goes to the workers started with `bitplan worker --queue gpu --device cuda`; a job
+there whose spec names no device runs on theirs."""
 MAX_SWEEP_JOBS = 1000
 ID_PATTERN = r"^[0-9a-fA-F-]{36}$"
 """Ids of jobs, uploads and profiles are UUIDs; anything else is refused before any query."""

@@ -108,6 +108,7 @@ def run_job_task(self: Task, job_id: str) -> str | None:
         allowed_roots=settings.allowed_input_roots,
         time_limit=settings.soft_time_limit,
         cache=runtime.cache,
+        device=settings.device,
     )
     status = runner.run(job_id)
     return None if status is None else status.value

@@ -121,6 +121,7 @@ class InlineExecutor(Executor):
             allowed_roots=settings.allowed_input_roots,
             time_limit=settings.job_time_limit,
             cache=StoreCache(sessions, store, max_bytes=settings.cache_max_bytes),
+            device=settings.device,
         )
         self._prefix = f"{socket.gethostname()}:{os.getpid()}:inline"
         self._generation = 0

@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -103,6 +103,7 @@ class JobRunner:
         allowed_roots: Sequence[Path] | None = None,
         time_limit: float = DEFAULT_TIME_LIMIT,
         cache: Cache | None = None,
+        device: str | None = None,
     ) -> None:
         """`permanent_errors` maps failures besides `BitplanError` that would happen again on
         every attempt (a time limit) to the error to record; `stopping`, once set, hands
@@ -111,7 +112,8 @@ class JobRunner:
         check, for the CLI's own jobs); past `time_limit` seconds an attempt stops at its next
         progress call and its lease is no longer renewed; `cache` keeps what jobs computed
         (a service passes `db.cache.StoreCache`, shared through the database and the store;
-        None: the folder under this machine's home)."""
+        None: the folder under this machine's home); `device` runs the jobs whose spec names
+        none there (the worker's `BITPLAN_DEVICE`; None: the CPU)."""
         self.worker_id = worker_id
         self.sessions = sessions
         self.store = store
@@ -123,6 +125,7 @@ class JobRunner:
         self.on_ended = on_ended
         self.allowed_roots = allowed_roots
         self.time_limit = time_limit
+        self.device = device
         self.attempt: Attempt | None = None
         """Read by the inline executor's watchdog, which ends attempts that stopped calling
         back past their deadline."""
@@ -164,6 +167,8 @@ class JobRunner:
         with lease, tempfile.TemporaryDirectory(prefix=f"bitplan-{job.id}-") as workdir:
             try:
                 spec = self._spec(job, Path(workdir))
+                if spec.device is None:  # the tenant left it to the worker
+                    spec = replace(spec, device=self.device)
                 result = self.pipeline(spec, progress, Path(workdir) / "artifacts")
                 return self._succeed(job, result, time.perf_counter() - started)
             except _LeaseLost as lost:

@@ -17,12 +17,18 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
 
+from allocator.errors import BadSpec
+from allocator.job import MAX_DEVICE_INDEX, check_device
 from allocator.limits import Limits
 
 INTERACTIVE_QUEUE = "interactive"
 BATCH_QUEUE = "batch"
-QUEUES = (INTERACTIVE_QUEUE, BATCH_QUEUE)
+GPU_QUEUE = "gpu"
+"""Jobs that want a GPU: served by `bitplan worker --queue gpu --device cuda` on a GPU host."""
+QUEUES = (INTERACTIVE_QUEUE, BATCH_QUEUE, GPU_QUEUE)
 """The queues a job may name; a job in any other queue is never sent to a Celery worker."""
+CPU_QUEUES = (INTERACTIVE_QUEUE, BATCH_QUEUE)
+"""What `bitplan worker` serves unless told otherwise; a worker on a GPU also serves `gpu`."""
 LATENCY_QUEUE = "latency"
 """Where latency-table requests go unless they name another of `latency_queues`: a platform
 starts `bitplan worker --queue latency` on the machines it wants timings of."""
@@ -64,6 +70,9 @@ class WorkerSettings:
     cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES
     """The bound of the cache of computed values the service's workers share
     (`BITPLAN_CACHE_MAX_BYTES`, `db.cache.StoreCache`); least recently used entries go first."""
+    device: str = "cpu"
+    """Where this worker runs the jobs whose spec names no device (`BITPLAN_DEVICE`, `bitplan
+    worker --device`): "cpu", "cuda" or "cuda:N" (`allocator.device`)."""
     latency_queues: tuple[str, ...] = (LATENCY_QUEUE,)
     """Queues latency-table requests may name (`BITPLAN_LATENCY_QUEUES`, comma-separated), one
     per kind of target machine (`latency`, `latency-arm`, ...): the API and the workers read
@@ -116,6 +125,7 @@ class WorkerSettings:
             cache_max_bytes=_parse(
                 environ, "BITPLAN_CACHE_MAX_BYTES", _positive_int, defaults.cache_max_bytes
             ),
+            device=_parse(environ, "BITPLAN_DEVICE", _device, defaults.device),
             latency_queues=_parse(
                 environ, "BITPLAN_LATENCY_QUEUES", _queue_names, defaults.latency_queues
             ),
@@ -162,6 +172,15 @@ def _queue_names(text: str) -> tuple[str, ...]:
     ):
         raise ValueError("must be comma-separated queue names of letters, digits, - and _")
     return names
+
+
+def _device(text: str) -> str:
+    """A device a job may run on (`allocator.job.check_device`: cpu, cuda or cuda:N)."""
+    try:
+        check_device(text)
+    except BadSpec:
+        raise ValueError(f"must be cpu, cuda or cuda:N with N in 0..{MAX_DEVICE_INDEX}") from None
+    return text
 
 
 def _paths(text: str) -> tuple[Path, ...]:

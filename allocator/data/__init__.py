@@ -14,7 +14,13 @@ from allocator.data.batches import (
     holdout_batches,
     split_for_eval,
 )
-from allocator.data.evaluate import EvalSet, evaluate, evaluate_outputs, per_sample
+from allocator.data.evaluate import (
+    DEFAULT_BATCH_SIZE,
+    EvalSet,
+    evaluate,
+    evaluate_outputs,
+    per_sample,
+)
 from allocator.data.readers import (
     Dataset,
     ImageSet,
@@ -26,6 +32,7 @@ from allocator.data.readers import (
 from allocator.job_metrics import HIGHER_IS_BETTER
 
 __all__ = [
+    "DEFAULT_BATCH_SIZE",
     "HIGHER_IS_BETTER",
     "Dataset",
     "EvalSet",

@@ -93,9 +93,11 @@ class EvalSet:
         return self.size
 
     def outputs(self, fn: Callable[[Inputs], torch.Tensor]) -> torch.Tensor:
-        """`fn` on every batch, float32, in dataset order; with the FP32 model: the reference."""
+        """`fn` on every batch, float32, in dataset order, on the CPU (each batch's outputs come
+        back from the model's device as it ends: metrics, comparisons and the cache read them
+        there); with the FP32 model: the reference."""
         with torch.inference_mode():
-            out = torch.cat([fn(batch) for batch in self.batches])
+            out = torch.cat([fn(batch).cpu() for batch in self.batches])
         return out.float()[self._restore]
 
 

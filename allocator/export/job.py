@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ import torch
 from allocator.apply import load_packed, read_packed
 from allocator.data import EvalSet
 from allocator.data.evaluate import REFERENCE_METRICS
+from allocator.device import CPU
 from allocator.errors import BitplanError, ExportRefused
 from allocator.export.onnx_qdq import check_exportable, export_onnx, replace_module, stamp
 from allocator.export.parity import (
@@ -57,13 +59,17 @@ def export_checked(
     """Export the artifact at `packed` for `model` (the float model: only its architecture
     and output function are used; it is not changed) to ONNX at `path`, and check it on
     `evalset`. `plan`, when given, must be the artifact's own (the job's `bitplan.json`).
-    On a refusal or a failed check the file is removed and the check says why."""
+    On a refusal or a failed check the file is removed and the check says why.
+
+    Runs on the CPU whatever device the job used: ONNX Runtime runs there (its CPU provider is
+    what the check is against), and the graph is traced where the batches are."""
     try:
         artifact = read_packed(packed)
         if plan is not None:
             _check_same_plan(plan, artifact.plan)
         quantizers = check_exportable(artifact.plan.activations)
-        quantized, _ = load_packed(packed, copy.deepcopy(model.module))
+        model = replace(model, module=copy.deepcopy(model.module).to(CPU))
+        quantized, _ = load_packed(packed, model.module)
         rebuilt = replace_module(model, quantized)
         exported = export_onnx(
             rebuilt, artifact, _head(evalset.batches[0]), path, metadata=session_metadata()

@@ -66,8 +66,8 @@ class ActQuantizer:
 
     kind: str
     bits: int
-    lo: Tensor = field(default_factory=lambda: torch.zeros(()))
-    hi: Tensor = field(default_factory=lambda: torch.ones(()))
+    lo: Tensor = field(default_factory=lambda: torch.zeros((), device="cpu"))
+    hi: Tensor = field(default_factory=lambda: torch.ones((), device="cpu"))
     shift: float = 0.0
     """sulq's eta; tanq's T."""
     axis: int = -1
@@ -82,8 +82,9 @@ class ActQuantizer:
         return _SOFTMAX[self.kind](x, self.bits, self.shift)
 
     def _along(self, bound: Tensor, x: Tensor) -> Tensor:
-        """`bound` in `x`'s dtype, shaped to broadcast along `axis` when it is per channel."""
-        bound = bound.to(x.dtype)
+        """`bound` in `x`'s dtype and on its device (a quantizer read back from a plan is on
+        the CPU), shaped to broadcast along `axis` when it is per channel."""
+        bound = bound.to(device=x.device, dtype=x.dtype)
         if bound.dim() == 0:
             return bound
         if not -x.dim() <= self.axis < x.dim() or x.shape[self.axis] != bound.numel():
@@ -116,8 +117,8 @@ class ActQuantizer:
         return cls(
             kind,
             int(data["bits"]),  # type: ignore[call-overload]
-            torch.tensor(data.get("lo", 0.0), dtype=torch.float32),
-            torch.tensor(data.get("hi", 1.0), dtype=torch.float32),
+            torch.tensor(data.get("lo", 0.0), dtype=torch.float32, device="cpu"),
+            torch.tensor(data.get("hi", 1.0), dtype=torch.float32, device="cpu"),
             float(data.get("shift", 0.0)),  # type: ignore[arg-type]
             int(data.get("axis", -1)),  # type: ignore[call-overload]
         )
@@ -133,7 +134,7 @@ def calibrate(kind: str, samples: Tensor, bits: int, axis: int = -1) -> ActQuant
     samples = samples.detach().float()
     if kind in CHANNEL_KINDS:
         rows = samples.reshape(-1, samples.shape[-1])
-        rows = rows[_subsample(rows.shape[0], SAMPLE_LIMIT // max(rows.shape[1], 1) + 1)]
+        rows = rows[_subsample(rows.shape[0], SAMPLE_LIMIT // max(rows.shape[1], 1) + 1, rows)]
         if kind == "channel-clip":
             lo = torch.quantile(rows, 1 - CHANNEL_CLIP, dim=0)
             hi = torch.quantile(rows, CHANNEL_CLIP, dim=0)
@@ -141,7 +142,7 @@ def calibrate(kind: str, samples: Tensor, bits: int, axis: int = -1) -> ActQuant
             lo, hi = rows.amin(0), rows.amax(0)
         return ActQuantizer(kind, bits, lo, torch.maximum(hi, lo + 1e-8), axis=axis)
     flat = samples.reshape(-1)
-    flat = flat[_subsample(flat.numel(), SAMPLE_LIMIT)]
+    flat = flat[_subsample(flat.numel(), SAMPLE_LIMIT, flat)]
     if kind in _SEARCHED:
         return _calibrate_searched(kind, flat, bits)
     if kind in SOFTMAX_KINDS:
@@ -228,7 +229,10 @@ def _mse_range(flat: Tensor, lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor,
     return lo * ratio, hi * ratio
 
 
-def _subsample(count: int, limit: int) -> Tensor:
+def _subsample(count: int, limit: int, like: Tensor) -> Tensor:
+    """Indices of at most `limit` of `count` values, on `like`'s device; drawn on the CPU,
+    whatever the device, so every machine samples the same values."""
     if count <= limit:
-        return torch.arange(count)
-    return torch.randperm(count, generator=torch.Generator().manual_seed(0))[:limit]
+        return torch.arange(count, device=like.device)
+    generator = torch.Generator().manual_seed(0)
+    return torch.randperm(count, generator=generator, device="cpu")[:limit].to(like.device)

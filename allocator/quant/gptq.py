@@ -66,7 +66,7 @@ def inverse_factor(second_moment: Tensor) -> InverseFactor:
 
 def _upper_inverse(hessian: Tensor) -> Tensor:
     """Upper Cholesky factor of each group's dampened inverse, more dampening where needed."""
-    eye = torch.eye(hessian.shape[-1], dtype=hessian.dtype)
+    eye = torch.eye(hessian.shape[-1], dtype=hessian.dtype, device=hessian.device)
     base = hessian.diagonal(dim1=1, dim2=2).mean(1)
     dampening = torch.full_like(base, DAMPENING)
     for _ in range(DAMPENING_TRIES):
@@ -107,7 +107,9 @@ def gptq_quantize(
         dim=1,  # type: ignore[union-attr]
     ).squeeze(-1)
     divisor = torch.where(scale == 0, torch.ones_like(scale), scale)
-    qmax = torch.cat([torch.full((rows,), 2.0 ** (grids[k].bits - 1) - 1) for k in scaled]).double()
+    qmax = torch.cat(
+        [torch.full((rows,), 2.0 ** (grids[k].bits - 1) - 1, device=w.device) for k in scaled]
+    ).double()
     codes = _feedback(weight, divisor, qmax, factor.upper)
     restored = torch.empty_like(codes).scatter_(1, order.expand_as(codes), codes)
     for position, k in enumerate(scaled):

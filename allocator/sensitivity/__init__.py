@@ -99,7 +99,8 @@ def _fisher(ctx: SensitivityContext) -> Sensitivity:
     modules = dict(ctx.model.module.named_modules())
     for name in ctx.table.names:
         if name not in fisher:
-            fisher[name] = torch.zeros(modules[name].weight.shape[0])
+            weight = modules[name].weight
+            fisher[name] = torch.zeros(weight.shape[0], device=weight.device)
     return Sensitivity(
         "fisher",
         costs.fisher_costs(ctx.table, ctx.bits, ctx.choices, fisher),

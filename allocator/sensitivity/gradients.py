@@ -101,7 +101,8 @@ def _objectives(
         loss = F.cross_entropy(out, target, reduction="sum")
         explained = out.gather(-1, target[:, None]).squeeze(-1)
         return loss, explained
-    noise = torch.randn(out.shape, generator=generator)
+    # Drawn on the CPU, whatever the device: the same probe on every machine.
+    noise = torch.randn(out.shape, generator=generator, device="cpu").to(out.device)
     return (out * noise).sum(), (out * out.detach()).sum(-1)
 
 
@@ -122,8 +123,9 @@ def gradient_stats(
     started = time.perf_counter()
     try:
         with relevance_rules(model.module, build_lrp=lrp) as state:
-            for index, inputs in enumerate(batches):
+            for index, batch in enumerate(batches):
                 capture.clear()
+                inputs = model.inputs(batch)  # the loss reads token ids beside the outputs
                 out = model(inputs)
                 loss, explained = _objectives(model, inputs, out, generator)
                 stats.samples += _batch_size(inputs)

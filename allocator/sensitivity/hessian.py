@@ -62,7 +62,7 @@ def hessian_traces(
     modules = dict(model.module.named_modules())
     weights = [modules[name].weight for name in table.names]
     generator = torch.Generator().manual_seed(seed)
-    sums = torch.zeros(len(weights), dtype=torch.float64)
+    sums = torch.zeros(len(weights), dtype=torch.float64, device="cpu")  # summed from floats
     previous = None
     converged = False
     probes = 0
@@ -71,11 +71,15 @@ def hessian_traces(
         _twice_differentiable(model.module),
         channels_first_convolutions(model.module),
     ):
-        loss = _loss(model, batches[0])
+        loss = _loss(model, model.inputs(batches[0]))
         grads = torch.autograd.grad(loss, weights, create_graph=True)
         for probes in range(1, max_probes + 1):
+            # Probes are drawn on the CPU, whatever the device: the same ones on every machine.
             vs = [
-                torch.randint(0, 2, w.shape, generator=generator).float() * 2 - 1 for w in weights
+                (
+                    torch.randint(0, 2, w.shape, generator=generator, device="cpu").float() * 2 - 1
+                ).to(w.device)
+                for w in weights
             ]
             hvs = torch.autograd.grad(grads, weights, grad_outputs=vs, retain_graph=True)
             for i, (v, hv) in enumerate(zip(vs, hvs, strict=True)):

@@ -53,6 +53,7 @@ def conservation(model: LoadedModel, inputs: Inputs, seed: int = 0) -> Conservat
     sources: list[torch.Tensor] = []
     bn_terms: list[tuple[torch.Tensor, torch.Tensor]] = []
     handles = []
+    inputs = model.inputs(inputs)
     if isinstance(inputs, torch.Tensor):
         inputs = inputs.clone().requires_grad_(True)
         sources.append(inputs)

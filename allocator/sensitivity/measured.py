@@ -37,11 +37,11 @@ def mean_divergence(
 ) -> float:
     """Per-sample divergence of `model`, as it is now (quantized by whatever context the caller
     entered), from its FP32 `reference` outputs on `batches`, averaged over the samples."""
+    total = 0.0
     with torch.inference_mode():
-        total = sum(
-            float(divergence(model.task, ref, model(inputs)).sum())
-            for inputs, ref in zip(batches, reference, strict=True)
-        )
+        for inputs, ref in zip(batches, reference, strict=True):
+            out = model(inputs)  # `reference` may be kept on the CPU, `out` on a GPU
+            total += float(divergence(model.task, ref.to(out.device), out).sum())
     return total / sum(ref.shape[0] for ref in reference)
 
 

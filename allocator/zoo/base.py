@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from allocator.device import device_of, to_device
+
 Inputs = torch.Tensor | dict[str, torch.Tensor]
 """A model-ready batch: an image tensor (N, C, H, W) or a dict of token tensors."""
 
@@ -38,6 +40,11 @@ class LoadedModel:
     every position (N, T, V). A causal LM reads running text rather than sentences, so it has
     `encode` (text -> token ids, no special tokens) and `context_length` (the longest window its
     positions allow) instead of a sentence `tokenizer`.
+
+    `device` is where the module's weights are (`to` moves them); calling the model moves a
+    batch there first, so batches are prepared, kept and keyed on the CPU whatever the device.
+    It is read off the module, never stored: a copy made with another module (a quantized
+    one, a CPU copy to export or time) runs where its own module is.
     """
 
     ref: str
@@ -54,7 +61,24 @@ class LoadedModel:
     encode: Callable[[str], list[int]] | None = None
     context_length: int | None = None
 
+    @property
+    def device(self) -> torch.device:
+        """Where the module's weights are (the CPU for a module without any)."""
+        return device_of(self.module)
+
+    def to(self, device: torch.device) -> LoadedModel:
+        """Move the module's weights to `device` (in place, as `nn.Module.to`); later calls
+        run there. Quantized copies made from the module (`allocator.apply`) stay there too."""
+        self.module.to(device)
+        return self
+
+    def inputs(self, batch: Inputs) -> Inputs:
+        """`batch` on the model's device: for code that reads a batch beside the model's
+        outputs (labels of a causal LM's loss), which must then be on the same device."""
+        return to_device(batch, self.device)
+
     def __call__(self, inputs: Inputs) -> torch.Tensor:
+        inputs = self.inputs(inputs)
         if self.output_fn is not None:
             return self.output_fn(self.module, inputs)
         return self.module(inputs)
@@ -66,8 +90,8 @@ class LoadedModel:
             x = nn.functional.interpolate(
                 x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
             )
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
 
     def prepare_text(self, sentences: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -67,23 +67,62 @@ def serve_command(
 def worker_command(
     queue: Annotated[
         list[str] | None,
-        typer.Option(help="interactive, batch or latency, repeatable; default: the job queues"),
+        typer.Option(
+            help="interactive, batch, gpu or latency, repeatable; default: interactive and batch, "
+            "and gpu too with --device cuda"
+        ),
     ] = None,
     concurrency: Annotated[int, typer.Option(help="jobs at once, one process each")] = 1,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            envvar="BITPLAN_DEVICE",
+            help="cpu, cuda or cuda:N: where the jobs that name no device run (default cpu)",
+        ),
+    ] = None,
 ) -> None:
     """A Celery worker on $BITPLAN_BROKER_URL and $BITPLAN_DATABASE_URL; it POSTs the callback
     of every job it ends ($BITPLAN_WEBHOOK_*, the same values as the API's)."""
+    with user_errors():
+        queues = worker_queues(queue, device)
     from service.settings import Settings
     from service.webhooks import JobNotifier
     from workers.celery_app import start_worker, worker_session
-    from workers.settings import QUEUES
 
     # Both open on first use in whichever process ends a job: the worker's database per process
     # (reset after each fork), the notifier's delivery thread likewise.
     notifier = JobNotifier.from_settings(Settings(), worker_session)
-    start_worker(
-        queue or QUEUES, concurrency, on_ended=notifier.notify_ended, on_shutdown=notifier.close
-    )
+    start_worker(queues, concurrency, on_ended=notifier.notify_ended, on_shutdown=notifier.close)
+
+
+def worker_queues(queues: list[str] | None, device: str | None) -> tuple[str, ...]:
+    """The queues a `bitplan worker` on `device` serves, once the device is known to be there.
+
+    The device travels to the worker's job processes as `BITPLAN_DEVICE` (the Celery app reads
+    its settings from the environment, and prefork children inherit it). A worker asked for a
+    GPU this machine lacks refuses to start, in one line, rather than failing every job it
+    takes; the check goes through NVML where it can, so this process, which forks the job
+    processes, does not initialise CUDA (a child of a process that did cannot use it).
+    """
+    from allocator.job import check_device
+    from workers.settings import CPU_QUEUES, GPU_QUEUE
+
+    check_device(device)
+    on_gpu = device is not None and device != "cpu"
+    if on_gpu:
+        from allocator.device import cuda_devices_without_init
+
+        count = cuda_devices_without_init()
+        index = int(device.partition(":")[2] or 0)
+        if index >= count:
+            raise BitplanError(
+                f"--device {device}: this machine has {count} GPU(s) that torch can use; start "
+                "the worker on a GPU machine, or with --device cpu"
+            )
+    if device is not None:
+        os.environ["BITPLAN_DEVICE"] = device
+    default = (*CPU_QUEUES, GPU_QUEUE) if on_gpu else CPU_QUEUES
+    return tuple(queues or default)
 
 
 keys_app = typer.Typer(help="API keys.")

@@ -12,6 +12,7 @@ for another command loads neither; this module never imports the web stack.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -29,6 +30,8 @@ from service.cli.options import JsonOpt, SpecFactory, spec_options
 from service.cli.output import err, print_summary, user_errors
 
 LOCAL_TENANT = "local"
+DEVICE_ENV = "BITPLAN_DEVICE"
+"""The device `run` uses when `--device` is not given (the worker reads the same variable)."""
 
 
 @spec_options
@@ -40,6 +43,9 @@ def run_command(spec: SpecFactory, as_json: JsonOpt = False) -> None:
 
     with user_errors():
         job = spec()
+        if job.device is None and os.environ.get(DEVICE_ENV):
+            job = replace(job, device=os.environ[DEVICE_ENV])
+            job.validate()
         with tempfile.TemporaryDirectory(prefix="bitplan-") as workdir:
             runnable = _with_latency_file(job, Path(workdir))
             with _progress_bars(sys.stderr.isatty()) as progress:

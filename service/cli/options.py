@@ -96,6 +96,13 @@ LatencyRuntimeOpt = Annotated[
         help="measure the latency table in the job: onnxruntime-cpu, torch-cpu or torch-cuda"
     ),
 ]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="cpu, cuda or cuda:N (default: $BITPLAN_DEVICE for run, the worker's for submit, "
+        "else cpu)"
+    ),
+]
 DEFAULT_BITS_TEXT = ",".join(map(str, DEFAULTS.bits))
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object")]
@@ -161,6 +168,7 @@ def build_spec(
     export: ExportOpt = None,
     latency_table: LatencyTableOpt = DEFAULTS.latency_table,
     latency_runtime: LatencyRuntimeOpt = DEFAULTS.latency_runtime,
+    device: DeviceOpt = DEFAULTS.device,
 ) -> JobSpec:
     """The validated spec the options of `run` and `submit` describe; its parameters are those
     options (see `spec_options`).
@@ -198,6 +206,7 @@ def build_spec(
         export=tuple(export or ()),
         latency_table=latency_table,
         latency_runtime=latency_runtime,
+        device=device,
     )
     spec.validate()
     return spec

@@ -42,6 +42,15 @@ def print_summary(payload: dict) -> None:
     typed = JobMetrics.from_dict(metrics)
     source = f"  (on {typed.eval_source_text})" if "eval_source" in metrics else ""
     out.print(f"job {payload['job_id']}  {payload['model']}  budget {payload['budget']}")
+    device = payload.get("device") or {}
+    if device.get("device", "cpu") != "cpu":  # a CPU job's summary reads as it always did
+        gpu = f" ({device['gpu']}, {device['gpu_memory_gb']} GB)" if "gpu" in device else ""
+        out.print(
+            f"device {device['device']}{gpu}  batch sizes: calibration "
+            f"{device.get('calibration_batch_size')}, evaluation "
+            f"{device.get('evaluation_batch_size')}",
+            soft_wrap=True,
+        )
     out.print(
         f"avg weight bits {payload['avg_weight_bits']:.3f}  "
         f"weight bytes {payload['weight_bytes']:.0f}  "

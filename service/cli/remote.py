@@ -66,7 +66,10 @@ def submit_command(
     spec: SpecFactory,
     server: ServerOpt,
     key: KeyOpt,
-    queue: Annotated[str | None, typer.Option(help="interactive or batch")] = None,
+    queue: Annotated[
+        str | None,
+        typer.Option(help="interactive, batch, or gpu (the workers started with --device cuda)"),
+    ] = None,
     priority: Annotated[int, typer.Option(help="higher runs first")] = 0,
     not_before: Annotated[str | None, typer.Option(help="ISO time, e.g. 2025-01-01T22:00Z")] = None,
     callback_url: Annotated[str | None, typer.Option(help="POSTed when the job ends")] = None,
