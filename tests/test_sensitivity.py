@@ -184,3 +184,31 @@ def test_hutchinson_runs_through_hard_sigmoid_gates() -> None:
     traces = hessian_traces(model, [x], table, max_probes=8)
     assert all(torch.isfinite(torch.tensor(t)) for t in traces.trace.values())
     assert any(t != 0 for t in traces.trace.values())
+
+
+class _WithUnusedHead(nn.Module):
+    """A model that runs a layer whose output it drops (as a sentence embedding runs BERT's
+    pooler and never uses it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 4)
+        self.pooler = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        self.pooler(out)
+        return out
+
+
+def test_hessian_traces_give_a_layer_the_loss_never_reaches_zero() -> None:
+    torch.manual_seed(0)
+    model = LoadedModel(
+        ref="dropped", module=_WithUnusedHead().eval(), task="classification", input_kind="tabular"
+    )
+    x = torch.randn(8, 6)
+    table = build_layer_table(model, x[:1], pin_first_last=False)
+    assert table.names == ["body", "pooler"]
+    traces = hessian_traces(model, [x], table, max_probes=4, min_probes=2).trace
+    assert traces["pooler"] == 0.0
+    assert traces["body"] > 0.0

@@ -72,7 +72,11 @@ def hessian_traces(
         channels_first_convolutions(model.module),
     ):
         loss = _loss(model, model.inputs(batches[0]))
-        grads = torch.autograd.grad(loss, weights, create_graph=True)
+        # A layer the loss does not reach (a BERT pooler a sentence embedding skips) has no
+        # gradient, hence a zero trace: it costs nothing to quantize as far as the loss knows.
+        every = torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True)
+        used = [i for i, g in enumerate(every) if g is not None and g.requires_grad]
+        grads = [every[i] for i in used]
         for probes in range(1, max_probes + 1):
             # Probes are drawn on the CPU, whatever the device: the same ones on every machine.
             vs = [
@@ -81,9 +85,16 @@ def hessian_traces(
                 ).to(w.device)
                 for w in weights
             ]
-            hvs = torch.autograd.grad(grads, weights, grad_outputs=vs, retain_graph=True)
-            for i, (v, hv) in enumerate(zip(vs, hvs, strict=True)):
-                sums[i] += float((v * hv).sum())
+            hvs = torch.autograd.grad(
+                grads,
+                [weights[i] for i in used],
+                grad_outputs=[vs[i] for i in used],
+                retain_graph=True,
+                allow_unused=True,
+            )
+            for i, hv in zip(used, hvs, strict=True):
+                if hv is not None:
+                    sums[i] += float((vs[i] * hv).sum())
             if on_probe is not None:
                 on_probe(probes)
             total = float(sums.sum()) / probes
