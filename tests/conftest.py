@@ -62,7 +62,7 @@ def resnet20_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     return weights, images
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def resnet20_job(resnet20_inputs: tuple[Path, Path]) -> JobSpec:
     """A whole ResNet20 job on `resnet20_inputs` that runs in seconds: 16 calibration images,
     evaluated on all 48, fisher costs, no report widths, no rounds."""

@@ -26,22 +26,13 @@ pytestmark = pytest.mark.slow  # runs small ResNet20 jobs
 
 
 @pytest.fixture(scope="module")
-def measured(resnet20_inputs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory):
+def measured(resnet20_job: JobSpec, tmp_path_factory: pytest.TempPathFactory):
     """A job whose latency table is measured in the job (ONNX Runtime), under a budget of
     size and latency."""
-    weights, images = resnet20_inputs
-    spec = JobSpec(
-        model="zoo:cifar_resnet20",
-        weights=str(weights),
-        calib=str(images),
-        eval=str(images),
-        calib_samples=16,
-        batch_size=16,
+    spec = replace(
+        resnet20_job,
         budget="avg-bits=6,latency=3x",
-        method="fisher",
         bits=(4, 8),
-        report_widths=False,
-        context_rounds=0,
         calibration="fp32",
         latency_runtime="onnxruntime-cpu",
     )
