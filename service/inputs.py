@@ -78,13 +78,7 @@ def _latency_table(
         if not path.is_file():
             raise BadReference(f"latency_table {ref[:80]!r} is neither a table id nor a file")
         return None
-    row = repositories.get_latency_table(session, tenant=tenant, table_id=ref)
-    if row is None or row.table is None:
-        state = "" if row is None else f" (it is {row.status.value})"
-        raise BadReference(
-            f"latency_table {ref[:40]!r} is not a measured latency table of yours{state}; "
-            "measure one (bitplan profile-latency, POST /v1/latency-tables)"
-        )
+    row = repositories.measured_latency_table(session, tenant=tenant, table_id=ref)
     return LatencyTable.from_dict({**row.table, "table_id": row.id})
 
 

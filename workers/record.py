@@ -132,13 +132,7 @@ def record_latency_table(session: Session, tenant: str, job_id: str, result: Res
 def latency_table_file(session: Session, tenant: str, table_id: str, folder: Path) -> Path:
     """The tenant's stored latency table `table_id` as a JSON file in `folder`, what the
     pipeline reads; a table that is not the tenant's, or not measured (yet), is refused."""
-    row = repositories.get_latency_table(session, tenant=tenant, table_id=table_id)
-    if row is None or row.table is None:
-        state = "" if row is None else f" (it is {row.status.value})"
-        raise BadReference(
-            f"latency_table {table_id[:40]!r} is not a measured latency table of yours{state}; "
-            "measure one (bitplan profile-latency, POST /v1/latency-tables)"
-        )
+    row = repositories.measured_latency_table(session, tenant=tenant, table_id=table_id)
     path = folder / f"latency-{row.id}.json"
     path.write_text(json.dumps({**row.table, "table_id": row.id}))
     return path

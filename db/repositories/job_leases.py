@@ -46,6 +46,17 @@ class ArtifactRecord:
     size: int
     uri: str
 
+    def row(self, job_id: str) -> Artifact:
+        """The `artifacts` row that records this file for job `job_id`."""
+        return Artifact(
+            job_id=job_id,
+            name=self.name,
+            kind=self.kind,
+            sha256=self.sha256,
+            size=self.size,
+            uri=self.uri,
+        )
+
 
 @dataclass(frozen=True)
 class LeaseSweep:
@@ -189,17 +200,7 @@ def finish_job(
             result=dict(result),
         )
     )
-    session.add_all(
-        Artifact(
-            job_id=job_id,
-            name=artifact.name,
-            kind=artifact.kind,
-            sha256=artifact.sha256,
-            size=artifact.size,
-            uri=artifact.uri,
-        )
-        for artifact in artifacts
-    )
+    session.add_all(artifact.row(job_id) for artifact in artifacts)
     session.commit()
     return True
 

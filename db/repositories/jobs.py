@@ -196,14 +196,7 @@ def add_export(
     format) and its check under `metrics.exports` of the result, so the result reads as if the
     job had exported it. A concurrent export of the same job and format wins once; the loser
     gets the winner's artifact and writes nothing."""
-    row = Artifact(
-        job_id=job_id,
-        name=artifact.name,
-        kind=artifact.kind,
-        sha256=artifact.sha256,
-        size=artifact.size,
-        uri=artifact.uri,
-    )
+    row = artifact.row(job_id)
     stored, created = insert_or_existing(
         session,
         row,

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from allocator.errors import BadReference
 from allocator.latency_table import LatencyStatus
 from db.models import LatencyTableRow, utcnow
 from db.repositories.shared import execute_guarded
@@ -93,6 +94,19 @@ def get_latency_table(session: Session, *, tenant: str, table_id: str) -> Latenc
             LatencyTableRow.id == table_id, LatencyTableRow.tenant == tenant
         )
     )
+
+
+def measured_latency_table(session: Session, *, tenant: str, table_id: str) -> LatencyTableRow:
+    """The tenant's measured table `table_id`, for a job to plan with; one that is not the
+    tenant's, or not measured (yet), is refused in a line that says what to do."""
+    row = get_latency_table(session, tenant=tenant, table_id=table_id)
+    if row is None or row.table is None:
+        state = "" if row is None else f" (it is {row.status.value})"
+        raise BadReference(
+            f"latency_table {table_id[:40]!r} is not a measured latency table of yours{state}; "
+            "measure one (bitplan profile-latency, POST /v1/latency-tables)"
+        )
+    return row
 
 
 def find_latency_table(
