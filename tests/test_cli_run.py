@@ -258,3 +258,12 @@ def test_real_resnet20_at_three_bits_keeps_its_accuracy(
     # Plain round-to-nearest W3 loses ~17 points here (64.5 vs 81.0 on the full test set).
     assert metrics["quantized"]["top1"] >= metrics["fp32"]["top1"] - 6
     assert metrics["quantized"]["top1"] >= metrics["uniform"]["top1"] - 1.0
+
+
+def test_a_bad_cache_bound_is_one_line(
+    home: Path, weights: Path, images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BITPLAN_CACHE_MAX_BYTES", "lots")
+    err = refused(home, [*base_args(weights, images), "--budget", "avg-bits=4"])
+    assert "BITPLAN_CACHE_MAX_BYTES='lots' is not valid" in err
+    assert len(err.strip().splitlines()) <= 2

@@ -25,6 +25,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from allocator.errors import BadSpec
 from allocator.job import PHASES, JobSpec
 from service.cli.options import JsonOpt, SpecFactory, spec_options
 from service.cli.output import err, print_summary, user_errors
@@ -49,7 +50,8 @@ def run_command(spec: SpecFactory, as_json: JsonOpt = False) -> None:
         with tempfile.TemporaryDirectory(prefix="bitplan-") as workdir:
             runnable = _with_latency_file(job, Path(workdir))
             with _progress_bars(sys.stderr.isatty()) as progress:
-                result = run(runnable, progress, workdir, cache=FolderCache(cache_folder()))
+                cache = FolderCache(cache_folder(), max_bytes=_cache_bound())
+                result = run(runnable, progress, workdir, cache=cache)
             payload = _record(job, result)
         kept = _keep_report(payload) if job.report else None
     if as_json:
@@ -58,6 +60,17 @@ def run_command(spec: SpecFactory, as_json: JsonOpt = False) -> None:
         print_summary(payload)
         if kept is not None:
             Console().print(f"open the report in a browser: {kept}", soft_wrap=True)
+
+
+def _cache_bound() -> int:
+    """`BITPLAN_CACHE_MAX_BYTES` as the workers read it; a bad value is one line, not a
+    traceback."""
+    from workers.settings import WorkerSettings
+
+    try:
+        return WorkerSettings.from_env().cache_max_bytes
+    except ValueError as exc:
+        raise BadSpec(f"{exc}; fix or unset the variable") from None
 
 
 @contextmanager
