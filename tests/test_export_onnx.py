@@ -220,3 +220,28 @@ def test_a_refused_plan_is_a_failed_check_with_the_reason_and_no_file(tmp_path: 
     assert "quantizer" in check.error and "--act-quantizers baseline" in check.error
     assert check.max_abs_diff is None
     assert not out.exists()
+
+
+class _DroppedPooler(torch.nn.Module):
+    """A classifier that also runs a pooler whose output it drops (as a sentence embedding
+    runs BERT's pooler), with dropout that only training mode would turn on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8, 10)
+        self.pooler = torch.nn.Linear(8, 8)
+        self.dropout = torch.nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.dropout(self.stem(x).mean(dim=(2, 3)))
+        self.pooler(features)
+        return self.head(features)
+
+
+def test_a_layer_whose_output_the_model_drops_is_left_out_and_said_so(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = _DroppedPooler().eval()
+    model = LoadedModel("test:pooler", module, "classification", "image", image_size=16)
+    _packed_path, out, _plan = _exported(tmp_path, model)
+    assert json.loads(read_metadata(out)["bitplan.unused_layers"]) == ["pooler"]

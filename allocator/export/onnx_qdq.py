@@ -160,7 +160,9 @@ def export_onnx(
         )
     names = _input_names(sample)
     tensors = (sample,) if isinstance(sample, Tensor) else tuple(sample[n] for n in names)
-    wrapper = _Traced(replace_module(model, module), names)
+    # In eval mode for good: the exporter restores a module's own training flag after tracing,
+    # and a new wrapper's is True, which would leave dropout on for the checks that follow.
+    wrapper = _Traced(replace_module(model, module), names).eval()
     sites = plan_sites(quantizers, layers)
 
     def transform(site: str, x: Tensor) -> Tensor:
@@ -182,6 +184,14 @@ def export_onnx(
             )
         proto = onnx.load(str(traced))
     weights = _replace_weights(proto, packed)
+    missing = sorted(set(packed.codes) - set(weights))
+    unused = _unused_layers(wrapper, tensors, layers, missing)
+    if len(unused) < len(missing):
+        followed = [name for name in missing if name not in unused][:5]
+        raise ExportRefused(
+            f"the traced graph does not use the weights of {followed}: the model computes "
+            "them in a way the exporter cannot follow"
+        )
     activations = {site: _replace_activation(proto, site, quantizers[site]) for site in quantizers}
     _strip_prefix(proto, "module.")
     _drop_unused_initializers(proto)
@@ -195,6 +205,7 @@ def export_onnx(
             "bitplan.plan": json.dumps(plan.to_dict()),
             "bitplan.weights": json.dumps({k: asdict(v) for k, v in weights.items()}),
             "bitplan.activations": json.dumps({k: asdict(v) for k, v in activations.items()}),
+            "bitplan.unused_layers": json.dumps(unused),
             **dict(metadata or {}),
         },
     )
@@ -383,13 +394,30 @@ def _replace_weights(proto: onnx.ModelProto, packed: PackedArtifact) -> dict[str
         new_nodes, inits, storage[layer] = _weight_nodes(layer, quantized, transposed, output)
         _swap(graph, node, new_nodes)
         graph.initializer.extend(inits)
-    missing = sorted(set(packed.codes) - set(storage))
-    if missing:
-        raise ExportRefused(
-            f"the traced graph does not use the weights of {missing[:5]}: the model computes "
-            "them in a way the exporter cannot follow"
-        )
     return storage
+
+
+def _unused_layers(
+    wrapper: nn.Module,
+    tensors: tuple[Tensor, ...],
+    layers: Mapping[str, nn.Module],
+    names: list[str],
+) -> list[str]:
+    """Those of `names` whose output the model's outputs never depend on (a BERT pooler that a
+    sentence embedding runs and drops): shifting their output leaves the outputs bit-equal.
+    The tracer prunes such layers, so their weights are legitimately absent from the graph."""
+    with torch.no_grad():
+        reference = wrapper(*tensors)
+        unused = []
+        for name in names:
+            handle = layers[name].register_forward_hook(lambda _m, _a, out: out + 1.0)
+            try:
+                shifted = wrapper(*tensors)
+            finally:
+                handle.remove()
+            if torch.equal(shifted, reference):
+                unused.append(name)
+    return unused
 
 
 def _weight_nodes(
