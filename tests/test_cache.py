@@ -12,15 +12,16 @@ import torch
 from torch import nn
 
 from allocator import costs
-from allocator.cache import FolderCache, cached, digest
+from allocator.cache import Cache, FolderCache, cached, digest
 from allocator.job import JobSpec
 from allocator.layers import build_layer_table
 from allocator.pipeline import run
 from allocator.zoo.base import LoadedModel
 
 
-def test_an_entry_reads_back_as_it_was_written(tmp_path: Path) -> None:
-    cache = FolderCache(tmp_path)
+def check_round_trip(cache: Cache) -> str:
+    """Any `Cache` gives back a stored value as it was written, and nothing for another key;
+    returns the key it stored under."""
     key = digest("entry")
     value = {"cost": torch.arange(6.0).reshape(2, 3), "names": ["a", "b"], "bits": {3: 0.5}}
     cache.put(key, value)
@@ -28,6 +29,11 @@ def test_an_entry_reads_back_as_it_was_written(tmp_path: Path) -> None:
     assert torch.equal(again["cost"], value["cost"])
     assert again["names"] == ["a", "b"] and again["bits"] == {3: 0.5}
     assert cache.get(digest("other")) is None
+    return key
+
+
+def test_an_entry_reads_back_as_it_was_written(tmp_path: Path) -> None:
+    check_round_trip(FolderCache(tmp_path))
 
 
 def test_a_torn_entry_is_dropped_and_recomputed(tmp_path: Path) -> None:

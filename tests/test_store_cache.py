@@ -20,6 +20,7 @@ from db.models import CacheEntry
 from db.session import make_session_factory
 from db.store import ArtifactStore, FolderStore, StoreConfig, open_store
 from tests.s3_server import Bucket
+from tests.test_cache import check_round_trip
 from tests.test_db import in_threads
 
 
@@ -53,14 +54,7 @@ def test_an_entry_reads_back_as_it_was_written(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
     cache = folder_cache(sessions, tmp_path)
-    key = digest("entry")
-    value = {"cost": torch.arange(6.0).reshape(2, 3), "names": ["a", "b"], "bits": {3: 0.5}}
-    cache.put(key, value)
-
-    again = cache.get(key)
-    assert torch.equal(again["cost"], value["cost"])
-    assert again["names"] == ["a", "b"] and again["bits"] == {3: 0.5}
-    assert cache.get(digest("other")) is None
+    key = check_round_trip(cache)
     (entry,) = rows(sessions).values()
     assert entry.key == key and entry.last_used >= entry.created_at
     # In the store's cache namespace, apart from artifacts, under its content digest.
