@@ -34,7 +34,7 @@ correction -dW m that cancels the mean shift quantization adds to each output ch
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,9 +71,14 @@ def input_stats(
     table: LayerTable,
     seed: int = 0,
     on_batch: Callable[[int], None] | None = None,
+    only: Collection[str] | None = None,
 ) -> InputStats:
     """Gather every layer's input statistics in one pass over `batches`, at most
-    `ROWS_PER_BATCH` sampled positions per layer and batch."""
+    `ROWS_PER_BATCH` sampled positions per layer and batch.
+
+    With `only`, just those layers' statistics are kept (a part of the statistics split over
+    workers, `allocator.split`), yet every layer of `table` still draws its rows: the draws
+    share one generator, so the kept layers get the rows a whole pass gives them."""
     started = time.perf_counter()
     stats = InputStats()
     modules = dict(model.module.named_modules())
@@ -87,6 +92,8 @@ def input_stats(
             if total > ROWS_PER_BATCH:
                 # Drawn on the CPU, whatever the device: the same rows on every machine.
                 pick = torch.randperm(total, generator=generator, device=CPU)[:ROWS_PER_BATCH]
+            if only is not None and name not in only:
+                return
             by_group = unfold.rows(layer, x, padding, pick).transpose(0, 1)  # (groups, rows, width)
             gram = by_group.transpose(1, 2) @ by_group
             if name in stats.second_moment:

@@ -106,6 +106,7 @@ what jobs did before); "auto" fits the uniform plan both ways and keeps the way 
 to FP32 on held-out samples (`Workbench.choose_fit`): in-network fits help CNNs and can overfit
 the wide layers of a transformer."""
 MAX_CONTEXT_ROUNDS = 5
+MAX_STATISTICS_PARTS = 64
 MAX_PINS = 10_000
 MAX_SEED = 2**32 - 1
 MAX_TEXT = {
@@ -227,6 +228,11 @@ class JobSpec:
     context_rounds: int = 2
     """Rounds of costs re-measured around the plan, each kept only when it moves the held-out
     divergence down (`allocator.context_costs`); 0 solves once. Run only with in-network fits."""
+    statistics_parts: int = 1
+    """Cut the statistics phase (per-layer statistics and GPTQ) into this many blocks of layers
+    that other workers of the service may compute at once (`allocator.split`); the plan is
+    the one a single worker finds. Where no other worker can help (`bitplan run`, the embedded
+    service) the job computes every part itself."""
     export: tuple[str, ...] = ()
     """Runtime formats (of `EXPORT_FORMATS`) to export the model to as part of the job, each
     checked in its runtime (`allocator.export`); a finished job can also be exported later."""
@@ -293,6 +299,7 @@ class JobSpec:
                 f"calibration {str(self.calibration)[:40]!r} is not one of {', '.join(CALIBRATIONS)}"
             )
         _check_range("context_rounds", self.context_rounds, 0, MAX_CONTEXT_ROUNDS)
+        _check_range("statistics_parts", self.statistics_parts, 1, MAX_STATISTICS_PARTS)
         check_export_formats(self.export)
         if self.latency_runtime is not None:
             check_runtime(self.latency_runtime)

@@ -52,6 +52,7 @@ from allocator.profile import profile_dict
 from allocator.quant.activation import ActQuantizer
 from allocator.sensitivity import Sensitivity
 from allocator.solve import Solution, check_budget, uniform_bits_for
+from allocator.split import Board
 from allocator.workbench import Workbench
 
 __all__ = ["JobSpec", "Result", "Workbench", "prepare", "run"]
@@ -63,17 +64,19 @@ def run(
     workdir: str | Path | None = None,
     limits: Limits | None = None,
     cache: Cache | None = None,
+    board: Board | None = None,
 ) -> Result:
     """Run one job end to end within the operator's `limits`; artifacts go to `workdir` when
     given; with `cache` (and `spec.reuse`), what earlier jobs computed on the same content is
-    reused and this job's work kept (`allocator.cache`)."""
+    reused and this job's work kept (`allocator.cache`); with `board`, other workers may
+    compute parts of its statistics (`allocator.split`)."""
     limits = limits or Limits()
     spec.validate(limits)
     budget = parse_budget(spec.budget)
     acts = act_widths(spec, budget)
     torch.manual_seed(spec.seed)
     clock = Clock(progress)
-    bench = prepare(spec, clock, budget, limits, cache if spec.reuse else None)
+    bench = prepare(spec, clock, budget, limits, cache if spec.reuse else None, board)
     table = bench.table
     latency = _latency_table(spec, bench, acts, clock, cache if spec.reuse else None)
     resolved = budget.resolve(table, latency=latency)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from allocator import costs, memory
+from allocator import costs, memory, split
 from allocator.activation_bench import ActivationBench
 from allocator.budget import Budget, parse_budget
 from allocator.cache import CODE_VERSION, Cache, cached, digest
@@ -35,6 +35,7 @@ from allocator.job import (
 from allocator.layers import build_layer_table
 from allocator.limits import Limits
 from allocator.solve import check_budget
+from allocator.split import Board
 from allocator.weight_rules import (
     RULE_SETS,
     RuleSelection,
@@ -53,6 +54,7 @@ def prepare(
     budget: Budget | None = None,
     limits: Limits | None = None,
     cache: Cache | None = None,
+    board: Board | None = None,
 ) -> Workbench:
     """Load, measure the layers and gather the calibration statistics (the budget-free part).
 
@@ -63,6 +65,8 @@ def prepare(
     sizes follow its free memory (`device_batch_sizes`).
     With `cache`, statistics an earlier job gathered on the same content are reused, and the
     workbench keeps and reuses its fits, cost tables and evaluations there too.
+    With `board` and `spec.statistics_parts` above 1, other workers compute parts of the
+    statistics (`allocator.split`), handed over through `board.cache`.
     """
     clock = clock or Clock()
     limits = limits or Limits()
@@ -70,17 +74,7 @@ def prepare(
     device = resolve(spec.device)
     full_float32(device)
     with clock.phase("load"):
-        model = load_model(spec.model, spec.weights)
-        clock.watch(model.module)
-        calib, eval_data, source = load_data(spec, limits)
-        sample = calibration_batches(calib, model, 1, 1, spec.seed)[0]
-        check_forward(model, sample)
-        estimate = check_memory(spec, model, sample, limits)
-        sizes = device_batch_sizes(spec, device, estimate)
-        model.to(device)
-        batches = calibration_batches(
-            calib, model, spec.calib_samples, sizes.calibration, spec.seed
-        )
+        model, calib, eval_data, source, sizes, batches = _load(spec, limits, device, clock)
         evalset = EvalSet(eval_data, model, batch_size=sizes.evaluation, limit=spec.eval_samples)
     with clock.phase("layers"):
         table = build_layer_table(
@@ -91,20 +85,37 @@ def prepare(
     with clock.phase("statistics") as tick:
         holdout = holdout_batches(calib, model, spec.calib_samples, sizes.calibration, spec.seed)
         reference = fp32_outputs(model, holdout)
-        content = "" if cache is None else _content(spec, model, batches, holdout)
+        splits = board is not None and spec.statistics_parts > 1
+        content = "" if cache is None and not splits else _content(spec, model, batches, holdout)
+        helped = 0
 
         def gather() -> tuple[costs.Choices, RuleSelection]:
-            stats = costs.input_stats(
-                model, batches, table, on_batch=lambda i: tick((i + 1) / len(batches), "inputs")
-            )
-            candidates = costs.rule_set_choices(
-                model, table, stats, spec.bits, RULE_SETS, bias_correction=spec.bias_correction
-            )
+            nonlocal helped
+            if board is not None and splits:
+                candidates, helped = split.gather(
+                    model,
+                    batches,
+                    table,
+                    spec.bits,
+                    spec.bias_correction,
+                    spec.statistics_parts,
+                    content,
+                    board,
+                    scope="" if spec.reuse else board.scope,
+                    tick=lambda f, message: tick(0.7 * f, message),
+                )
+            else:
+                stats = costs.input_stats(
+                    model, batches, table, on_batch=lambda i: tick((i + 1) / len(batches), "inputs")
+                )
+                candidates = costs.rule_set_choices(
+                    model, table, stats, spec.bits, RULE_SETS, bias_correction=spec.bias_correction
+                )
             tick(0.7, "weight rules")
             return select_rules(model, table, candidates, holdout, reference)
 
         (choices, rules), reused = cached(
-            cache if content else None,
+            cache,
             digest("statistics", CODE_VERSION, content),
             gather,
             lambda value: {"choices": costs.choices_state(value[0]), "rules": value[1].to_state()},
@@ -116,6 +127,10 @@ def prepare(
         tick(1.0, "activations")
         activations = (
             ActivationBench(model, batches, table, holdout, reference) if acts is not None else None
+        )
+    if splits:
+        clock.phases["statistics"].update(
+            parts=len(split.layer_parts(table, spec.statistics_parts)), parts_by_helpers=helped
         )
     return Workbench(
         spec,
@@ -133,6 +148,52 @@ def prepare(
         content=content,
         reused={"statistics": 1} if reused else {},
         batch_sizes=sizes,
+    )
+
+
+def _load(
+    spec: JobSpec, limits: Limits, device: torch.device, clock: Clock
+) -> tuple[LoadedModel, Dataset, Dataset, str, BatchSizes, list[Inputs]]:
+    """The model on its device, the calibration and evaluation data, where the latter came
+    from, the batch sizes, and the calibration batches; a model that cannot run a calibration
+    sample or would not fit `limits` fails here."""
+    model = load_model(spec.model, spec.weights)
+    clock.watch(model.module)
+    calib, eval_data, source = load_data(spec, limits)
+    sample = calibration_batches(calib, model, 1, 1, spec.seed)[0]
+    check_forward(model, sample)
+    estimate = check_memory(spec, model, sample, limits)
+    sizes = device_batch_sizes(spec, device, estimate)
+    model.to(device)
+    batches = calibration_batches(calib, model, spec.calib_samples, sizes.calibration, spec.seed)
+    return model, calib, eval_data, source, sizes, batches
+
+
+def help_with_part(spec: JobSpec, part: int, board: Board, limits: Limits | None = None) -> bool:
+    """A helper worker's share of another worker's job: compute statistics part `part` of
+    `spec.statistics_parts` into `board.cache` (`allocator.split`). Loads what the job loads,
+    so the content key is the job's; whether this call computed the part (False: it was done).
+    The caller holds the part's claim."""
+    limits = limits or Limits()
+    device = resolve(spec.device)
+    full_float32(device)
+    clock = Clock()
+    model, calib, _, _, sizes, batches = _load(spec, limits, device, clock)
+    table = build_layer_table(
+        model, _first(batches[0]), pin_first_last=spec.pin_first_last, pins=spec.pins
+    )
+    holdout = holdout_batches(calib, model, spec.calib_samples, sizes.calibration, spec.seed)
+    return split.help_with(
+        model,
+        batches,
+        table,
+        spec.bits,
+        spec.bias_correction,
+        part,
+        spec.statistics_parts,
+        _content(spec, model, batches, holdout),
+        board,
+        scope="" if spec.reuse else board.scope,
     )
 
 

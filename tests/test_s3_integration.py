@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -201,6 +202,44 @@ def test_a_job_again_on_another_worker_reuses_what_the_first_computed(
     assert jobs[0] in log_a.read_text() and jobs[1] not in log_a.read_text()
     assert jobs[1] in log_b.read_text()
     assert not list((worker_b.folder / "home" / "cache").glob("??/*"))
+
+
+def test_a_job_split_over_two_workers_returns_the_plan_of_one(
+    shared_env: dict[str, str], resnet20_inputs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Two workers with homes apart: the job's statistics in four parts, at least one
+    computed by the worker not running the job and handed over through the bucket; the plan
+    and metrics are those of the same job unsplit (both reuse nothing)."""
+    api, *workers = deployments(("api", "worker-a", "worker-b"), shared_env, tmp_path)
+    weights, images = resnet20_inputs
+    try:
+        for worker in workers:
+            worker.start_workers(1)
+        api.start_api(1)
+        with BitplanClient(api.url, api.create_key(TENANT)) as client:
+            spec = replace(
+                small_job(client.upload_model(weights).ref, client.upload_dataset(images).ref),
+                reuse=False,
+            )
+            results = []
+            for parts in (4, 1):
+                job = client.submit(replace(spec, statistics_parts=parts))
+                ended = client.wait(job.id, poll=0.5, timeout=JOB_SECONDS)
+                assert ended.status is JobStatus.SUCCEEDED, (ended.error, _logs(api, *workers))
+                results.append(client.result(job.id))
+    finally:
+        for deployment in (api, *workers):
+            deployment.close()
+
+    split, alone = results
+    statistics = split["phases"]["statistics"]
+    assert statistics["parts"] == 4 and statistics["parts_by_helpers"] >= 1, statistics
+    assert "parts" not in alone["phases"]["statistics"]
+    assert split["allocation"] == alone["allocation"]
+    assert split["metrics"] == alone["metrics"]
+    logs = [(worker.folder / "worker-0.log").read_text() for worker in workers]
+    runner = next(i for i, text in enumerate(logs) if f"job {split['job_id']}: attempt" in text)
+    assert f"job {split['job_id']}: statistics part" in logs[1 - runner], _logs(*workers)
 
 
 def small_job(model_ref: str, data_ref: str) -> JobSpec:

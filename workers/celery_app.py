@@ -36,6 +36,9 @@ TASK_NAME = "bitplan.run_job"
 LATENCY_TASK_NAME = "bitplan.profile_latency"
 """Measures one latency-table request (`workers.latency.run_request`) on the machine whose
 worker serves the request's queue."""
+PART_TASK_NAME = "bitplan.statistics_part"
+"""Computes one part of a running job's statistics for the worker running the job
+(`workers.parts`), on the job's queue."""
 WORKER_MODULE = "workers.celery_worker"
 PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5}
 """A dispatch to an unreachable broker gives up within about a second: the job row is already

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import warnings
 from typing import Any
 
+import redis
 from celery import Task, bootsteps
 from celery.exceptions import CPendingDeprecationWarning, SoftTimeLimitExceeded
 from celery.signals import worker_init, worker_process_init
@@ -28,8 +30,9 @@ from db.cache import StoreCache
 from db.session import init_db, make_session_factory
 from db.store import open_store
 from workers import celery_app
-from workers.celery_app import LATENCY_TASK_NAME, TASK_NAME, app, settings
+from workers.celery_app import LATENCY_TASK_NAME, PART_TASK_NAME, TASK_NAME, app, settings
 from workers.executor import CeleryExecutor
+from workers.parts import RedisBoard, help_job
 from workers.periodic import Periodic
 from workers.runner import JobRunner
 from workers.settings import time_limit_error
@@ -55,6 +58,7 @@ class WorkerRuntime:
         self._sessions: sessionmaker[Session] | None = None
         self.store = open_store()
         self._cache: StoreCache | None = None
+        self._redis: redis.Redis | None = None
 
     @property
     def sessions(self) -> sessionmaker[Session]:
@@ -71,11 +75,32 @@ class WorkerRuntime:
             self._cache = StoreCache(self.sessions, self.store, max_bytes=settings.cache_max_bytes)
         return self._cache
 
+    def board(self, job_id: str, queue: str | None = None) -> RedisBoard:
+        """Where this process claims parts of job `job_id`'s statistics (`workers.parts`),
+        asking the workers of `queue` for help when given (the job's own worker does)."""
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(settings.broker_url)
+        board = RedisBoard(
+            self._redis,
+            self.cache,
+            job_id,
+            f"{socket.gethostname()}:{os.getpid()}",
+            settings.lease_seconds,
+        )
+        if queue is not None:
+
+            def send(part: int, parts: int) -> None:
+                app.send_task(PART_TASK_NAME, args=[job_id, part, parts], queue=queue)
+
+            board.send = send
+        return board
+
     def after_fork(self) -> None:
         """Drop the parent's pooled connections without closing them: closing would end the
         parent's sessions on the server too."""
         if self._engine is not None:
             self._engine.dispose(close=False)
+        self._redis = None
 
 
 runtime = WorkerRuntime()
@@ -109,6 +134,7 @@ def run_job_task(self: Task, job_id: str) -> str | None:
         time_limit=settings.soft_time_limit,
         cache=runtime.cache,
         device=settings.device,
+        boards=lambda job: runtime.board(job.id, job.queue),
     )
     status = runner.run(job_id)
     return None if status is None else status.value
@@ -124,6 +150,14 @@ def profile_latency_task(table_id: str) -> str | None:
     return run_request(
         runtime.sessions, runtime.store, table_id, allowed_roots=settings.allowed_input_roots
     )
+
+
+@app.task(name=PART_TASK_NAME)
+def statistics_part_task(job_id: str, part: int, parts: int) -> str:
+    """Help the worker running `job_id` with one part of its statistics; a redelivered or late
+    message finds the part done or the job ended and does nothing."""
+    board = runtime.board(job_id)
+    return help_job(runtime.sessions, runtime.store, board, part, parts, settings)
 
 
 class SweeperStep(bootsteps.StartStopStep):

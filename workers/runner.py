@@ -35,6 +35,7 @@ from allocator.errors import BitplanError, JobCancelled
 from allocator.job import PHASES, TERMINAL_STATUSES, JobSpec, JobStatus, Progress, Result
 from allocator.limits import Limits
 from allocator.pipeline import run
+from allocator.split import Board
 from db import repositories
 from db.home import cache_folder
 from db.models import Job
@@ -104,6 +105,7 @@ class JobRunner:
         time_limit: float = DEFAULT_TIME_LIMIT,
         cache: Cache | None = None,
         device: str | None = None,
+        boards: Callable[[Job], Board] | None = None,
     ) -> None:
         """`permanent_errors` maps failures besides `BitplanError` that would happen again on
         every attempt (a time limit) to the error to record; `stopping`, once set, hands
@@ -113,7 +115,9 @@ class JobRunner:
         progress call and its lease is no longer renewed; `cache` keeps what jobs computed
         (a service passes `db.cache.StoreCache`, shared through the database and the store;
         None: the folder under this machine's home); `device` runs the jobs whose spec names
-        none there (the worker's `BITPLAN_DEVICE`; None: the CPU)."""
+        none there (the worker's `BITPLAN_DEVICE`; None: the CPU); `boards(job)` is where a
+        job that splits its statistics finds helpers (`workers.parts`; None: it computes every
+        part itself)."""
         self.worker_id = worker_id
         self.sessions = sessions
         self.store = store
@@ -126,6 +130,7 @@ class JobRunner:
         self.allowed_roots = allowed_roots
         self.time_limit = time_limit
         self.device = device
+        self.boards = boards
         self.attempt: Attempt | None = None
         """Read by the inline executor's watchdog, which ends attempts that stopped calling
         back past their deadline."""
@@ -169,7 +174,10 @@ class JobRunner:
                 spec = self._spec(job, Path(workdir))
                 if spec.device is None:  # the tenant left it to the worker
                     spec = replace(spec, device=self.device)
-                result = self.pipeline(spec, progress, Path(workdir) / "artifacts")
+                pipeline = self.pipeline
+                if self.boards is not None and spec.statistics_parts > 1:
+                    pipeline = partial(pipeline, board=self.boards(job))
+                result = pipeline(spec, progress, Path(workdir) / "artifacts")
                 return self._succeed(job, result, time.perf_counter() - started)
             except _LeaseLost as lost:
                 log.warning("job %s: dropped by %s: %s", job.id, self.worker_id, lost)

@@ -77,6 +77,13 @@ CalibrationOpt = Annotated[
 ContextRoundsOpt = Annotated[
     int, typer.Option(help="re-solves with costs measured around the plan (0: solve once)")
 ]
+StatisticsPartsOpt = Annotated[
+    int,
+    typer.Option(
+        help="split the statistics phase into this many blocks of layers that other workers "
+        "of the server compute at once (same plan)"
+    ),
+]
 ExportOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -165,6 +172,7 @@ def build_spec(
     act_quantizers: ActQuantizersOpt = DEFAULTS.act_quantizers,
     calibration: CalibrationOpt = DEFAULTS.calibration,
     context_rounds: ContextRoundsOpt = DEFAULTS.context_rounds,
+    statistics_parts: StatisticsPartsOpt = DEFAULTS.statistics_parts,
     export: ExportOpt = None,
     latency_table: LatencyTableOpt = DEFAULTS.latency_table,
     latency_runtime: LatencyRuntimeOpt = DEFAULTS.latency_runtime,
@@ -203,6 +211,7 @@ def build_spec(
         act_quantizers=act_quantizers,
         calibration=calibration,
         context_rounds=context_rounds,
+        statistics_parts=statistics_parts,
         export=tuple(export or ()),
         latency_table=latency_table,
         latency_runtime=latency_runtime,
