@@ -59,7 +59,9 @@ class Record:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Self:
-        return cls(**{f.name: data[f.name] for f in fields(cls)})  # type: ignore[arg-type]
+        """A field stored results predate keeps its default."""
+        values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+        return cls(**values)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -313,9 +315,14 @@ class ExportCheck(Record):
     file_bytes: int
     runtime: str
     over_tolerance: int | None = None
-    """Samples whose outputs differ by more than `tolerance` of the range: with quantized
-    activations up to 1 % may (a value at a code boundary rounds the other way in the
-    runtime's float order); None before a run."""
+    """Samples whose outputs differ by more than `tolerance` of the range; None before a run.
+    With quantized activations a value at a code boundary may round the other way in the
+    runtime's float order and move later layers: `site_codes` then decides."""
+    site_codes: dict[str, Any] | None = None
+    """With quantized activations whose outputs differ beyond `tolerance`: the codes compared
+    site by site, each site given the runtime's codes before it (`allocator.export.parity`:
+    codes compared, one step off, further, the worst site and its share, and the outputs'
+    difference computed from the runtime's codes)."""
     runtime_defaults: dict[str, float] | None = None
     """`max_abs_diff` and `runtime_metric` in a session with the runtime's defaults, which
     for ONNX Runtime rewrite parts of the graph into another model (`allocator.export.parity`);

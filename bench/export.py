@@ -83,26 +83,37 @@ def measure(args: list[str], name: str, home: Path) -> dict[str, object]:
 
 def table(rows: list[dict[str, object]]) -> str:
     lines = [
-        "| plan | max abs diff (of range) | mean abs diff | samples beyond | ORT defaults max abs diff"
-        " | top-1 bitplan | top-1 ONNX | .onnx bytes | packed bytes | ORT ms b1 / b256 |"
-        " bitplan torch ms b1 / b256 | FP32 torch ms b1 / b256 |",
-        "|" + "---|" * 12,
+        "| plan | max abs diff (of range) | mean abs diff | samples beyond | codes site by site"
+        " | ORT defaults max abs diff | top-1 bitplan | top-1 ONNX | .onnx bytes | packed bytes"
+        " | ORT ms b1 / b256 | bitplan torch ms b1 / b256 | FP32 torch ms b1 / b256 |",
+        "|" + "---|" * 13,
     ]
     for r in rows:
         if not r["passed"]:
-            lines.append(f"| {r['plan']} | failed: {r['error']} |" + " |" * 10)
+            lines.append(f"| {r['plan']} | failed: {r['error']} |" + " |" * 11)
             continue
         rel = r["max_abs_diff"] / r["output_range"]
         defaults = (r.get("runtime_defaults") or {}).get("max_abs_diff", float("nan"))
         lines.append(
             f"| {r['plan']} | {r['max_abs_diff']:.2e} ({rel:.1e}) | {r['mean_abs_diff']:.2e} | "
-            f"{r['over_tolerance']} of {r['samples']} | {defaults:.2e} | "
+            f"{r['over_tolerance']} of {r['samples']} | {_codes(r.get('site_codes'))} | "
+            f"{defaults:.2e} | "
             f"{r['bitplan_metric']:.2f} | {r['runtime_metric']:.2f} | {r['onnx_bytes']:,} | "
             f"{r['packed_bytes']:,} | {r['ort_ms_1']:.2f} / {r['ort_ms_256']:.1f} | "
             f"{r['torch_ms_1']:.2f} / {r['torch_ms_256']:.1f} | "
             f"{r['fp32_ms_1']:.2f} / {r['fp32_ms_256']:.1f} |"
         )
     return "\n".join(lines)
+
+
+def _codes(codes: dict[str, object] | None) -> str:
+    """The site-by-site check in one cell; "-" when the outputs alone passed."""
+    if not codes:
+        return "-"
+    return (
+        f"{codes['one_step']:,} of {codes['codes']:,} one step off, {codes['beyond']} further; "
+        f"worst site {codes['worst_share']:.1e}; outputs {codes['output_max_abs_diff']:.1e}"
+    )
 
 
 def main() -> None:

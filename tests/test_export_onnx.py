@@ -21,7 +21,7 @@ from allocator.data import EvalSet, ImageSet
 from allocator.errors import ExportRefused, ParityFailed
 from allocator.export.job import export_checked
 from allocator.export.onnx_qdq import check_exportable, read_metadata, replace_module
-from allocator.export.parity import check_parity
+from allocator.export.parity import CODE_FLIP_SHARE, check_parity, site_codes
 from allocator.layers import build_layer_table
 from allocator.plan import BitPlan, LayerPlan
 from allocator.quant.activation import calibrate
@@ -245,3 +245,45 @@ def test_a_layer_whose_output_the_model_drops_is_left_out_and_said_so(tmp_path: 
     model = LoadedModel("test:pooler", module, "classification", "image", image_size=16)
     _packed_path, out, _plan = _exported(tmp_path, model)
     assert json.loads(read_metadata(out)["bitplan.unused_layers"]) == ["pooler"]
+
+
+def _exported_with_activations(tmp_path: Path) -> tuple[LoadedModel, Path, EvalSet, dict]:
+    """The small CNN with every activation site quantized, exported (checked): (bitplan's
+    rebuilt model, onnx, evaluation set, activation quantizers)."""
+    from allocator.apply import load_packed
+
+    model = _cnn()
+    evalset = _evalset(model)
+    plan = _plan(model, evalset, {"other": "minmax"})
+    packed = _packed(tmp_path, model, plan)
+    out = tmp_path / "model.onnx"
+    assert export_checked(model, packed, evalset, out).passed
+    rebuilt, _ = load_packed(packed, _cnn().module)
+    return replace_module(model, rebuilt), out, evalset, check_exportable(plan.activations)
+
+
+def test_activation_codes_match_site_by_site(tmp_path: Path) -> None:
+    """Each site fed the runtime's codes of the sites before it: bitplan computes the same
+    codes the runtime does (one step off at most at a code boundary), and the same outputs."""
+    model, out, evalset, quantizers = _exported_with_activations(tmp_path)
+    codes = site_codes(out, ("input",), model, quantizers, evalset)
+    assert codes.sites == len(quantizers)
+    assert codes.codes > len(evalset) * codes.sites
+    assert codes.beyond == 0 and codes.worst_share <= CODE_FLIP_SHARE and codes.passed
+    assert codes.output_max_abs_diff < 1e-4
+
+
+def test_a_site_quantized_on_another_grid_fails_code_by_code(tmp_path: Path) -> None:
+    """A systematic error at one site (its scale 10 % off) moves its codes by more than a step:
+    the site-by-site check names it, and the export fails."""
+    model, out, evalset, quantizers = _exported_with_activations(tmp_path)
+    site = next(iter(quantizers))
+    proto = onnx.load(str(out))
+    for init in proto.graph.initializer:
+        if init.name == f"{site}.act_scale":
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.1, init.name))
+    onnx.save(proto, str(out))
+    codes = site_codes(out, ("input",), model, quantizers, evalset)
+    assert codes.worst_site == site and codes.beyond > 0 and not codes.passed
+    with pytest.raises(ParityFailed, match=f"further, at most .* at {site}"):
+        check_parity(out, ("input",), model, quantizers, evalset)

@@ -102,6 +102,7 @@ def export_checked(
         file_bytes=path.stat().st_size,
         runtime=runtime_name(),
         over_tolerance=parity.over_tolerance,
+        site_codes=None if parity.codes is None else parity.codes.to_dict(),
         runtime_defaults=parity.defaults,
     )
 
@@ -168,6 +169,7 @@ def _failed(reason: str, samples: int, metric: str, parity: Parity | None) -> Ex
         file_bytes=0,
         runtime=runtime_name(),
         over_tolerance=None if parity is None else parity.over_tolerance,
+        site_codes=None if parity is None or parity.codes is None else parity.codes.to_dict(),
         runtime_defaults=None if parity is None else parity.defaults,
     )
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -68,6 +69,8 @@ INT4_MAX_BITS = 4
 """Codes of at most this many bits are stored as INT4, wider ones as INT8."""
 MARKER_DOMAIN = "bitplan"
 OUTPUT_NAME = "output"
+ACTIVATION_CODES = re.compile(r"(?P<site>.+)\.act(?:_(?P<call>\d+))?_quantized")
+"""The name `_replace_activation` gives the codes of a site's call (`activation_codes`)."""
 IMAGE_INPUT = "input"
 
 
@@ -254,6 +257,19 @@ def layer_outputs(proto: onnx.ModelProto) -> dict[str, str]:
                 output = after[0].output[0]
         found[layer] = output
     return found
+
+
+def activation_codes(proto: onnx.ModelProto) -> dict[str, list[str]]:
+    """Activation site -> the tensors holding its codes (QuantizeLinear outputs), one per call
+    of the site in graph order, as `_replace_activation` names them."""
+    codes: dict[str, list[tuple[int, str]]] = {}
+    for node in proto.graph.node:
+        match = (
+            ACTIVATION_CODES.fullmatch(node.output[0]) if node.op_type == "QuantizeLinear" else None
+        )
+        if match is not None:
+            codes.setdefault(match["site"], []).append((int(match["call"] or 0), node.output[0]))
+    return {site: [name for _, name in sorted(calls)] for site, calls in codes.items()}
 
 
 def stamp(path: str | Path, job_id: str) -> None:
@@ -456,7 +472,7 @@ def _replace_activation(proto: onnx.ModelProto, site: str, quantizer: ActQuantiz
     ]
     if not markers:
         raise ExportRefused(f"activation site {site} does not appear in the traced graph")
-    qdq = _qdq_params(quantizer)
+    qdq = qdq_params(quantizer)
     for index, node in enumerate(markers):
         prefix = f"{site}.act{'' if index == 0 else f'_{index}'}"
         nodes, inits = _qdq_nodes(prefix, node.input[0], node.output[0], qdq)
@@ -473,7 +489,7 @@ class _QDQ:
     high: np.ndarray | None
 
 
-def _qdq_params(quantizer: ActQuantizer) -> _QDQ:
+def qdq_params(quantizer: ActQuantizer) -> _QDQ:
     """Scale, zero point and clip bounds that make QuantizeLinear -> DequantizeLinear compute
     the per-tensor `ActQuantizer` exactly: scale and zero point in float32 as
     `allocator.quant.activation._uniform` computes them (its range holds 0, so the zero point
