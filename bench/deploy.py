@@ -3,7 +3,8 @@
 `bitplan serve` as its own process (one or `--processes N`), Celery workers started the way
 `bitplan worker` does, the `bitplan` CLI as a subprocess, a throwaway PostgreSQL database and a
 flushed Redis database, and a throwaway model-source plugin (`tiny:` and `crash:`) registered
-through the `bitplan.models` entry-point group, as a team adds a model source.
+through the `bitplan.models` entry-point group, as a team adds a model source. The API process
+of a URL and its resident memory can be read back, for benches that watch it grow.
 
 Used by tests/ (HTTP, browser and worker-fault tests) and by bench/service_load.py and
 bench/abuse.py, so each starts a deployment the same way. Every process is stopped and every
@@ -233,6 +234,29 @@ def serving(env: dict[str, str], log_path: Path, processes: int = 1) -> Iterator
         yield url
     finally:
         stop(process, timeout=60)
+
+
+def server_pid(url: str) -> int:
+    """The `bitplan serve` process listening on `url`'s port, found by its command line."""
+    port = url.rsplit(":", 1)[1]
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            words = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"serve" in words and port.encode() in words:
+            return int(proc.name)
+    raise RuntimeError(f"no bitplan serve process for {url}")
+
+
+def resident_mb(pid: int) -> float:
+    """The resident memory of process `pid` in MiB, read from /proc (Linux only)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
 
 
 class Deployment:

@@ -17,9 +17,10 @@ distributed deployment is, with everything real: the API (`bitplan serve --proce
 - POST /v1/profiles/{id}/solve at a new budget each time on a synthetic 100-layer profile.
 - GET /v1/jobs/{id} again at the highest rate, while the workers start and drain the queue.
 
-The deployment is started by bench/deploy.py, as the end-to-end tests start theirs. Every
-process, the throwaway PostgreSQL database and the Redis database it uses are removed at the
-end, even on failure.
+The deployment is started by bench/deploy.py, as the end-to-end tests start theirs; the drain
+is counted by bench/drain.py and the tables are written by bench/tables.py. Every process, the
+throwaway PostgreSQL database and the Redis database it uses are removed at the end, even on
+failure.
 
 Run: `.venv/bin/python bench/service_load.py [--jobs 1000]`; tables also go to
 bench/out/service_load.md. Needs PostgreSQL and Redis on 127.0.0.1 (see --postgres, --redis).
@@ -39,7 +40,6 @@ import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from bench.deploy import (  # noqa: E402
     tiny_spec,
     write_plugins,
 )
+from bench.drain import DRAIN_HEADERS, drain, drain_row  # noqa: E402
 from bench.loadgen import (  # noqa: E402
     LoadResult,
     client_cpu_per_get,
@@ -63,30 +64,16 @@ from bench.loadgen import (  # noqa: E402
     resolve_latencies,
     submit_jobs,
 )
+from bench.tables import markdown_table, ms  # noqa: E402
 
 OUT = Path(__file__).parent / "out" / "service_load.md"
 TENANT = "bench"
 GET_TARGET_P99_MS = 20.0
 BITS = (2, 4, 8)
 
-# --- tables (smoke-tested) ---------------------------------------------------------------------
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A GitHub markdown table; every row must have one cell per header."""
-    for row in rows:
-        if len(row) != len(headers):
-            raise ValueError(f"row {row!r} has {len(row)} cells for {len(headers)} headers")
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def ms(seconds: float) -> str:
-    return "n/a" if math.isnan(seconds) else f"{seconds * 1000:.1f}"
-
 
 def latency_rows(results: Sequence[LoadResult], target_ms: float = GET_TARGET_P99_MS) -> list:
+    """Each open-loop run as a row under `LATENCY_HEADERS`, its failures named by kind."""
     return [
         [
             f"{r.offered_rps:g}",
@@ -114,59 +101,6 @@ LATENCY_HEADERS = (
     "p99 sched ms",
     f"p99 <= {GET_TARGET_P99_MS:g} ms",
 )
-
-
-@dataclass(frozen=True)
-class DrainResult:
-    jobs: int
-    workers: int
-    worker_start_seconds: float
-    seconds: float
-    succeeded: int
-    ended_other: int
-    unfinished: int
-    duplicated: int
-
-    @property
-    def lost(self) -> int:
-        return self.jobs - self.succeeded
-
-    @property
-    def jobs_per_second(self) -> float:
-        return self.succeeded / self.seconds if self.seconds > 0 else math.nan
-
-    @property
-    def jobs_per_second_ready(self) -> float:
-        """Counting from both workers ready (a few jobs may already have run by then)."""
-        running = self.seconds - self.worker_start_seconds
-        return self.succeeded / running if running > 0 else math.nan
-
-
-DRAIN_HEADERS = (
-    "jobs",
-    "workers",
-    "worker start s",
-    "drain s",
-    "jobs/s",
-    "jobs/s once ready",
-    "succeeded",
-    "lost (target 0)",
-    "duplicated (target 0)",
-)
-
-
-def drain_row(result: DrainResult) -> list:
-    return [
-        result.jobs,
-        result.workers,
-        f"{result.worker_start_seconds:.1f}",
-        f"{result.seconds:.1f}",
-        f"{result.jobs_per_second:.1f}",
-        f"{result.jobs_per_second_ready:.1f}",
-        result.succeeded,
-        f"{result.lost} ({result.ended_other} failed/cancelled, {result.unfinished} unfinished)",
-        result.duplicated,
-    ]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -275,68 +209,6 @@ def deployment_env(
         "PYTHONPATH": os.pathsep.join([str(plugins), str(REPO_ROOT)]),
         "OMP_NUM_THREADS": "1",
     }
-
-
-def drain(
-    deployment: Deployment, database_url: str, job_ids: list[str], workers: int, timeout: float
-) -> DrainResult:
-    from sqlalchemy import func, select
-
-    from allocator.job import TERMINAL_STATUSES, JobStatus
-    from db.models import Job, Result
-    from db.session import make_engine, make_session_factory
-
-    engine = make_engine(database_url)
-    sessions = make_session_factory(engine)
-    try:
-        started = time.perf_counter()
-        deployment.start_workers(workers)
-        worker_start = time.perf_counter() - started
-
-        def ended() -> int:
-            with sessions() as session:
-                return (
-                    session.scalar(
-                        select(func.count())
-                        .select_from(Job)
-                        .where(Job.id.in_(job_ids), Job.status.in_(TERMINAL_STATUSES))
-                    )
-                    or 0
-                )
-
-        deadline = started + timeout
-        while ended() < len(job_ids) and time.perf_counter() < deadline:
-            time.sleep(0.5)
-        seconds = time.perf_counter() - started
-        time.sleep(2.0)  # a late duplicate run would show up as a second attempt by now
-        with sessions() as session:
-            rows = session.execute(
-                select(Job.status, Job.attempts).where(Job.id.in_(job_ids))
-            ).all()
-            multi_results = session.scalar(
-                select(func.count()).select_from(
-                    select(Result.job_id)
-                    .where(Result.job_id.in_(job_ids))
-                    .group_by(Result.job_id)
-                    .having(func.count() > 1)
-                    .subquery()
-                )
-            )
-            ran_twice = sum(attempts > 1 for _, attempts in rows)
-    finally:
-        engine.dispose()
-    succeeded = sum(status is JobStatus.SUCCEEDED for status, _ in rows)
-    unfinished = sum(status not in TERMINAL_STATUSES for status, _ in rows)
-    return DrainResult(
-        jobs=len(job_ids),
-        workers=workers,
-        worker_start_seconds=worker_start,
-        seconds=seconds,
-        succeeded=succeeded,
-        ended_other=len(job_ids) - succeeded - unfinished,
-        unfinished=unfinished,
-        duplicated=ran_twice + (multi_results or 0),
-    )
 
 
 def run(args: argparse.Namespace) -> str:

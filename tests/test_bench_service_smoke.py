@@ -1,5 +1,5 @@
-"""The pure parts of `bench/service_load.py` and its load client `bench/loadgen.py`, checked
-without starting any server.
+"""The pure parts of `bench/service_load.py`, its load client `bench/loadgen.py`, its drain
+counts `bench/drain.py` and its tables `bench/tables.py`, checked without starting any server.
 
 The bench itself needs PostgreSQL, Redis, an API process and Celery workers and takes minutes,
 so it is run by hand; a wrong percentile, a broken table or a bad default would still quietly
@@ -17,7 +17,9 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from bench.loadgen import KeepAliveClient
+from bench.drain import DRAIN_HEADERS, DrainResult, drain_row
+from bench.loadgen import KeepAliveClient, LoadResult, percentile
+from bench.tables import markdown_table
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "service_load.py"
 
@@ -33,29 +35,29 @@ def bench() -> ModuleType:
 
 
 @pytest.mark.parametrize("q", [0, 25, 50, 90, 99, 100])
-def test_percentile_matches_numpy(bench: ModuleType, q: float) -> None:
+def test_percentile_matches_numpy(q: float) -> None:
     values = [0.3, 0.001, 0.2, 5.0, 0.04, 0.04, 1.5]
-    assert bench.percentile(values, q) == pytest.approx(np.percentile(values, q))
+    assert percentile(values, q) == pytest.approx(np.percentile(values, q))
 
 
-def test_percentile_edges(bench: ModuleType) -> None:
-    assert math.isnan(bench.percentile([], 50))
-    assert bench.percentile([7.0], 99) == 7.0
+def test_percentile_edges() -> None:
+    assert math.isnan(percentile([], 50))
+    assert percentile([7.0], 99) == 7.0
     with pytest.raises(ValueError):
-        bench.percentile([1.0], 101)
+        percentile([1.0], 101)
 
 
-def test_markdown_table_and_row_check(bench: ModuleType) -> None:
-    table = bench.markdown_table(("a", "b"), [[1, "x"], [2.5, "y"]])
+def test_markdown_table_and_row_check() -> None:
+    table = markdown_table(("a", "b"), [[1, "x"], [2.5, "y"]])
     assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | x |", "| 2.5 | y |"]
     with pytest.raises(ValueError):
-        bench.markdown_table(("a", "b"), [[1]])
+        markdown_table(("a", "b"), [[1]])
 
 
 def test_latency_rows_pass_and_fail(bench: ModuleType) -> None:
-    fast = bench.LoadResult(50.0, 10.0, 500, 0, (0.002,) * 500, (0.003,) * 500)
-    slow = bench.LoadResult(200.0, 10.0, 2000, 0, (0.002,) * 1900 + (0.05,) * 100, (0.05,) * 2000)
-    errored = bench.LoadResult(
+    fast = LoadResult(50.0, 10.0, 500, 0, (0.002,) * 500, (0.003,) * 500)
+    slow = LoadResult(200.0, 10.0, 2000, 0, (0.002,) * 1900 + (0.05,) * 100, (0.05,) * 2000)
+    errored = LoadResult(
         50.0, 10.0, 500, 3, (0.002,) * 497, (0.002,) * 497, {"HTTP 503": 2, "TimeoutError": 1}
     )
     rows = bench.latency_rows([fast, slow, errored])
@@ -63,11 +65,11 @@ def test_latency_rows_pass_and_fail(bench: ModuleType) -> None:
     assert [row[-1] for row in rows] == ["PASS", "FAIL", "FAIL"]
     assert rows[0][1] == "50.0" and rows[0][4] == "2.0"
     assert rows[2][3] == "3 (HTTP 503: 2, TimeoutError: 1)"  # what failed, not only how many
-    assert "| PASS |" in bench.markdown_table(bench.LATENCY_HEADERS, rows)
+    assert "| PASS |" in markdown_table(bench.LATENCY_HEADERS, rows)
 
 
-def test_drain_row_counts_lost_and_rates(bench: ModuleType) -> None:
-    result = bench.DrainResult(
+def test_drain_row_counts_lost_and_rates() -> None:
+    result = DrainResult(
         jobs=100,
         workers=2,
         worker_start_seconds=5.0,
@@ -80,8 +82,8 @@ def test_drain_row_counts_lost_and_rates(bench: ModuleType) -> None:
     assert result.lost == 2
     assert result.jobs_per_second == pytest.approx(98 / 25)
     assert result.jobs_per_second_ready == pytest.approx(98 / 20)
-    row = bench.drain_row(result)
-    assert len(row) == len(bench.DRAIN_HEADERS)
+    row = drain_row(result)
+    assert len(row) == len(DRAIN_HEADERS)
     assert row[-2].startswith("2 (1 failed/cancelled, 1 unfinished)")
 
 

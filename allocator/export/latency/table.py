@@ -1,0 +1,154 @@
+"""`measure_table`: every weight layer timed alone at every candidate, and the FP32 model end
+to end, for the rest of a model run (`rest_ms`) that no layer entry holds.
+
+Imports torch, onnx and onnxruntime.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from allocator.errors import BadSpec
+from allocator.export.latency.layer_timer import LayerTimer
+from allocator.export.latency.machine import machine, model_digest, runtime_version
+from allocator.export.latency.timing import (
+    REPEATS,
+    WARMUP,
+    end_to_end_ms,
+    example_input,
+    export_float,
+)
+from allocator.latency_table import (
+    FLOAT_WIDTH,
+    LatencyTable,
+    act_width,
+    check_runtime,
+    choice_key,
+)
+from allocator.layers import build_layer_table, weight_layers
+from allocator.zoo.base import Inputs, LoadedModel, run_hooked
+
+WEIGHT_WIDTHS = (2, 3, 4, 5, 6, 8, 16)
+ACT_WIDTHS = (4, 6, 8, FLOAT_WIDTH)
+FLAT_NOTE = (
+    "{runtime} has no low-bit kernels: bitplan's quantized model runs dequantized float "
+    "weights, so every weight width runs the same float kernel and this table is flat in "
+    "weight width (only fake-quantized activations add time); a latency budget on it can "
+    "only be met by plans that are no slower than float"
+)
+
+
+def measure_table(
+    model: LoadedModel,
+    input_shape: Sequence[int],
+    runtime: str,
+    *,
+    weight_widths: Sequence[int] = WEIGHT_WIDTHS,
+    act_widths: Sequence[int] = ACT_WIDTHS,
+    warmup: int = WARMUP,
+    repeats: int = REPEATS,
+    threads: int | None = None,
+    progress: Callable[[float, str], None] = lambda _f, _m: None,
+) -> LatencyTable:
+    """Time every weight layer of `model` at every (weight width, activation width) of the
+    candidates, and the FP32 model end to end, on `runtime` at `input_shape`."""
+    check_runtime(runtime)
+    if runtime == "torch-cuda" and not torch.cuda.is_available():
+        raise BadSpec("torch-cuda: this machine has no CUDA device; run it on one that has")
+    threads = threads or torch.get_num_threads()
+    key = model_digest(model)
+    batch = example_input(model, input_shape)
+    table = build_layer_table(model, batch, pin_first_last=False)
+    inputs = _layer_inputs(model, batch, table.names)
+    weights = sorted({int(w) for w in weight_widths} | {FLOAT_WIDTH})
+    acts = sorted({act_width(int(a)) for a in act_widths} | {FLOAT_WIDTH})
+    modules = dict(model.module.named_modules())
+    entries: dict[str, dict[str, float]] = {}
+    variants: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="bitplan-latency-") as tmp:
+        for index, name in enumerate(table.names):
+            progress(index / len(table.names), name)
+            timer = LayerTimer(
+                runtime, name, modules[name], inputs[name], Path(tmp), threads, warmup, repeats
+            )
+            row = {}
+            for w in weights:
+                for a in acts:
+                    variant = timer.variant(w, a)
+                    variants[choice_key(w, a)] = variant
+                    row[choice_key(w, a)] = timer.ms(variant, w, a)
+            entries[name] = row
+        progress(1.0, "end to end")
+        fp32 = _fp32_end_to_end(runtime, model, batch, Path(tmp), threads, warmup, repeats)
+    layer_sum = sum(row[choice_key(FLOAT_WIDTH, FLOAT_WIDTH)] for row in entries.values())
+    flat = runtime != "onnxruntime-cpu"
+    notes = [FLAT_NOTE.format(runtime=runtime)] if flat else []
+    if fp32 < layer_sum:
+        notes.append(
+            f"the FP32 model ran in {fp32:.4g} ms end to end, less than its layers' summed "
+            f"{layer_sum:.4g} ms alone (the runtime overlaps or fuses work across layers): "
+            "rest_ms is 0 and predictions run high"
+        )
+    return LatencyTable(
+        model_sha256=key,
+        input_shape=tuple(int(v) for v in input_shape),
+        runtime=runtime,
+        runtime_version=runtime_version(runtime),
+        machine=machine(runtime, threads),
+        entries=entries,
+        rest_ms=max(fp32 - layer_sum, 0.0),
+        fp32_measured_ms=fp32,
+        flat=flat,
+        settings={
+            "warmup": warmup,
+            "repeats": repeats,
+            "threads": threads,
+            "statistic": "median",
+            "variants": variants,
+            "net_of_call_overhead": runtime == "onnxruntime-cpu",
+        },
+        notes=tuple(notes),
+    )
+
+
+def _fp32_end_to_end(
+    runtime: str,
+    model: LoadedModel,
+    batch: Inputs,
+    folder: Path,
+    threads: int,
+    warmup: int,
+    repeats: int,
+) -> float:
+    if runtime != "onnxruntime-cpu":
+        return end_to_end_ms(runtime, model, batch, warmup=warmup, repeats=repeats, threads=threads)
+    path = folder / "fp32.onnx"
+    names = export_float(model, batch, path)
+    return end_to_end_ms(
+        runtime, path, batch, names=names, warmup=warmup, repeats=repeats, threads=threads
+    )
+
+
+def _layer_inputs(model: LoadedModel, batch: Inputs, names: Sequence[str]) -> dict[str, Tensor]:
+    """Each layer's input on `batch` (its first call), as the runtime will feed it alone."""
+    seen: dict[str, Tensor] = {}
+    wanted = set(names)
+
+    def keep(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple, _out: object) -> None:
+            seen.setdefault(name, args[0].detach().clone())
+
+        return hook
+
+    handles = [
+        module.register_forward_hook(keep(name))
+        for name, module in weight_layers(model.module)
+        if name in wanted
+    ]
+    run_hooked(model, batch, handles)
+    return seen
