@@ -324,3 +324,5 @@ class LatencyTableRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
+    lease_expires_at: Mapped[datetime | None]
+    """While running: when the measuring worker's heartbeat lapses (a sweep then fails it)."""

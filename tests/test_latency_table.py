@@ -6,6 +6,7 @@ this CPU the QDQ kernels may well be slower than float, and the table is what wa
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,9 @@ from db import repositories
 from db.session import make_session_factory
 from db.store import FolderStore
 from service.cli import app
+from workers.executor import InlineExecutor
 from workers.latency import check_request, run_request
+from workers.settings import WorkerSettings
 
 FAST = {"warmup": 1, "repeats": 3}
 
@@ -83,11 +86,43 @@ def test_repository_keys_tables_per_tenant(engine: Engine, resnet20_table: Laten
             queue="latency",
         )
         assert asked.status is LatencyStatus.QUEUED and asked.model_sha256 is None
-        assert repositories.start_latency_table(session, table_id=asked.id) is not None
-        assert repositories.start_latency_table(session, table_id=asked.id) is None  # taken
+        started = repositories.start_latency_table(session, table_id=asked.id, lease_seconds=60)
+        assert started is not None and started.lease_expires_at is not None
+        assert (
+            repositories.start_latency_table(session, table_id=asked.id, lease_seconds=60) is None
+        )
         repositories.fail_latency_table(session, table_id=asked.id, error="no such model")
         listed = repositories.list_latency_tables(session, tenant="acme")
         assert {r.id for r in listed} == {row.id, asked.id}
+
+
+def test_a_request_whose_worker_stopped_is_failed_by_the_sweep(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """A running request whose lease lapses (its worker died mid-measurement) ends failed
+    with a reason the tenant can act on; one whose worker renews its lease stays running."""
+    sessions = make_session_factory(engine)
+    request = {"input_shape": "1x3x32x32", "runtime": "onnxruntime-cpu"}
+    with sessions() as session:
+        dead, alive = (
+            repositories.request_latency_table(
+                session, tenant="acme", request=request, queue="latency"
+            ).id
+            for _ in range(2)
+        )
+        for table_id in (dead, alive):
+            repositories.start_latency_table(session, table_id=table_id, lease_seconds=0.5)
+    time.sleep(1.0)
+    with sessions() as session:
+        assert repositories.renew_latency_lease(session, table_id=alive, lease_seconds=60)
+    InlineExecutor(WorkerSettings(), sessions, FolderStore(tmp_path / "store")).sweep()
+    with sessions() as session:
+        failed = repositories.get_latency_table(session, tenant="acme", table_id=dead)
+        running = repositories.get_latency_table(session, tenant="acme", table_id=alive)
+        assert failed.status is LatencyStatus.FAILED and failed.lease_expires_at is None
+        assert "stopped before it finished; request the table again" in failed.error
+        assert running.status is LatencyStatus.RUNNING
+        assert not repositories.renew_latency_lease(session, table_id=dead, lease_seconds=60)
 
 
 def test_a_queued_request_is_measured_once(

@@ -148,7 +148,11 @@ def profile_latency_task(table_id: str) -> str | None:
     from workers.latency import run_request
 
     return run_request(
-        runtime.sessions, runtime.store, table_id, allowed_roots=settings.allowed_input_roots
+        runtime.sessions,
+        runtime.store,
+        table_id,
+        allowed_roots=settings.allowed_input_roots,
+        lease_seconds=settings.lease_seconds,
     )
 
 

@@ -169,7 +169,13 @@ class InlineExecutor(Executor):
 
         threading.Thread(
             target=run_request,
-            args=(self.sessions, self.store, table_id, self.settings.allowed_input_roots),
+            args=(
+                self.sessions,
+                self.store,
+                table_id,
+                self.settings.allowed_input_roots,
+                self.settings.lease_seconds,
+            ),
             name=f"bitplan latency {table_id}",
             daemon=True,
         ).start()
@@ -358,9 +364,13 @@ def make_executor(
 def _requeue_expired(
     sessions: sessionmaker[Session], on_ended: JobEndedHook | None
 ) -> repositories.LeaseSweep:
-    """The lease sweep both executors run: requeue, or end, jobs whose worker went quiet."""
+    """The lease sweep both executors run: requeue, or end, jobs whose worker went quiet, and
+    fail the latency-table requests whose measuring worker did."""
     with sessions() as session:
         swept = repositories.requeue_expired_leases(session)
+        latency = repositories.fail_expired_latency_tables(session)
+    if latency:
+        log.warning("lease expired, latency requests failed: %s", ", ".join(latency))
     for status, ids in (
         ("requeued", swept.requeued),
         ("failed", swept.failed),

@@ -36,11 +36,14 @@ from allocator.latency_table import (
 from db import repositories
 from db.models import LatencyTableRow
 from db.store import ArtifactStore
+from workers.periodic import Periodic
 from workers.record import _link_upload, confined_path, public_error
+from workers.settings import WorkerSettings
 
 LATENCY_QUEUE = "latency"
 """The queue latency requests go to unless they name another: a platform starts workers on
 its target machines with `bitplan worker --queues latency`."""
+DEFAULT_LEASE_SECONDS = WorkerSettings().lease_seconds
 MAX_REPEATS = 1000
 MAX_WARMUP = 1000
 
@@ -148,16 +151,31 @@ def run_request(
     store: ArtifactStore,
     table_id: str,
     allowed_roots: Sequence[Path] | None = None,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
 ) -> str | None:
     """Measure a queued request on this machine (a worker on its queue); its row ends
     succeeded with the table, or failed with a reason the tenant may read. None when the
-    request was not queued any more (taken by another worker)."""
+    request was not queued any more (taken by another worker). While it measures, a
+    heartbeat renews its lease every third of `lease_seconds`; a sweep fails the request
+    once the lease lapses (`repositories.fail_expired_latency_tables`)."""
     with sessions() as session:
-        row = repositories.start_latency_table(session, table_id=table_id)
+        row = repositories.start_latency_table(
+            session, table_id=table_id, lease_seconds=lease_seconds
+        )
         if row is None:
             return None
         tenant, request = row.tenant, dict(row.request)
-    with tempfile.TemporaryDirectory(prefix="bitplan-latency-") as tmp:
+
+    def heartbeat() -> None:
+        with sessions() as session:
+            repositories.renew_latency_lease(
+                session, table_id=table_id, lease_seconds=lease_seconds
+            )
+
+    with (
+        Periodic(f"bitplan latency lease {table_id}", lease_seconds / 3, heartbeat),
+        tempfile.TemporaryDirectory(prefix="bitplan-latency-") as tmp,
+    ):
         try:
             checked = check_request(request)
             with sessions() as session:

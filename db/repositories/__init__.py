@@ -70,6 +70,7 @@ from db.repositories.keys import (
     verify_api_key,
 )
 from db.repositories.latency import (
+    fail_expired_latency_tables,
     fail_latency_table,
     find_latency_table,
     finish_latency_table,
@@ -77,6 +78,7 @@ from db.repositories.latency import (
     list_latency_tables,
     measured_latency_table,
     put_latency_table,
+    renew_latency_lease,
     request_latency_table,
     start_latency_table,
 )
@@ -110,6 +112,7 @@ __all__ = [
     "create_job",
     "drop_cache_entry",
     "evict_cache_entries",
+    "fail_expired_latency_tables",
     "fail_job",
     "fail_latency_table",
     "find_cache_entry",
@@ -137,6 +140,7 @@ __all__ = [
     "put_latency_table",
     "put_profile",
     "release_job",
+    "renew_latency_lease",
     "request_cancel",
     "request_latency_table",
     "requeue_expired_leases",

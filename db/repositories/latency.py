@@ -12,6 +12,7 @@ Never import FastAPI, Celery or torch here.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select, update
@@ -58,16 +59,33 @@ def request_latency_table(
     return row
 
 
-def start_latency_table(session: Session, *, table_id: str) -> LatencyTableRow | None:
-    """Mark a queued request running; None when it is not queued (a redelivered message, or
-    another worker took it), so it is measured once."""
+def start_latency_table(
+    session: Session, *, table_id: str, lease_seconds: float
+) -> LatencyTableRow | None:
+    """Mark a queued request running under a lease of `lease_seconds`; None when it is not
+    queued (a redelivered message, or another worker took it), so it is measured once."""
     matched = execute_guarded(
         session,
         update(LatencyTableRow)
         .where(LatencyTableRow.id == table_id, LatencyTableRow.status == LatencyStatus.QUEUED)
-        .values(status=LatencyStatus.RUNNING),
+        .values(
+            status=LatencyStatus.RUNNING,
+            lease_expires_at=utcnow() + timedelta(seconds=lease_seconds),
+        ),
     )
     return session.get(LatencyTableRow, table_id, populate_existing=True) if matched else None
+
+
+def renew_latency_lease(session: Session, *, table_id: str, lease_seconds: float) -> bool:
+    """Push a running request's lease back (the measuring worker's heartbeat); False once it
+    is not running any more."""
+    renewed = execute_guarded(
+        session,
+        update(LatencyTableRow)
+        .where(LatencyTableRow.id == table_id, LatencyTableRow.status == LatencyStatus.RUNNING)
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds)),
+    )
+    return bool(renewed)
 
 
 def finish_latency_table(session: Session, *, table_id: str, table: Mapping[str, Any]) -> None:
@@ -75,7 +93,12 @@ def finish_latency_table(session: Session, *, table_id: str, table: Mapping[str,
         session,
         update(LatencyTableRow)
         .where(LatencyTableRow.id == table_id)
-        .values(status=LatencyStatus.SUCCEEDED, finished_at=utcnow(), **_columns(table)),
+        .values(
+            status=LatencyStatus.SUCCEEDED,
+            finished_at=utcnow(),
+            lease_expires_at=None,
+            **_columns(table),
+        ),
     )
 
 
@@ -84,8 +107,48 @@ def fail_latency_table(session: Session, *, table_id: str, error: str) -> None:
         session,
         update(LatencyTableRow)
         .where(LatencyTableRow.id == table_id)
-        .values(status=LatencyStatus.FAILED, finished_at=utcnow(), error=error[:2000]),
+        .values(
+            status=LatencyStatus.FAILED,
+            finished_at=utcnow(),
+            lease_expires_at=None,
+            error=error[:2000],
+        ),
     )
+
+
+def fail_expired_latency_tables(session: Session, *, now: datetime | None = None) -> list[str]:
+    """Fail the running requests whose worker stopped renewing its lease (it died or lost the
+    database): measuring restarts only when the tenant asks again, on a machine of its choice.
+    Their ids."""
+    now = now or utcnow()
+    expired = list(
+        session.scalars(
+            select(LatencyTableRow.id).where(
+                LatencyTableRow.status == LatencyStatus.RUNNING,
+                LatencyTableRow.lease_expires_at < now,
+            )
+        )
+    )
+    failed = []
+    for table_id in expired:
+        if execute_guarded(
+            session,
+            update(LatencyTableRow)
+            .where(
+                LatencyTableRow.id == table_id,
+                LatencyTableRow.status == LatencyStatus.RUNNING,
+                LatencyTableRow.lease_expires_at < now,
+            )
+            .values(
+                status=LatencyStatus.FAILED,
+                finished_at=now,
+                lease_expires_at=None,
+                error="the worker measuring this table stopped before it finished; "
+                "request the table again",
+            ),
+        ):
+            failed.append(table_id)
+    return failed
 
 
 def get_latency_table(session: Session, *, tenant: str, table_id: str) -> LatencyTableRow | None:
