@@ -1,16 +1,26 @@
-"""The README's ResNet20 job exported to ONNX (QDQ) and checked in ONNX Runtime.
+"""Jobs exported to ONNX (QDQ) and checked in ONNX Runtime, weight-only and with W/A8.
 
-    python bench/export.py                 # the README job, weights only and with W/A8 (minutes)
-    python bench/export.py --plans weights # only the README job itself
+    python bench/export.py                          # every model, both plans (~30 min)
+    python bench/export.py --models resnet20 --plans weights   # only the README job itself
 
-Runs the README's `bitplan run ...` command (`bench/readme_example.py` reads it) with
-`--export onnx` in a fresh BITPLAN_HOME, once as written and once with 8-bit activations
-(`--act-bits 8 --act-quantizers baseline`), and prints per plan: the parity the job recorded
-(max / mean absolute output difference of ONNX Runtime against bitplan's quantized model on
-the 10,000 test images, and the same under ONNX Runtime's default session), top-1 of both, the
-ONNX file and packed artifact sizes, and the median latency of ONNX Runtime and of bitplan's
-torch model (and FP32 torch) on this CPU at batch 1 and batch 256, with as many threads as
-torch uses. Needs `../shared/data` (see its README).
+Each model's job runs with `--export onnx` in a fresh BITPLAN_HOME, once as written and once
+with 8-bit activations (`--act-bits 8 --act-quantizers baseline`):
+
+- `resnet20`: the README's `bitplan run ...` command (`bench/readme_example.py` reads it), on
+  the 10,000 CIFAR-10 test images; its rows also time ONNX Runtime, bitplan's torch model and
+  FP32 torch on this CPU at batch 1 and batch 256 (as many threads as torch uses);
+- `digits`: the small ViT of bench/train_digits_vit.py (trained first if missing), 450 test
+  digits;
+- `minilm`: MiniLM sentence embeddings on 200 STS-B dev pairs (Spearman);
+- `effnetlite1`: the example plugin's EfficientNet-Lite1 on the 244 held-out ImageNet images
+  of bench/quality.py's split, a quick job (32 calibration images, widths 4 and 8), through
+  the installed example package (`pip install -e examples/bitplan-efficientnet-lite`).
+
+Per job it prints the parity the job recorded (max / mean absolute output difference of ONNX
+Runtime against bitplan's quantized model on the evaluation samples, the samples beyond the
+output bound, the site-by-site code check when activations are quantized, the same under ONNX
+Runtime's default session), the primary metric of both, and the ONNX file and packed artifact
+sizes. Needs `../shared/data` (see its README).
 """
 
 from __future__ import annotations
@@ -34,9 +44,18 @@ from allocator.export.onnx_qdq import check_exportable, read_metadata, replace_m
 from allocator.export.parity import bitplan_forward, runtime_forward, session  # noqa: E402
 from allocator.plan import BitPlan  # noqa: E402
 from allocator.zoo import load_model  # noqa: E402
+from bench.quality_models import (  # noqa: E402
+    DATA,
+    DIGITS,
+    DIGITS_REF,
+    IMAGENET_SPLIT,
+    split_imagenet,
+)
 from bench.readme_example import README, readme_command, run_job  # noqa: E402
+from bench.train_digits_vit import train as train_digits_vit  # noqa: E402
 
 PLANS = {"weights": [], "w-a8": ["--act-bits", "8", "--act-quantizers", "baseline"]}
+MODELS = ("resnet20", "digits", "minilm", "effnetlite1")
 BATCHES = {1: 200, 256: 10}
 """Batch size -> timed repeats (after 3 warm-up runs); the median is printed."""
 
@@ -52,15 +71,50 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times) * 1000
 
 
-def measure(args: list[str], name: str, home: Path) -> dict[str, object]:
-    """Run the job with `--export onnx`, then time its two models."""
-    _lines, result = run_job([*args, *PLANS[name], "--export", "onnx"], home / name)
+def quick(model: str, calib: Path, evaluation: Path, *extra: str) -> list[str]:
+    """A job that only needs to produce a plan to export: FP32-input fits, one solve."""
+    return [
+        *("--model", model, "--calib", str(calib), "--eval", str(evaluation)),
+        *("--budget", "avg-bits=6", "--method", "fisher", "--bits", "4,8"),
+        *("--calibration", "fp32", "--context-rounds", "0", "--no-report-widths", "--no-report"),
+        *extra,
+    ]
+
+
+def model_args(name: str) -> list[str]:
+    """The `bitplan run` arguments of one model's job (see the module docstring)."""
+    if name == "resnet20":
+        return readme_command(README.read_text())
+    if name == "digits":
+        if not (DIGITS / "vit.safetensors").exists():
+            train_digits_vit(DIGITS)
+        weights = ("--weights", str(DIGITS / "vit.safetensors"), "--calib-samples", "256")
+        return quick(DIGITS_REF, DIGITS / "train.npz", DIGITS / "test.npz", *weights)
+    if name == "minilm":
+        stsb = DATA / "stsb"
+        samples = ("--calib-samples", "32", "--eval-samples", "200")
+        return quick("hf:minilm", stsb / "sts-train.csv", stsb / "sts-dev.csv", *samples)
+    if name == "effnetlite1":
+        split_imagenet(IMAGENET_SPLIT)
+        calib, evaluation = IMAGENET_SPLIT / "calib.npz", IMAGENET_SPLIT / "eval.npz"
+        samples = ("--calib-samples", "32", "--batch-size", "32")
+        return quick("effnetlite:lite1", calib, evaluation, *samples)
+    raise SystemExit(f"unknown model {name!r}: choose from {', '.join(MODELS)}")
+
+
+def measure(model: str, args: list[str], name: str, home: Path) -> dict[str, object]:
+    """Run the job with `--export onnx`; for the README model, time its two models."""
+    _lines, result = run_job([*args, *PLANS[name], "--export", "onnx"], home / f"{model}-{name}")
     check = result["metrics"]["exports"]["onnx"]
-    row: dict[str, object] = {"plan": name, "job": result["job_id"], **check}
+    artifacts = result["artifacts"]
+    row: dict[str, object] = {"model": model, "plan": name, "job": result["job_id"], **check}
     if not check["passed"]:
         return row
-    artifacts = result["artifacts"]
     onnx_path, packed = Path(artifacts["onnx"]), Path(artifacts["model"])
+    row["onnx_bytes"] = onnx_path.stat().st_size
+    row["packed_bytes"] = packed.stat().st_size
+    if model != "resnet20":
+        return row
     model_ref = args[args.index("--model") + 1]
     weights = args[args.index("--weights") + 1]
     fp32 = load_model(model_ref, weights)
@@ -68,8 +122,6 @@ def measure(args: list[str], name: str, home: Path) -> dict[str, object]:
     assert plan == BitPlan.from_dict(json.loads(read_metadata(onnx_path)["bitplan.plan"]))
     quantized = quantized.eval()
     runtime = runtime_forward(session(onnx_path), ("input",))
-    row["onnx_bytes"] = onnx_path.stat().st_size
-    row["packed_bytes"] = packed.stat().st_size
     quantizers = check_exportable(plan.activations)
     for batch, repeats in BATCHES.items():
         x = torch.randn(batch, 3, 32, 32)
@@ -83,25 +135,31 @@ def measure(args: list[str], name: str, home: Path) -> dict[str, object]:
 
 def table(rows: list[dict[str, object]]) -> str:
     lines = [
-        "| plan | max abs diff (of range) | mean abs diff | samples beyond | codes site by site"
-        " | ORT defaults max abs diff | top-1 bitplan | top-1 ONNX | .onnx bytes | packed bytes"
-        " | ORT ms b1 / b256 | bitplan torch ms b1 / b256 | FP32 torch ms b1 / b256 |",
-        "|" + "---|" * 13,
+        "| model | plan | max abs diff (of range) | mean abs diff | samples beyond"
+        " | codes site by site | ORT defaults max abs diff | metric | bitplan | ONNX"
+        " | .onnx bytes | packed bytes | ORT ms b1 / b256 | bitplan torch ms b1 / b256"
+        " | FP32 torch ms b1 / b256 |",
+        "|" + "---|" * 15,
     ]
     for r in rows:
         if not r["passed"]:
-            lines.append(f"| {r['plan']} | failed: {r['error']} |" + " |" * 11)
+            lines.append(f"| {r['model']} | {r['plan']} | failed: {r['error']} |" + " |" * 12)
             continue
         rel = r["max_abs_diff"] / r["output_range"]
         defaults = (r.get("runtime_defaults") or {}).get("max_abs_diff", float("nan"))
+        timings = " - | - | - |"
+        if "ort_ms_1" in r:
+            timings = (
+                f" {r['ort_ms_1']:.2f} / {r['ort_ms_256']:.1f} |"
+                f" {r['torch_ms_1']:.2f} / {r['torch_ms_256']:.1f} |"
+                f" {r['fp32_ms_1']:.2f} / {r['fp32_ms_256']:.1f} |"
+            )
         lines.append(
-            f"| {r['plan']} | {r['max_abs_diff']:.2e} ({rel:.1e}) | {r['mean_abs_diff']:.2e} | "
-            f"{r['over_tolerance']} of {r['samples']} | {_codes(r.get('site_codes'))} | "
-            f"{defaults:.2e} | "
+            f"| {r['model']} | {r['plan']} | {r['max_abs_diff']:.2e} ({rel:.1e}) | "
+            f"{r['mean_abs_diff']:.2e} | {r['over_tolerance']} of {r['samples']} | "
+            f"{_codes(r.get('site_codes'))} | {defaults:.2e} | {r['metric']} | "
             f"{r['bitplan_metric']:.2f} | {r['runtime_metric']:.2f} | {r['onnx_bytes']:,} | "
-            f"{r['packed_bytes']:,} | {r['ort_ms_1']:.2f} / {r['ort_ms_256']:.1f} | "
-            f"{r['torch_ms_1']:.2f} / {r['torch_ms_256']:.1f} | "
-            f"{r['fp32_ms_1']:.2f} / {r['fp32_ms_256']:.1f} |"
+            f"{r['packed_bytes']:,} |{timings}"
         )
     return "\n".join(lines)
 
@@ -118,14 +176,16 @@ def _codes(codes: dict[str, object] | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated")
     parser.add_argument("--plans", default=",".join(PLANS), help="weights, w-a8 or both")
     options = parser.parse_args()
-    args = readme_command(README.read_text())
     rows = []
     with tempfile.TemporaryDirectory(prefix="bitplan-export-bench-") as home:
-        for name in options.plans.split(","):
-            rows.append(measure(args, name, Path(home)))
-            print(table(rows[-1:]), flush=True)
+        for model in options.models.split(","):
+            args = model_args(model)
+            for name in options.plans.split(","):
+                rows.append(measure(model, args, name, Path(home)))
+                print(table(rows[-1:]), flush=True)
     print(f"\ntorch threads {torch.get_num_threads()}\n")
     print(table(rows))
 

@@ -247,6 +247,30 @@ def test_a_layer_whose_output_the_model_drops_is_left_out_and_said_so(tmp_path: 
     assert json.loads(read_metadata(out)["bitplan.unused_layers"]) == ["pooler"]
 
 
+def test_the_input_site_of_a_dropped_layer_goes_with_it(tmp_path: Path) -> None:
+    """With activations quantized, the dropped pooler's input site is not in the graph: the
+    export leaves it out instead of refusing, and the code check runs without it."""
+    from allocator.apply import load_packed
+
+    torch.manual_seed(0)
+    model = LoadedModel(
+        "test:pooler", _DroppedPooler().eval(), "classification", "image", image_size=16
+    )
+    evalset = _evalset(model, 16)
+    plan = _plan(model, evalset, {"other": "minmax"})
+    assert "pooler" in plan.activations
+    packed = _packed(tmp_path, model, plan)
+    out = tmp_path / "model.onnx"
+    check = export_checked(model, packed, evalset, out)
+    assert check.passed, check.error
+    stored = json.loads(read_metadata(out)["bitplan.activations"])
+    assert "pooler" not in stored and set(stored) == set(plan.activations) - {"pooler"}
+    rebuilt, _ = load_packed(packed, model.module)
+    quantizers = check_exportable(plan.activations)
+    codes = site_codes(out, ("input",), replace_module(model, rebuilt), quantizers, evalset)
+    assert codes.sites == len(stored) and codes.passed
+
+
 def _exported_with_activations(tmp_path: Path) -> tuple[LoadedModel, Path, EvalSet, dict]:
     """The small CNN with every activation site quantized, exported (checked): (bitplan's
     rebuilt model, onnx, evaluation set, activation quantizers)."""

@@ -348,6 +348,8 @@ class _Forced:
         self.calls: dict[str, int] = {}
 
     def __call__(self, site: str, x: Tensor) -> Tensor:
+        if site not in self.names:  # the input of a layer whose output the model drops
+            return self.quantizers[site](x)
         index = self.calls.get(site, 0)
         self.calls[site] = index + 1
         theirs = torch.from_numpy(self.given[self.names[site][index]].astype(np.int64))

@@ -106,7 +106,12 @@ def export_onnx(
             f"the traced graph does not use the weights of {followed}: the model computes "
             "them in a way the exporter cannot follow"
         )
-    activations = {site: replace_activation(proto, site, quantizers[site]) for site in quantizers}
+    # A dropped layer's input site goes with it: the model never uses what it quantizes.
+    activations = {
+        site.name: replace_activation(proto, site.name, quantizers[site.name])
+        for site in sites
+        if site.layer not in unused
+    }
     strip_prefix(proto, "module.")
     drop_unused_initializers(proto)
     _raise_opset(proto)
