@@ -65,19 +65,25 @@ def inverse_factor(second_moment: Tensor) -> InverseFactor:
 
 
 def _upper_inverse(hessian: Tensor) -> Tensor:
-    """Upper Cholesky factor of each group's dampened inverse, more dampening where needed."""
+    """Upper Cholesky factor of each group's dampened inverse, more dampening where needed.
+
+    With J the exchange matrix, J H J = L L^T gives H^-1 = U^T U for U = J L^-1 J, upper with
+    a positive diagonal: the factor GPTQ needs, from one Cholesky and one triangular inverse
+    (half the work of factoring, inverting and factoring the inverse again)."""
     eye = torch.eye(hessian.shape[-1], dtype=hessian.dtype, device=hessian.device)
     base = hessian.diagonal(dim1=1, dim2=2).mean(1)
     dampening = torch.full_like(base, DAMPENING)
-    for _ in range(DAMPENING_TRIES):
+    for attempt in range(DAMPENING_TRIES + 1):
         damped = hessian + (dampening * base)[:, None, None] * eye
-        lower, info = torch.linalg.cholesky_ex(damped)
-        upper, inverse_info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-        failed = (info != 0) | (inverse_info != 0)
-        if not failed.any():
-            return upper
+        lower, info = torch.linalg.cholesky_ex(damped.flip(-2, -1))
+        failed = info != 0
+        if not failed.any() or attempt == DAMPENING_TRIES:
+            break
         dampening = torch.where(failed, dampening * DAMPENING_GROWTH, dampening)
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    if failed.any():
+        lower = torch.linalg.cholesky(damped.flip(-2, -1))  # raises, naming the failure
+    inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False)
+    return inverse.flip(-2, -1)
 
 
 def gptq_quantize(
@@ -115,7 +121,7 @@ def gptq_quantize(
     for position, k in enumerate(scaled):
         part = restored[:, :, position * rows : (position + 1) * rows].transpose(1, 2)
         result[k] = QuantizedWeight(
-            codes=part.to(torch.int8).reshape(w.shape),
+            codes=part.reshape(w.shape),
             scale=grids[k].scale,
             bits=grids[k].bits,
             clip=grids[k].clip,
@@ -126,7 +132,7 @@ def gptq_quantize(
 def _feedback(weight: Tensor, divisor: Tensor, qmax: Tensor, inverse: Tensor) -> Tensor:
     """GPTQ's column loop over (groups, columns, rows) weights, columns in act order: each
     column is rounded on its row's grid and its error spread over the later columns along
-    C^-1; `weight` is updated in place and the codes come back in its layout.
+    C^-1; `weight` is updated in place and the codes come back in its layout, as int8.
 
     Columns-first, a column is one contiguous vector and each step's update of the block's
     later columns is one in-place rank-1 `baddbmm_`; blocks of `BLOCK` columns keep that update
@@ -134,7 +140,7 @@ def _feedback(weight: Tensor, divisor: Tensor, qmax: Tensor, inverse: Tensor) ->
     arithmetic is GPTQ's; only the memory traffic differs from a rows-first loop (3x faster on
     ViT-S's layers, same codes).
     """
-    codes = torch.empty_like(weight)
+    codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     columns = weight.shape[1]
     for start in range(0, columns, BLOCK):
         end = min(start + BLOCK, columns)
