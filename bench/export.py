@@ -41,7 +41,8 @@ import torch  # noqa: E402
 
 from allocator.apply import load_packed  # noqa: E402
 from allocator.export.onnx_qdq import check_exportable, read_metadata, replace_module  # noqa: E402
-from allocator.export.parity import bitplan_forward, runtime_forward, session  # noqa: E402
+from allocator.export.parity import bitplan_forward  # noqa: E402
+from allocator.export.runtime import runtime_forward, session  # noqa: E402
 from allocator.plan import BitPlan  # noqa: E402
 from allocator.zoo import load_model  # noqa: E402
 from bench.quality_models import (  # noqa: E402

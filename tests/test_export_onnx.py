@@ -19,9 +19,10 @@ from allocator.activations import collect, find_sites
 from allocator.apply import pack, read_packed
 from allocator.data import EvalSet, ImageSet
 from allocator.errors import ExportRefused, ParityFailed
+from allocator.export.codes import CODE_FLIP_SHARE, site_codes
 from allocator.export.job import export_checked
 from allocator.export.onnx_qdq import check_exportable, read_metadata, replace_module
-from allocator.export.parity import CODE_FLIP_SHARE, check_parity, site_codes
+from allocator.export.parity import check_parity
 from allocator.layers import build_layer_table
 from allocator.plan import BitPlan, LayerPlan
 from allocator.quant.activation import calibrate

@@ -26,14 +26,8 @@ from allocator.data.evaluate import REFERENCE_METRICS
 from allocator.device import CPU
 from allocator.errors import BitplanError, ExportRefused
 from allocator.export.onnx_qdq import check_exportable, export_onnx, replace_module, stamp
-from allocator.export.parity import (
-    METRIC_TOLERANCE,
-    TOLERANCE,
-    Parity,
-    check_parity,
-    runtime_name,
-    session_metadata,
-)
+from allocator.export.parity import METRIC_TOLERANCE, TOLERANCE, Parity, check_parity
+from allocator.export.runtime import runtime_name, session_metadata
 from allocator.job import JobSpec
 from allocator.job_metrics import ExportCheck
 from allocator.limits import Limits

@@ -28,14 +28,15 @@ float bias after quantized inputs to int32 on the grid input scale x weight scal
 activation, 1.6 % of the output range on the tests' CNN). `SESSION_CONFIG` and
 `DISABLED_OPTIMIZERS` switch both off, parity is measured with them, and the exported model's
 metadata names them for whoever runs it; the figures under ONNX Runtime's defaults are
-recorded beside (`Parity.defaults`), so the cost of running it without them is known.
+recorded beside (`Parity.defaults`), so the cost of running it without them is known
+(`allocator.export.runtime` opens every session). The code-by-code check is
+`allocator.export.codes`.
 
 Imports torch, onnx and onnxruntime; never anything from the service, database or worker layers.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -45,36 +46,22 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import Tensor
 
-from allocator.activations import instrument, quantized_activations
+from allocator.activations import quantized_activations
 from allocator.data import EvalSet, evaluate_outputs
 from allocator.errors import ParityFailed
-from allocator.export.onnx_qdq import (
-    OUTPUT_NAME,
-    activation_codes,
-    feeds,
-    layer_outputs,
-    plan_sites,
-    qdq_params,
-)
+from allocator.export.codes import SiteCodes, site_codes
+from allocator.export.onnx_qdq import feeds, layer_outputs, plan_sites
+from allocator.export.runtime import runtime_forward, session
 from allocator.quant.activation import ActQuantizer
 from allocator.zoo.base import Inputs, LoadedModel
 
 TOLERANCE = 1e-3
 """Largest absolute output difference allowed, as a fraction of the reference output range."""
-CODE_FLIP_SHARE = 1e-3
-"""The largest share of one site's activation codes allowed one step off the runtime's, given
-the same codes at the sites before it (none may be further off)."""
 METRIC_TOLERANCE = 0.1
 """Largest difference of the primary metric allowed (points for top-1 and Spearman)."""
-SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
-"""Session config entries the parity is measured with (float accumulation in MatMulNBits)."""
-DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
-"""Graph rewrites switched off for parity (float biases stay float)."""
-PROVIDER = "CPUExecutionProvider"
 
 
 @dataclass(frozen=True)
@@ -124,94 +111,6 @@ class Parity:
             f"{self.over_tolerance} of {self.rows} samples beyond it){codes}; "
             f"{self.metric} {self.runtime_metric:.2f} against {self.bitplan_metric:.2f}"
         )
-
-
-@dataclass(frozen=True)
-class SiteCodes:
-    """The runtime's activation codes against bitplan's, each site given the runtime's codes
-    at the sites before it (see the module docstring)."""
-
-    sites: int
-    codes: int
-    """Codes compared, over every site and sample."""
-    one_step: int
-    """Codes one step off."""
-    beyond: int
-    """Codes more than one step off."""
-    worst_site: str | None
-    """The site with the largest share of codes off (None when none is)."""
-    worst_share: float
-    output_max_abs_diff: float
-    """Largest difference of the final outputs when bitplan computes them from the runtime's
-    codes."""
-    flip_share: float = CODE_FLIP_SHARE
-
-    @property
-    def passed(self) -> bool:
-        return self.beyond == 0 and self.worst_share <= self.flip_share
-
-    def text(self) -> str:
-        where = (
-            ""
-            if self.worst_site is None
-            else f", at most {self.worst_share:.2e} at {self.worst_site}"
-        )
-        return (
-            f"site by site {self.one_step} of {self.codes} activation codes one step off and "
-            f"{self.beyond} further{where} (allowed {self.flip_share:g} a site, none further), "
-            f"outputs from the runtime's codes {self.output_max_abs_diff:.3g} off"
-        )
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "sites": self.sites,
-            "codes": self.codes,
-            "one_step": self.one_step,
-            "beyond": self.beyond,
-            "worst_site": self.worst_site,
-            "worst_share": self.worst_share,
-            "output_max_abs_diff": self.output_max_abs_diff,
-            "flip_share": self.flip_share,
-            "passed": self.passed,
-        }
-
-
-def runtime_name() -> str:
-    return f"onnxruntime {ort.__version__} {PROVIDER}"
-
-
-def session(
-    path: str | Path, defaults: bool = False, threads: int | None = None
-) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session with `SESSION_CONFIG` and `DISABLED_OPTIMIZERS` (or, with
-    `defaults`, as ONNX Runtime comes) and as many intra-op threads as torch uses, so both
-    sides of a comparison or a timing get the same."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    if defaults:
-        return ort.InferenceSession(str(path), options, providers=[PROVIDER])
-    for key, value in SESSION_CONFIG.items():
-        options.add_session_config_entry(key, value)
-    return ort.InferenceSession(
-        str(path), options, providers=[PROVIDER], disabled_optimizers=list(DISABLED_OPTIMIZERS)
-    )
-
-
-def session_metadata() -> dict[str, str]:
-    """How to open the exported model so that it computes what parity measured."""
-    settings = {"config": SESSION_CONFIG, "disabled_optimizers": list(DISABLED_OPTIMIZERS)}
-    return {"bitplan.onnxruntime_session": json.dumps(settings)}
-
-
-def runtime_forward(
-    runtime: ort.InferenceSession, names: Sequence[str]
-) -> Callable[[Inputs], Tensor]:
-    """The exported model as a function of a model-ready batch, like `LoadedModel.__call__`."""
-
-    def forward(batch: Inputs) -> Tensor:
-        return torch.from_numpy(runtime.run([OUTPUT_NAME], feeds(names, batch))[0])
-
-    return forward
 
 
 @contextmanager
@@ -289,90 +188,6 @@ def check_parity(
         failure.parity = parity  # type: ignore[attr-defined]  # the figures, for the record
         raise failure
     return parity
-
-
-def site_codes(
-    path: str | Path,
-    names: Sequence[str],
-    model: LoadedModel,
-    quantizers: Mapping[str, ActQuantizer],
-    evalset: EvalSet,
-) -> SiteCodes:
-    """Every activation site's codes in ONNX Runtime against those bitplan computes when each
-    site before it holds the runtime's codes, over every batch of `evalset`."""
-    proto = onnx.load(str(path))
-    by_site = activation_codes(proto)
-    tensors = [tensor for calls in by_site.values() for tensor in calls]
-    for tensor in tensors:
-        proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(tensor))
-    counts = {site: [0, 0, 0] for site in by_site}  # compared, one step off, further
-    worst_output = 0.0
-    sites = plan_sites(quantizers, dict(model.module.named_modules()))
-    with tempfile.TemporaryDirectory(prefix="bitplan-codes-") as tmp:
-        debug = Path(tmp) / "codes.onnx"
-        onnx.save(proto, str(debug))
-        runtime = session(debug)
-        for batch in evalset.batches:
-            values = runtime.run([OUTPUT_NAME, *tensors], feeds(names, batch))
-            given = dict(zip(tensors, values[1:], strict=True))
-            forced = _Forced(given, by_site, quantizers, counts)
-            with torch.no_grad(), instrument(model.module, sites, forced):
-                out = model(batch).float()
-            gap = (torch.from_numpy(values[0]).float() - out).abs().max()
-            worst_output = max(worst_output, float(gap))
-    shares = {site: (c[1] + c[2]) / c[0] for site, c in counts.items() if c[0]}
-    worst = max(shares, key=shares.__getitem__) if any(shares.values()) else None
-    return SiteCodes(
-        sites=len(by_site),
-        codes=sum(c[0] for c in counts.values()),
-        one_step=sum(c[1] for c in counts.values()),
-        beyond=sum(c[2] for c in counts.values()),
-        worst_site=worst,
-        worst_share=0.0 if worst is None else shares[worst],
-        output_max_abs_diff=worst_output,
-    )
-
-
-class _Forced:
-    """The transform that feeds each site the runtime's codes of one batch, counting how far
-    bitplan's own codes at that site are from them."""
-
-    def __init__(
-        self,
-        given: Mapping[str, np.ndarray],
-        names: Mapping[str, list[str]],
-        quantizers: Mapping[str, ActQuantizer],
-        counts: dict[str, list[int]],
-    ) -> None:
-        self.given, self.names, self.quantizers, self.counts = given, names, quantizers, counts
-        self.calls: dict[str, int] = {}
-
-    def __call__(self, site: str, x: Tensor) -> Tensor:
-        if site not in self.names:  # the input of a layer whose output the model drops
-            return self.quantizers[site](x)
-        index = self.calls.get(site, 0)
-        self.calls[site] = index + 1
-        theirs = torch.from_numpy(self.given[self.names[site][index]].astype(np.int64))
-        scale, zero, levels = _grid(self.quantizers[site])
-        ours = torch.clamp(torch.round(x / scale) + zero, 0, levels).to(torch.int64)
-        if ours.shape != theirs.shape:
-            raise ParityFailed(
-                f"activation site {site}: {tuple(theirs.shape)} codes in ONNX, "
-                f"{tuple(ours.shape)} in bitplan"
-            )
-        off = (ours - theirs).abs()
-        count = self.counts[site]
-        count[0] += off.numel()
-        count[1] += int((off == 1).sum())
-        count[2] += int((off > 1).sum())
-        return ((theirs - zero) * scale).to(x.dtype)
-
-
-def _grid(quantizer: ActQuantizer) -> tuple[Tensor, Tensor, int]:
-    """(scale, zero point, largest code) of the QDQ pair the export wrote for `quantizer`."""
-    qdq = qdq_params(quantizer)
-    scale = torch.from_numpy(qdq.scale)
-    return scale, torch.from_numpy(qdq.zero_point.astype(np.int64)), 2**quantizer.bits - 1
 
 
 def first_divergence(

@@ -9,7 +9,7 @@ What is timed, per runtime:
   float (16 bits) or the float weight (FP32), feeding the layer's Conv or MatMul + Add, with
   `[Clip ->] QuantizeLinear -> DequantizeLinear` on its input when the activation is quantized
   (scale and zero point from the input's range, as a min-max quantizer sets them). Sessions
-  are opened as parity opens them (`allocator.export.parity.session`), so the kernels are the
+  are opened as parity opens them (`allocator.export.runtime.session`), so the kernels are the
   ones the checked export runs. Widths that give the same graph (2, 3 and 4 bits are all
   INT4; 5 to 8 all INT8; 4 and 6-bit activations are both clipped UINT8) run the same kernel
   and share one measurement; `settings["variants"]` says which. Each entry is net of the

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from allocator.errors import BadSpec
 from allocator.export.onnx_qdq.tracing import Traced, feeds, positional_inputs, trace
-from allocator.export.parity import session
+from allocator.export.runtime import session
 from allocator.zoo.base import Inputs, LoadedModel
 
 WARMUP = 10
