@@ -212,3 +212,41 @@ def test_hessian_traces_give_a_layer_the_loss_never_reaches_zero() -> None:
     traces = hessian_traces(model, [x], table, max_probes=4, min_probes=2).trace
     assert traces["pooler"] == 0.0
     assert traces["body"] > 0.0
+
+
+def test_an_embedding_model_is_judged_by_the_ranking_of_its_similarities() -> None:
+    """Held-out checks of an embedding model compare which pairs are more alike: zero when the
+    similarities keep their order (a rotation of the embedding space, a rescaled vector),
+    growing with noise, near 1 for unrelated outputs; a batch too small to rank falls back to
+    the per-sample cosine divergence."""
+    from allocator.sensitivity.measured import (
+        MIN_SIMILARITY_BATCH,
+        divergence,
+        mean_divergence,
+        similarity_divergence,
+    )
+
+    torch.manual_seed(0)
+    reference = torch.randn(32, 16)
+    rotation, _ = torch.linalg.qr(torch.randn(16, 16))
+    scaled = reference * torch.rand(32, 1).add(0.5)
+    assert similarity_divergence(reference, reference @ rotation) == pytest.approx(0, abs=1e-9)
+    assert similarity_divergence(reference, scaled) == pytest.approx(0, abs=1e-9)
+    small = similarity_divergence(reference, reference + 0.1 * torch.randn(32, 16))
+    large = similarity_divergence(reference, reference + 0.5 * torch.randn(32, 16))
+    assert 0 < small < large < similarity_divergence(reference, torch.randn(32, 16))
+    # Cosine per sample sees the rotation; the ranking does not.
+    assert float(divergence("embedding", reference, reference @ rotation).mean()) > 0.5
+
+    class Noisy(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + 0.1 * torch.sin(x * 7)
+
+    model = LoadedModel("test:embed", Noisy(), "embedding", "tabular")
+    batches = [torch.randn(8, 16), torch.randn(MIN_SIMILARITY_BATCH - 1, 16)]
+    outputs = [Noisy()(b) for b in batches]
+    expected = (
+        similarity_divergence(batches[0], outputs[0]) * 28
+        + float(divergence("embedding", batches[1], outputs[1]).sum())
+    ) / (28 + len(batches[1]))
+    assert mean_divergence(model, batches, batches) == pytest.approx(expected)
