@@ -65,10 +65,8 @@ def similarity_divergence(reference: torch.Tensor, output: torch.Tensor) -> floa
 
     An embedding is used through its similarities (STS ranks sentence pairs by cosine), so what
     a quantized model must keep is which pairs are more alike, not each vector's direction. On
-    MiniLM's held-out STS-B sentences, 1 - cosine per sentence preferred weights fitted in the
-    network at 2 bits, which lowered the STS-B dev Spearman (84.83 against 85.68 fitted on FP32
-    inputs); the similarity ranking preferred the FP32-input fits at 2 and 3 bits, as the dev
-    set did (docs/design.md)."""
+    MiniLM the per-sentence cosine chose the fit that lowered STS-B Spearman, the similarity
+    ranking the one that raised it (docs/design.md has the figures)."""
     rows = torch.triu_indices(len(output), len(output), offset=1, device=output.device)
 
     def similarities(x: torch.Tensor) -> torch.Tensor:
