@@ -13,7 +13,7 @@ import torch
 from allocator import costs, split
 from allocator.cache import Cache, FolderCache
 from allocator.job import JobSpec
-from allocator.layers import build_layer_table
+from allocator.layers import LayerTable, build_layer_table
 from allocator.pipeline import run
 from allocator.prepare import help_with_part
 from allocator.weight_rules import RULE_SETS
@@ -28,9 +28,9 @@ class LocalBoard:
     cache: Cache
     scope: str = "job"
     lapse: float = 60.0
+    holder: str = "job"
     dispatched: list[int] = field(default_factory=list)
     claims: dict[int, tuple[str, float]] = field(default_factory=dict)
-    holder: str = "job"
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def dispatch(self, parts: int) -> None:
@@ -49,18 +49,31 @@ class LocalBoard:
             self.claims[part] = (self.claims[part][0], time.monotonic())
 
 
+@dataclass(frozen=True)
+class Case:
+    """ResNet20 on 32x32 images: early layers see more positions than a batch samples, so rows
+    are drawn; `expected` is what one pass over every layer gives."""
+
+    model: LoadedModel
+    batches: list[torch.Tensor]
+    table: LayerTable
+    expected: split.Candidates
+
+    def gather(self, board: LocalBoard, parts: int, **options: float) -> tuple:
+        return split.gather(
+            self.model, self.batches, self.table, (2, 4), True, parts, "c", board, **options
+        )
+
+
 @pytest.fixture(scope="module")
-def resnet() -> tuple[LoadedModel, list[torch.Tensor]]:
+def resnet() -> Case:
     torch.manual_seed(0)
     model = load_model("zoo:cifar_resnet20")
-    # 32x32 images: early layers see more positions than a batch samples, so rows are drawn.
-    return model, [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)]
-
-
-def whole(model: LoadedModel, batches: list[torch.Tensor]) -> split.Candidates:
+    batches = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)]
     table = build_layer_table(model, batches[0][:1])
     stats = costs.input_stats(model, batches, table)
-    return costs.rule_set_choices(model, table, stats, (2, 4), RULE_SETS)
+    expected = costs.rule_set_choices(model, table, stats, (2, 4), RULE_SETS)
+    return Case(model, batches, table, expected)
 
 
 def same(a: split.Candidates, b: split.Candidates) -> None:
@@ -84,57 +97,43 @@ def test_parts_are_contiguous_non_empty_and_balanced() -> None:
     assert max(shares) < 0.6 * sum(shares)
 
 
-def test_parts_computed_here_equal_one_pass(
-    resnet: tuple[LoadedModel, list[torch.Tensor]], tmp_path: Path
-) -> None:
-    model, batches = resnet
-    table = build_layer_table(model, batches[0][:1])
+def test_parts_computed_here_equal_one_pass(resnet: Case, tmp_path: Path) -> None:
     board = LocalBoard(FolderCache(tmp_path))
-    merged, elsewhere = split.gather(model, batches, table, (2, 4), True, 3, "c", board)
+    merged, elsewhere = resnet.gather(board, 3)
     assert (elsewhere, board.dispatched) == (0, [3])
-    same(merged, whole(model, batches))
+    same(merged, resnet.expected)
 
 
-def test_a_part_a_helper_computed_is_picked_up_not_recomputed(
-    resnet: tuple[LoadedModel, list[torch.Tensor]], tmp_path: Path
-) -> None:
-    model, batches = resnet
-    table = build_layer_table(model, batches[0][:1])
-    board = LocalBoard(FolderCache(tmp_path))
-    board.holder = "helper"
+def test_a_part_a_helper_computed_is_picked_up_not_recomputed(resnet: Case, tmp_path: Path) -> None:
+    board = LocalBoard(FolderCache(tmp_path), holder="helper")
     assert board.claim(2, 3)
-    assert split.help_with(model, batches, table, (2, 4), True, 2, 3, "c", board)
-    assert not split.help_with(model, batches, table, (2, 4), True, 2, 3, "c", board)
+    helping = (resnet.model, resnet.batches, resnet.table, (2, 4), True, 2, 3, "c", board)
+    assert split.help_with(*helping)
+    assert not split.help_with(*helping)
     board.holder = "job"
-    merged, elsewhere = split.gather(model, batches, table, (2, 4), True, 3, "c", board)
+    merged, elsewhere = resnet.gather(board, 3)
     assert elsewhere == 1
-    same(merged, whole(model, batches))
+    same(merged, resnet.expected)
 
 
 def test_a_part_whose_helper_died_is_taken_back_once_its_claim_lapses(
-    resnet: tuple[LoadedModel, list[torch.Tensor]], tmp_path: Path
+    resnet: Case, tmp_path: Path
 ) -> None:
-    model, batches = resnet
-    table = build_layer_table(model, batches[0][:1])
-    board = LocalBoard(FolderCache(tmp_path), lapse=0.5)
-    board.holder = "dead helper"
+    board = LocalBoard(FolderCache(tmp_path), lapse=0.5, holder="dead helper")
     assert board.claim(1, 2)  # and never computes it
     board.holder = "job"
     started = time.monotonic()
-    merged, elsewhere = split.gather(
-        model, batches, table, (2, 4), True, 2, "c", board, poll_seconds=0.05
-    )
+    merged, elsewhere = resnet.gather(board, 2, poll_seconds=0.05)
     assert elsewhere == 0 and board.claims[1][0] == "job"
     assert time.monotonic() - started >= 0.5
-    same(merged, whole(model, batches))
+    same(merged, resnet.expected)
 
 
 def test_a_split_job_returns_the_plan_of_a_whole_one(resnet20_job: JobSpec, tmp_path: Path) -> None:
     """A helper computes one part through `help_with_part` (what a service worker runs), the
     job the rest; plan and metrics equal the unsplit job's, and the profile says who did what."""
     spec = replace(resnet20_job, statistics_parts=2, reuse=False)
-    board = LocalBoard(FolderCache(tmp_path / "cache"))
-    board.holder = "helper"
+    board = LocalBoard(FolderCache(tmp_path / "cache"), holder="helper")
     assert board.claim(0, 2)
     assert help_with_part(spec, 0, board)
     board.holder = "job"
