@@ -312,3 +312,14 @@ def test_a_site_quantized_on_another_grid_fails_code_by_code(tmp_path: Path) -> 
     assert codes.worst_site == site and codes.beyond > 0 and not codes.passed
     with pytest.raises(ParityFailed, match=f"further, at most .* at {site}"):
         check_parity(out, ("input",), model, quantizers, evalset)
+
+
+def test_a_counted_metric_on_few_samples_may_move_by_one_sample_with_activations() -> None:
+    """One image at a code boundary may flip in the runtime: on 244 images that is 0.41 top-1
+    points, above the 0.1 that holds for weight-only plans and for large evaluation sets."""
+    from allocator.export.parity import METRIC_TOLERANCE, metric_tolerance
+
+    assert metric_tolerance("top1", 244, activations=True) == pytest.approx(100 / 244)
+    assert metric_tolerance("top1", 10_000, activations=True) == METRIC_TOLERANCE
+    assert metric_tolerance("top1", 244, activations=False) == METRIC_TOLERANCE
+    assert metric_tolerance("spearman", 200, activations=True) == METRIC_TOLERANCE

@@ -157,7 +157,7 @@ def _failed(reason: str, samples: int, metric: str, parity: Parity | None) -> Ex
         metric=metric,
         runtime_metric=None if parity is None else parity.runtime_metric,
         bitplan_metric=None if parity is None else parity.bitplan_metric,
-        metric_tolerance=METRIC_TOLERANCE,
+        metric_tolerance=METRIC_TOLERANCE if parity is None else parity.metric_tolerance,
         storage={},
         activation_sites=0,
         file_bytes=0,

@@ -62,6 +62,19 @@ TOLERANCE = 1e-3
 """Largest absolute output difference allowed, as a fraction of the reference output range."""
 METRIC_TOLERANCE = 0.1
 """Largest difference of the primary metric allowed (points for top-1 and Spearman)."""
+COUNTED_METRICS = ("top1",)
+"""Metrics that count samples: with quantized activations one sample at a code boundary may
+change its answer, so their tolerance is at least one sample's share (`metric_tolerance`)."""
+
+
+def metric_tolerance(metric: str, samples: int, activations: bool) -> float:
+    """`METRIC_TOLERANCE`, or with quantized activations and a counted metric on few samples
+    (fewer than 1,000 for top-1), one sample's share: a single image whose logits sit at a
+    boundary may flip with the runtime's summation order, and 0.1 points is less than one of
+    244 images."""
+    if activations and metric in COUNTED_METRICS and samples:
+        return max(METRIC_TOLERANCE, 100.0 / samples)
+    return METRIC_TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -109,7 +122,8 @@ class Parity:
             f"max abs diff {self.max_abs_diff:.3g} ({self.max_abs_diff / self.output_range:.3g} "
             f"of the output range {self.output_range:.3g}, tolerance {self.tolerance:g}; "
             f"{self.over_tolerance} of {self.rows} samples beyond it){codes}; "
-            f"{self.metric} {self.runtime_metric:.2f} against {self.bitplan_metric:.2f}"
+            f"{self.metric} {self.runtime_metric:.2f} against {self.bitplan_metric:.2f} "
+            f"(tolerance {self.metric_tolerance:.2g})"
         )
 
 
@@ -176,6 +190,7 @@ def check_parity(
         runtime_metric=evaluate_outputs(runtime_out, evalset, fp32_reference)[metric],
         bitplan_metric=evaluate_outputs(bitplan_out, evalset, fp32_reference)[metric],
         tolerance=tolerance,
+        metric_tolerance=metric_tolerance(metric, len(evalset), bool(quantizers)),
         codes=codes,
         defaults=defaults,
     )
