@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,8 +34,9 @@ class Clock:
     (`forwards`, counted on the module given to `watch`, and on its quantized copies, which
     carry the hook) over how many `samples`, and the process's peak resident memory inside the
     phase (`peak_mb`; Linux resets the peak at each phase start through
-    /proc/self/clear_refs, elsewhere it is the peak so far). Seconds alone do not tell a slow
-    machine from a phase that runs the model twenty times.
+    /proc/self/clear_refs, elsewhere it is the peak so far), and on a GPU the peak of memory
+    torch allocated there (`gpu_peak_mb`). Seconds alone do not tell a slow machine from a
+    phase that runs the model twenty times.
     """
 
     def __init__(self, progress: Progress = silent) -> None:
@@ -60,6 +62,8 @@ class Clock:
         """Time the phase `name`; yields `tick(fraction, message)` for progress inside it."""
         self.progress(name, 0.0, "started")
         _reset_peak_memory()
+        if (gpu := _gpu()) is not None:
+            gpu.reset_peak_memory_stats()
         forwards, samples = self.forwards, self.samples
         started = time.perf_counter()
         yield lambda fraction, message: self.progress(name, fraction, message)
@@ -70,6 +74,8 @@ class Clock:
             "samples": self.samples - samples,
             "peak_mb": _peak_memory_mb(),
         }
+        if (gpu := _gpu()) is not None:
+            self.phases[name]["gpu_peak_mb"] = round(gpu.max_memory_allocated() / 2**20, 1)
         self.progress(name, 1.0, "done")
 
 
@@ -83,6 +89,15 @@ def _batch_size(values: list[Any]) -> int:
         if shape is not None and len(shape) > 0:
             return int(shape[0])
     return 0
+
+
+def _gpu() -> Any | None:
+    """`torch.cuda` once this process has put something on a GPU, else None; torch is only
+    looked up, never imported here (the job types stay torch-free)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda
 
 
 def _reset_peak_memory() -> None:

@@ -36,3 +36,37 @@ def test_the_peak_memory_is_the_phases_own() -> None:
     big, small = clock.phases["big"]["peak_mb"], clock.phases["small"]["peak_mb"]
     assert big is not None and small is not None
     assert big >= small + 50
+
+
+def test_the_gpu_peak_is_recorded_per_phase_where_a_gpu_was_used(monkeypatch) -> None:
+    """On the CPU there is no `gpu_peak_mb`; once torch has put something on a GPU each phase
+    resets the GPU peak at its start and records it at its end (a stand-in for torch.cuda
+    here: this machine has no GPU)."""
+    clock = Clock()
+    with clock.phase("cpu"):
+        pass
+    assert "gpu_peak_mb" not in clock.phases["cpu"]
+
+    class FakeCuda:
+        peak = 0
+
+        def is_available(self) -> bool:
+            return True
+
+        def is_initialized(self) -> bool:
+            return True
+
+        def reset_peak_memory_stats(self) -> None:
+            self.peak = 0
+
+        def max_memory_allocated(self) -> int:
+            return self.peak
+
+    cuda = FakeCuda()
+    monkeypatch.setattr(torch, "cuda", cuda)
+    with clock.phase("first"):
+        cuda.peak = 300 * 2**20
+    with clock.phase("second"):
+        cuda.peak += 5 * 2**20
+    assert clock.phases["first"]["gpu_peak_mb"] == 300.0
+    assert clock.phases["second"]["gpu_peak_mb"] == 5.0
