@@ -1,13 +1,14 @@
 """Costs measured around the plan: re-solve with what moving each layer costs in its context.
 
 The cost table prices each layer alone, around the FP32 network. Once the other layers are
-quantized (and the plan fitted in the network, `allocator.in_network`), a layer's width matters
-differently: errors add up and interact. So after the first solve, each free layer is moved one
+quantized (whether the plan is fitted in the network, `allocator.in_network`, or each layer on
+FP32 inputs), a layer's width matters differently: errors add up and interact. So after the first solve, each free layer is moved one
 width down and one width up in the fitted plan, the rest unchanged, and the change of the
 held-out divergence from FP32 is measured (two forward passes over the held-out samples per
 layer). Those two measurements anchor the layer's row of a new cost table; widths further away
 keep the old row's shape, scaled to the anchor. The new table is solved exactly, as before; the
-new plan is fitted and kept only when its held-out divergence is lower. Rounds stop when a
+new plan is fitted (in-network fits; FP32-input choices need none) and kept only when its
+held-out divergence is lower. Rounds stop when a
 round changes nothing, fails to improve, or `rounds` is reached.
 
 Measured moves, not a first-order estimate at the quantized point: `bench/move_estimates.py`

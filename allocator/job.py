@@ -227,7 +227,7 @@ class JobSpec:
     """One of `CALIBRATIONS`."""
     context_rounds: int = 2
     """Rounds of costs re-measured around the plan, each kept only when it moves the held-out
-    divergence down (`allocator.context_costs`); 0 solves once. Run only with in-network fits."""
+    divergence down (`allocator.context_costs`); 0 solves once."""
     statistics_parts: int = 1
     """Cut the statistics phase (per-layer statistics and GPTQ) into this many blocks of layers
     that other workers of the service may compute at once (`allocator.split`); the plan is

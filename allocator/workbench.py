@@ -393,14 +393,13 @@ class Workbench:
         return solution, rounds, check
 
     def _refines(self, acts: ActWidths | None) -> bool:
-        """Whether plans are re-solved with in-context costs: the job fits plans in the network,
-        asks for rounds, has held-out samples to measure on, and allocates weights only (a joint
-        plan's activation widths move with its weights, which one-width moves do not price)."""
+        """Whether plans are re-solved with in-context costs: the job asks for rounds, has
+        held-out samples to measure on, and allocates weights only (a joint plan's activation
+        widths move with its weights, which one-width moves do not price). Plans fitted on FP32
+        inputs are refined too: their layers do not interact in the fit, but their errors still
+        add up in the network in ways the per-layer table cannot see (docs/design.md)."""
         return (
-            self.calibration == "in-network"
-            and self.spec.context_rounds > 0
-            and bool(self.holdout)
-            and not isinstance(acts, JointActs)
+            self.spec.context_rounds > 0 and bool(self.holdout) and not isinstance(acts, JointActs)
         )
 
     def check_against_uniform(

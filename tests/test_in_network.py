@@ -274,3 +274,16 @@ def test_a_chosen_fit_is_in_the_metrics_and_their_json() -> None:
     again = JobMetrics.from_dict(metrics.to_dict())
     assert again.fit_check == check
     assert again.fit_text.startswith("weights fitted on FP32 inputs (chosen by held-out")
+
+
+def test_plans_fitted_on_fp32_inputs_are_refined_too() -> None:
+    """Rounds run whatever the fit: FP32-input choices need no refit, but their errors still
+    add up in the network. A kept round is never worse on held-out samples than the first."""
+    bench = _bench(calibration="fp32")
+    budget = ResolvedBudget(size_bits=bench.table.uniform_storage_bits(3))
+    cost = np.array([[1.0, 0.6, 0.3, 0.0]] * len(bench.table))
+    first = solve(bench.table, BITS, cost, budget)
+    solution, rounds, _check = bench.choose_plan(cost, budget, None)
+    assert rounds and rounds[0].divergence == pytest.approx(bench.holdout_divergence(first.bits))
+    assert bench.holdout_divergence(solution.bits) <= rounds[0].divergence
+    assert not bench._fitted  # nothing was fitted in the network
