@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-CODE_VERSION = "2026-12-02.2"
+CODE_VERSION = "2026-12-02.3"
 """Raise when a change to the code alters what any cached step returns for the same input."""
 DEFAULT_MAX_BYTES = 20 * 2**30
 MAX_ENTRY_BYTES = 2**30

@@ -101,13 +101,28 @@ def compute_part(
 
 
 def encode(candidates: Candidates) -> dict[str, Any]:
-    return {name: costs.choices_state(choices) for name, choices in candidates.items()}
+    """Candidates as plain containers, each choice once: rule sets that pick the same (clip,
+    rounding) for a layer and width share one choice object, and a part of a large model is
+    handed over through a cache that bounds its entries."""
+    distinct: dict[int, int] = {}
+    states: list[dict[str, Any]] = []
+    sets: dict[str, list[int]] = {}
+    for name, choices in candidates.items():
+        for key, choice in choices.items():
+            if id(choice) not in distinct:
+                distinct[id(choice)] = len(states)
+                states.extend(costs.choices_state({key: choice}))
+            sets.setdefault(name, []).append(distinct[id(choice)])
+    return {"choices": states, "sets": sets}
 
 
 def decode(state: Mapping[str, Any], model: LoadedModel) -> Candidates:
+    entries = state["choices"]
+    choices = [costs.choices_from_state([entry], model.module) for entry in entries]
+    keys = [(entry["layer"], entry["bits"]) for entry in entries]
     return {
-        name: dict(costs.choices_from_state(choices, model.module))
-        for name, choices in state.items()
+        name: {keys[i]: choices[i][keys[i]] for i in indices}
+        for name, indices in state["sets"].items()
     }
 
 

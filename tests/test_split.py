@@ -146,3 +146,12 @@ def test_a_split_job_returns_the_plan_of_a_whole_one(resnet20_job: JobSpec, tmp_
     assert "parts" not in alone.phases["statistics"]
     # Without a board nobody can help: the spec's split changes nothing.
     assert run(spec).plan.layers == alone.plan.layers
+
+
+def test_a_part_stores_each_choice_once_and_reads_back_the_same(resnet: Case) -> None:
+    """Rule sets that pick the same choice share it in the stored part (a part of a large model
+    must fit the cache's entry bound), and it reads back as the same candidates."""
+    state = split.encode(resnet.expected)
+    entries = sum(len(indices) for indices in state["sets"].values())
+    assert len(state["choices"]) < entries
+    same(split.decode(state, resnet.model), resnet.expected)
