@@ -130,7 +130,12 @@ def run(
         uniform = comparison = None
         model = uniform_plan = None
         if uniform_bits is not None:
-            uniform_plan = bench.uniform_plan(uniform_bits, meta, uniform_acts or None)
+            # The plan carries its activation quantizers, as the mixed plan does, so the model
+            # quantized from it packs as it is (the latency phase exports it).
+            uniform_plan = replace(
+                bench.uniform_plan(uniform_bits, meta, uniform_acts or None),
+                activations=_activations(uniform_acts),
+            )
             model = bench.quantize(uniform_plan, uniform_acts or None)
             scores, uniform_values = bench.score(model, uniform_acts)
             uniform = UniformScores(uniform_bits, scores, uniform_act)
@@ -161,7 +166,7 @@ def run(
             uniform_run = None
             if uniform_plan is not None and model is not None and uniform_bits is not None:
                 uniform_run = PlanRun(
-                    replace(uniform_plan, activations=_activations(uniform_acts)),
+                    uniform_plan,
                     model,
                     uniform_acts,
                     table.uniform(uniform_bits),

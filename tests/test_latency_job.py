@@ -97,3 +97,22 @@ def test_latency_budgets_need_a_table_and_the_right_model(measured, tmp_path: Pa
     path.write_text(json.dumps(table))
     with pytest.raises(BadSpec, match="measured on another model"):
         run(replace(spec, latency_runtime=None, latency_table=str(path)))
+
+
+def test_a_job_with_quantized_activations_times_its_uniform_and_mixed_plans(
+    measured, tmp_path: Path
+) -> None:
+    """With 8-bit activations the uniform plan is packed and exported with its activation
+    quantizers like the mixed one (it failed to pack: its applied plan lacked them)."""
+    spec, _result, _workdir = measured
+    spec = replace(
+        spec,
+        act_bits=8,
+        act_quantizers="baseline",
+        budget="avg-bits=8",
+    )
+    figures = run(spec, workdir=tmp_path / "job").metrics.latency
+    assert figures is not None
+    plans = {entry.plan: entry for entry in figures.plans}
+    assert {"uniform", "mixed"} <= set(plans)
+    assert all(entry.error is None and entry.measured_ms for entry in plans.values())
