@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session
 
 from allocator.errors import BadReference
@@ -89,31 +89,11 @@ def renew_latency_lease(session: Session, *, table_id: str, lease_seconds: float
 
 
 def finish_latency_table(session: Session, *, table_id: str, table: Mapping[str, Any]) -> None:
-    execute_guarded(
-        session,
-        update(LatencyTableRow)
-        .where(LatencyTableRow.id == table_id)
-        .values(
-            status=LatencyStatus.SUCCEEDED,
-            finished_at=utcnow(),
-            lease_expires_at=None,
-            **_columns(table),
-        ),
-    )
+    _end(session, table_id, LatencyStatus.SUCCEEDED, **_columns(table))
 
 
 def fail_latency_table(session: Session, *, table_id: str, error: str) -> None:
-    execute_guarded(
-        session,
-        update(LatencyTableRow)
-        .where(LatencyTableRow.id == table_id)
-        .values(
-            status=LatencyStatus.FAILED,
-            finished_at=utcnow(),
-            lease_expires_at=None,
-            error=error[:2000],
-        ),
-    )
+    _end(session, table_id, LatencyStatus.FAILED, error=error[:2000])
 
 
 def fail_expired_latency_tables(session: Session, *, now: datetime | None = None) -> list[str]:
@@ -121,34 +101,41 @@ def fail_expired_latency_tables(session: Session, *, now: datetime | None = None
     database): measuring restarts only when the tenant asks again, on a machine of its choice.
     Their ids."""
     now = now or utcnow()
-    expired = list(
-        session.scalars(
-            select(LatencyTableRow.id).where(
-                LatencyTableRow.status == LatencyStatus.RUNNING,
-                LatencyTableRow.lease_expires_at < now,
-            )
-        )
+    running = (
+        LatencyTableRow.status == LatencyStatus.RUNNING,
+        LatencyTableRow.lease_expires_at < now,
     )
-    failed = []
-    for table_id in expired:
-        if execute_guarded(
+    expired = list(session.scalars(select(LatencyTableRow.id).where(*running)))
+    error = "the worker measuring this table stopped before it finished; request the table again"
+    return [
+        table_id
+        for table_id in expired
+        if _end(session, table_id, LatencyStatus.FAILED, *running, finished_at=now, error=error)
+    ]
+
+
+def _end(
+    session: Session,
+    table_id: str,
+    status: LatencyStatus,
+    *guards: ColumnElement[bool],
+    finished_at: datetime | None = None,
+    **values: Any,
+) -> bool:
+    """Record how a request ended (under `guards`, when given); its lease ends with it."""
+    return bool(
+        execute_guarded(
             session,
             update(LatencyTableRow)
-            .where(
-                LatencyTableRow.id == table_id,
-                LatencyTableRow.status == LatencyStatus.RUNNING,
-                LatencyTableRow.lease_expires_at < now,
-            )
+            .where(LatencyTableRow.id == table_id, *guards)
             .values(
-                status=LatencyStatus.FAILED,
-                finished_at=now,
+                status=status,
+                finished_at=finished_at or utcnow(),
                 lease_expires_at=None,
-                error="the worker measuring this table stopped before it finished; "
-                "request the table again",
+                **values,
             ),
-        ):
-            failed.append(table_id)
-    return failed
+        )
+    )
 
 
 def get_latency_table(session: Session, *, tenant: str, table_id: str) -> LatencyTableRow | None:
