@@ -117,6 +117,8 @@ class Workbench:
     _reference: torch.Tensor | None = None
     _fitted: dict[tuple[Any, ...], Choices] = field(default_factory=dict)
     """Fitted choices by (plan, activation quantizers, neighbours)."""
+    _written: set[str] = field(default_factory=set)
+    """Cache keys this workbench computed: finding one again is not reuse of earlier work."""
     _fit: str | None = None
     """The fit `choose_fit` chose for `calibration: "auto"`."""
 
@@ -178,8 +180,10 @@ class Workbench:
         cache = self.cache if self.content else None
         key = digest(what, CODE_VERSION, self.content, *parts)
         value, hit = cached(cache, key, compute, encode, decode)
-        if hit:
+        if hit and key not in self._written:
             self.reused[what] = self.reused.get(what, 0) + 1
+        elif not hit:
+            self._written.add(key)
         return value
 
     def cost_table(
