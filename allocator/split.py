@@ -86,18 +86,28 @@ def compute_part(
     model: LoadedModel,
     batches: Sequence[Inputs],
     table: LayerTable,
-    layers: Sequence[str],
+    runs: Sequence[Sequence[str]],
+    part: int,
     bits: Sequence[int],
     bias_correction: bool,
-    on_layer: Callable[[int], None] | None = None,
+    board: Board,
+    key: str,
 ) -> Candidates:
-    """Statistics and candidates of `layers`: one pass over `batches` and GPTQ per layer."""
-    keep = set(layers)
-    part = LayerTable(tuple(layer for layer in table if layer.name in keep))
+    """Statistics and candidates of part `part` of `runs`: one pass over `batches` and GPTQ per
+    layer, the claim renewed as each layer is done; handed over under `key`."""
+    keep = set(runs[part])
     stats = costs.input_stats(model, batches, table, only=keep)
-    return costs.rule_set_choices(
-        model, part, stats, bits, RULE_SETS, bias_correction=bias_correction, on_layer=on_layer
+    value = costs.rule_set_choices(
+        model,
+        LayerTable(tuple(layer for layer in table if layer.name in keep)),
+        stats,
+        bits,
+        RULE_SETS,
+        bias_correction=bias_correction,
+        on_layer=lambda _i: board.renew(part, len(runs)),
     )
+    board.cache.put(key, encode(value))
+    return value
 
 
 def encode(candidates: Candidates) -> dict[str, Any]:
@@ -157,17 +167,10 @@ def gather(
                 elsewhere += 1
             elif board.claim(index, len(runs)):
                 tick(len(found) / len(runs), f"part {index + 1}/{len(runs)}")
-                value = compute_part(
-                    model,
-                    batches,
-                    table,
-                    runs[index],
-                    bits,
-                    bias_correction,
-                    on_layer=lambda _i, part=index: board.renew(part, len(runs)),
+                found[index] = compute_part(
+                    model, batches, table, runs, index, bits, bias_correction, board, key
                 )
-                board.cache.put(key, encode(value))
-                found[index], progressed = value, True
+                progressed = True
         if not progressed:
             tick(len(found) / len(runs), f"waiting for {len(runs) - len(found)} parts")
             time.sleep(poll_seconds)
@@ -196,14 +199,5 @@ def help_with(
     key = part_key(content, part, len(runs), scope)
     if part >= len(runs) or board.cache.get(key) is not None:
         return False
-    value = compute_part(
-        model,
-        batches,
-        table,
-        runs[part],
-        bits,
-        bias_correction,
-        on_layer=lambda _i: board.renew(part, len(runs)),
-    )
-    board.cache.put(key, encode(value))
+    compute_part(model, batches, table, runs, part, bits, bias_correction, board, key)
     return True
