@@ -45,7 +45,7 @@ from torch import nn
 from allocator import unfold
 from allocator.device import CPU, to_cpu, to_device
 from allocator.layers import LayerTable
-from allocator.quant.gptq import InverseFactor, gptq_quantize, inverse_factor
+from allocator.quant.gptq import HessianFactor, Rounded, gptq_quantize, hessian_factor
 from allocator.quant.weight import CLIP_RULES, QuantizedWeight, quantize_weight
 from allocator.zoo.base import Inputs, LoadedModel
 
@@ -217,7 +217,7 @@ class _LayerInputs:
     mean: torch.Tensor
     signal: float
     """||W X||^2, what the relative output error divides by."""
-    factor: InverseFactor | None
+    factor: HessianFactor | None
     """GPTQ's factor of the inverse covariance, when a rule set rounds with GPTQ."""
     bias_correction: bool
 
@@ -232,7 +232,7 @@ def _layer_inputs(
         covariance,
         mean,
         max(_output_error(weight, moment), 1e-30),
-        inverse_factor(covariance) if gptq else None,
+        hessian_factor(covariance) if gptq else None,
         bias_correction,
     )
 
@@ -308,10 +308,10 @@ def _quantize(
     weight: torch.Tensor,
     widths: Sequence[int],
     pairs: Sequence[tuple[str, str]],
-    factor: InverseFactor | None,
-) -> dict[tuple[str, str, int], QuantizedWeight]:
+    factor: HessianFactor | None,
+) -> dict[tuple[str, str, int], Rounded]:
     """Every (clip, rounding, width) of one layer; the GPTQ ones in one batch on the grids of
-    the round-to-nearest ones."""
+    the round-to-nearest ones, with the output errors the batch measures on the way."""
     grids = {
         (clip, b): quantize_weight(weight, b, clip)
         for b in widths
@@ -323,7 +323,7 @@ def _quantize(
     refined = (
         gptq_quantize(weight, factor, [grids[key] for key in refine]) if factor is not None else []
     )
-    quantized = {(clip, "nearest", b): grid for (clip, b), grid in grids.items()}
+    quantized = {(clip, "nearest", b): Rounded(grid, None) for (clip, b), grid in grids.items()}
     quantized.update({(clip, "gptq", b): q for (clip, b), q in zip(refine, refined, strict=True)})
     return quantized
 
@@ -333,11 +333,16 @@ def _choice(
     b: int,
     clip: str,
     rounding: str,
-    quantized: QuantizedWeight,
+    rounded: Rounded,
     inputs: _LayerInputs,
 ) -> QuantChoice:
+    quantized = rounded.quantized
     delta = quantized.dequantize() - weight
-    per_channel = _channel_error(delta, inputs.covariance)
+    per_channel = (
+        _channel_error(delta, inputs.covariance)
+        if rounded.channel_error is None
+        else rounded.channel_error.float()
+    )
     correction = None
     if inputs.bias_correction and b < 16:
         grouped = unfold.grouped_weight(delta, inputs.mean.shape[0])

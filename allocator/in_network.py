@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from allocator import unfold
 from allocator.costs import ROWS_PER_BATCH, QuantChoice
 from allocator.layers import Layer, LayerTable
-from allocator.quant.gptq import DAMPENING, gptq_quantize, inverse_factor
+from allocator.quant.gptq import DAMPENING, gptq_quantize, hessian_factor
 from allocator.quant.weight import quantize_weight
 from allocator.sensitivity.measured import quantized_layers
 from allocator.zoo.base import Inputs, LoadedModel, run_hooked
@@ -268,7 +268,7 @@ def _fit(
     grouped = unfold.grouped_weight(weight.double(), groups)  # (groups, out/group, width)
     goal = grouped if target == "quantized" else grouped @ cfq @ _damped_inverse(cqq)
     goal_weight = goal.reshape(weight.shape[0], -1).reshape(weight.shape).float()
-    factor = inverse_factor(cqq.float())
+    factor = hessian_factor(cqq.float())
     signal = max(float(((grouped @ cqq) * grouped).sum()), 1e-30)
     fitted = {}
     usable = [b for b in widths if b < 16 and (name, b) in fp32_choices]
@@ -276,7 +276,7 @@ def _fit(
     rounded = gptq_quantize(goal_weight, factor, grids)
     for b, grid, gptq in zip(usable, grids, rounded, strict=True):
         rule = fp32_choices[(name, b)]
-        quantized = gptq if rule.rounding == "gptq" else grid
+        quantized = gptq.quantized if rule.rounding == "gptq" else grid
         dequantized = unfold.grouped_weight(quantized.dequantize().double(), groups)
         error = dequantized - goal
         per_channel = ((error @ cqq) * error).sum(-1).reshape(-1)

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from allocator.errors import UnknownMethod
-from allocator.quant.gptq import gptq_quantize, inverse_factor
+from allocator.quant.gptq import DAMPENING, gptq_quantize, hessian_factor
 from allocator.quant.weight import (
     CLIP_RULES,
     SUPPORTED_BITS,
+    QuantizedWeight,
     fake_quantize,
     quantize_weight,
 )
@@ -148,16 +149,56 @@ def test_gptq_batches_grids_without_mixing_them_and_beats_nearest() -> None:
     w = _weight(6, 4, 3, 3)
     x = _weight(400, 36, seed=1) @ _weight(36, 36, seed=2)  # correlated inputs
     moment = x.T @ x / len(x)
-    factor = inverse_factor(moment[None])
+    factor = hessian_factor(moment[None])
     grids = [quantize_weight(w, b, c) for b in (2, 3, 16) for c in sorted(CLIP_RULES)]
     together = gptq_quantize(w, factor, grids)
     for grid, batched in zip(grids, together, strict=True):
         (alone,) = gptq_quantize(w, factor, [grid])
-        assert torch.equal(batched.codes, alone.codes)
-        assert batched.scale is grid.scale and batched.bits == grid.bits
+        assert torch.equal(batched.quantized.codes, alone.quantized.codes)
+        assert batched.quantized.scale is grid.scale and batched.quantized.bits == grid.bits
         if grid.bits < 16:
-            gptq = _output_error(batched.dequantize() - w, moment)
+            gptq = _output_error(batched.quantized.dequantize() - w, moment)
             assert gptq < _output_error(grid.dequantize() - w, moment)
+            # The loop's own error is the undampened output error, per output channel.
+            assert batched.channel_error is not None
+            assert float(batched.channel_error.sum()) == pytest.approx(gptq, rel=1e-5)
+        else:
+            assert batched.channel_error is None
+
+
+def _textbook_gptq(w: torch.Tensor, moment: torch.Tensor, grid: QuantizedWeight) -> torch.Tensor:
+    """GPTQ as its paper writes it (act order, upper Cholesky factor of the dampened inverse,
+    one column at a time), for a dense layer: the codes the LDL form must reproduce."""
+    hessian = moment.double().clone()
+    order = torch.argsort(hessian.diagonal(), descending=True)
+    hessian = hessian[order][:, order]
+    hessian += DAMPENING * hessian.diagonal().mean() * torch.eye(len(hessian), dtype=torch.float64)
+    inverse = torch.linalg.cholesky(
+        torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True
+    )
+    weight = w.double()[:, order].clone()
+    scale = grid.scale.double()[:, None]  # type: ignore[union-attr]
+    qmax = 2 ** (grid.bits - 1) - 1
+    codes = torch.empty_like(weight)
+    for i in range(weight.shape[1]):
+        codes[:, i] = torch.clamp(torch.round(weight[:, i : i + 1] / scale), -qmax - 1, qmax)[:, 0]
+        error = (weight[:, i] - codes[:, i] * scale[:, 0]) / inverse[i, i]
+        weight[:, i:] -= error[:, None] * inverse[i, i:][None, :]
+    restored = torch.empty_like(codes)
+    restored[:, order] = codes
+    return restored.to(torch.int8)
+
+
+def test_gptq_ldl_form_gives_the_codes_of_textbook_gptq() -> None:
+    """The LDL form (one Cholesky of C, errors for free) is GPTQ, not an approximation of it."""
+    w = _weight(16, 40)
+    x = _weight(300, 40, seed=3) @ _weight(40, 40, seed=4)
+    moment = x.T @ x / len(x)
+    factor = hessian_factor(moment[None])
+    for bits in (2, 3, 4):
+        grid = quantize_weight(w, bits, "mse")
+        (rounded,) = gptq_quantize(w, factor, [grid])
+        assert torch.equal(rounded.quantized.codes, _textbook_gptq(w, moment, grid))
 
 
 def test_gptq_dampens_more_where_a_covariance_is_not_positive_definite() -> None:
@@ -166,8 +207,9 @@ def test_gptq_dampens_more_where_a_covariance_is_not_positive_definite() -> None
     indefinite = torch.tensor([[1.0, 2.0], [2.0, 1.0]])
     with pytest.raises(torch.linalg.LinAlgError):
         torch.linalg.cholesky(indefinite.double() + 0.01 * torch.eye(2, dtype=torch.float64))
-    factor = inverse_factor(torch.stack([indefinite, torch.eye(2)]))
-    assert torch.isfinite(factor.upper).all()
+    factor = hessian_factor(torch.stack([indefinite, torch.eye(2)]))
+    assert torch.isfinite(factor.feedback).all() and torch.isfinite(factor.pivots).all()
+    assert factor.dampening[0] > factor.dampening[1]
     w = _weight(4, 2)
-    (codes,) = gptq_quantize(w, factor, [quantize_weight(w, 3)])
-    assert codes.codes.shape == w.shape
+    (rounded,) = gptq_quantize(w, factor, [quantize_weight(w, 3)])
+    assert rounded.quantized.codes.shape == w.shape
