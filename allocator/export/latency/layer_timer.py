@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -38,8 +39,10 @@ class LayerTimer:
         threads: int,
         warmup: int,
         repeats: int,
+        open_axes: Sequence[int] = (),
     ) -> None:
         self.runtime, self.name, self.module, self.x = runtime, name, module, x
+        self.open_axes = tuple(open_axes)
         self.folder, self.threads = folder, threads
         self.warmup, self.repeats = warmup, repeats
         self.measured: dict[str, float] = {}
@@ -89,7 +92,7 @@ class LayerTimer:
     # ONNX Runtime: the layer alone with the export's QDQ nodes
 
     def _onnx(self, weight_bits: int, act_bits: int) -> float:
-        graph = layer_graph(self.name, self.module, self.x, weight_bits, act_bits)
+        graph = layer_graph(self.name, self.module, self.x, weight_bits, act_bits, self.open_axes)
         measured = self._onnx_ms(graph, "layer.onnx")
         return max(measured - self.overhead, 0.0)
 

@@ -39,9 +39,15 @@ ISA_FLAGS = (
 """The instruction sets that decide which low-bit and float kernels a runtime can use."""
 
 
+TIMING_METHOD = "layer-graphs-open-axes"
+"""How layers are timed (`allocator.export.latency.layer_graph`); part of the key, so that a
+table measured the way an older bitplan timed layers is measured anew, not reused."""
+
+
 def machine(runtime: str, threads: int | None = None) -> dict[str, Any]:
     """What decides the timings besides the model: CPU model, cores, the ISA flags that select
-    kernels, intra-op threads, and the GPU for torch-cuda. Its sha256 is part of a table's key."""
+    kernels, intra-op threads, the GPU for torch-cuda, and how layers are timed. Its sha256 is
+    part of a table's key."""
     flags: set[str] = set()
     cpu = platform.processor() or platform.machine()
     try:
@@ -60,6 +66,7 @@ def machine(runtime: str, threads: int | None = None) -> dict[str, Any]:
         "cores": os.cpu_count() or 1,
         "flags": sorted(flag for flag in ISA_FLAGS if flag in flags),
         "threads": threads or torch.get_num_threads(),
+        "timing": TIMING_METHOD,
     }
     if runtime == "torch-cuda":
         found["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None

@@ -7,7 +7,7 @@ Imports torch, onnx and onnxruntime.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -65,6 +65,7 @@ def measure_table(
     batch = example_input(model, input_shape)
     table = build_layer_table(model, batch, pin_first_last=False)
     inputs = _layer_inputs(model, batch, table.names)
+    open_axes = _open_axes(inputs, _layer_inputs(model, _grown(model, input_shape), table.names))
     weights = sorted({int(w) for w in weight_widths} | {FLOAT_WIDTH})
     acts = sorted({act_width(int(a)) for a in act_widths} | {FLOAT_WIDTH})
     modules = dict(model.module.named_modules())
@@ -74,7 +75,15 @@ def measure_table(
         for index, name in enumerate(table.names):
             progress(index / len(table.names), name)
             timer = LayerTimer(
-                runtime, name, modules[name], inputs[name], Path(tmp), threads, warmup, repeats
+                runtime,
+                name,
+                modules[name],
+                inputs[name],
+                Path(tmp),
+                threads,
+                warmup,
+                repeats,
+                open_axes[name],
             )
             row = {}
             for w in weights:
@@ -152,3 +161,25 @@ def _layer_inputs(model: LoadedModel, batch: Inputs, names: Sequence[str]) -> di
     ]
     run_hooked(model, batch, handles)
     return seen
+
+
+def _grown(model: LoadedModel, input_shape: Sequence[int]) -> Inputs:
+    """An example batch one longer on every axis the export leaves open (batch; and sequence
+    for token inputs): the layer input axes that change with it are the open ones."""
+    grown = [int(v) for v in input_shape]
+    grown[0] += 1
+    if model.input_kind != "image":
+        grown[1] += 1
+    return example_input(model, grown)
+
+
+def _open_axes(
+    inputs: Mapping[str, Tensor], grown: Mapping[str, Tensor]
+) -> dict[str, tuple[int, ...]]:
+    """Per layer, the axes of its input that differ between the two batches."""
+    return {
+        name: tuple(
+            i for i, (a, b) in enumerate(zip(x.shape, grown[name].shape, strict=False)) if a != b
+        )
+        for name, x in inputs.items()
+    }
