@@ -282,18 +282,9 @@ def _exported(
     model: LoadedModel, batch: Inputs, run: PlanRun | None, folder: Path
 ) -> tuple[Path, tuple[str, ...]]:
     """The ONNX file ONNX Runtime times: plain FP32, or the plan's QDQ export."""
-    from allocator.apply import load_packed, pack, read_packed
-    from allocator.export.latency import export_float
-    from allocator.export.onnx_qdq import export_onnx, replace_module
+    from allocator.export.latency import export_float, export_plan
 
-    path = folder / "model.onnx"
     if run is None:
+        path = folder / "model.onnx"
         return path, export_float(model, batch, path)
-    packed = run.packed
-    if packed is None:
-        packed = folder / "plan.safetensors"
-        pack(run.module, run.plan, packed)
-    artifact = read_packed(packed)
-    quantized, _ = load_packed(packed, copy.deepcopy(model.module))
-    exported = export_onnx(replace_module(model, quantized), artifact, batch, path)
-    return path, exported.inputs
+    return export_plan(model, batch, run.module, run.plan, folder, run.packed)

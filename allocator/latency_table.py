@@ -108,6 +108,10 @@ class LatencyTable:
     rest_ms: float = 0.0
     fp32_measured_ms: float | None = None
     """The FP32 model timed end to end when the table was measured."""
+    act_rest_ms: Mapping[str, float] = field(default_factory=dict)
+    """Per quantized activation width, the rest of a run with every activation site at it
+    (what no layer entry holds: the sites' QDQ, the attention matmuls between quantized sites),
+    where it was measured; `ms` shares its difference from `rest_ms` among the layers."""
     flat: bool = False
     settings: Mapping[str, Any] = field(default_factory=dict)
     """Warm-up, repeats, threads, and how candidates map onto measured kernels."""
@@ -144,7 +148,17 @@ class LatencyTable:
                 f"the latency table has no entry for layer {layer} at {key} (it has "
                 f"{', '.join(sorted(row))}); profile with these widths"
             )
-        return float(row[key])
+        return float(row[key]) + self._rest_share(act_bits)
+
+    def _rest_share(self, act_bits: int) -> float:
+        """One layer's share of how much a run's rest changes when activations run at
+        `act_bits` (0 in float, or where that rest was not measured): a plan with every site
+        at one width is predicted its measured rest, and one with some sites quantized moves
+        part of the way."""
+        rest = self.act_rest_ms.get(str(act_width(act_bits)))
+        if rest is None or act_width(act_bits) == FLOAT_WIDTH or not self.entries:
+            return 0.0
+        return (float(rest) - self.rest_ms) / len(self.entries)
 
     def predict(self, weights: Mapping[str, int], acts: int | Mapping[str, int]) -> float:
         """A plan's predicted latency: `rest_ms` plus each layer's entry at its widths."""
@@ -171,6 +185,7 @@ class LatencyTable:
             "entries": {layer: dict(row) for layer, row in self.entries.items()},
             "rest_ms": self.rest_ms,
             "fp32_measured_ms": self.fp32_measured_ms,
+            "act_rest_ms": dict(self.act_rest_ms),
             "flat": self.flat,
             "settings": dict(self.settings),
             "notes": list(self.notes),
@@ -193,6 +208,7 @@ class LatencyTable:
             },
             rest_ms=float(data.get("rest_ms", 0.0)),
             fp32_measured_ms=data.get("fp32_measured_ms"),
+            act_rest_ms={str(k): float(v) for k, v in (data.get("act_rest_ms") or {}).items()},
             flat=bool(data.get("flat", False)),
             settings=dict(data.get("settings") or {}),
             notes=tuple(data.get("notes") or ()),

@@ -108,7 +108,12 @@ def table_summary(table: LatencyTable) -> list[str]:
         f"{table.runtime_version}, {table.machine.get('cpu')}, {table.machine.get('threads')} "
         f"thread(s), input {'x'.join(map(str, table.input_shape))}, {len(table.entries)} layers, median of "
         f"{table.settings.get('repeats')} runs; rest (not in any layer entry) "
-        f"{table.rest_ms:.3f} ms; FP32 measured end to end {table.fp32_measured_ms:.3f} ms",
+        f"{table.rest_ms:.3f} ms"
+        + "".join(
+            f", with every activation at {bits} bits {ms:.3f} ms"
+            for bits, ms in sorted(table.act_rest_ms.items())
+        )
+        + f"; FP32 measured end to end {table.fp32_measured_ms:.3f} ms",
         "",
         "| choice | sum over layers (ms) | x FP32 layers |",
         "|---|---:|---:|",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -56,6 +57,21 @@ def test_parse_and_print_latency_terms() -> None:
     ):
         with pytest.raises(BadBudget, match=words):
             parse_budget(bad)
+
+
+def test_a_measured_rest_at_8_bit_activations_is_shared_among_the_layers() -> None:
+    """A plan with every site at 8 bits is predicted the rest measured at 8 bits; one with
+    half its layers' inputs at 8 bits moves half the way; float plans keep FP32's rest."""
+    entries = {
+        name: {choice_key(8, FLOAT_WIDTH): 1.0, choice_key(8, 8): 0.25} for name in ("a", "b")
+    }
+    lat = replace(latency_table({}, rest=2.0), entries=entries, act_rest_ms={"8": 0.8})
+    assert lat.predict({"a": 8, "b": 8}, FLOAT_WIDTH) == pytest.approx(2.0 + 2.0)
+    assert lat.predict({"a": 8, "b": 8}, 8) == pytest.approx(0.8 + 0.5)
+    assert lat.predict({"a": 8, "b": 8}, {"a": 8, "b": FLOAT_WIDTH}) == pytest.approx(
+        2.0 - 0.6 + 0.25 + 1.0
+    )
+    assert LatencyTable.from_dict(lat.to_dict()).act_rest_ms == {"8": 0.8}
 
 
 def test_resolve_is_relative_to_fp32_on_the_same_table() -> None:

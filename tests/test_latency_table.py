@@ -54,6 +54,8 @@ def test_onnxruntime_table_covers_every_layer_and_choice(
     assert row["W2A32"] == row["W4A32"]
     assert not table.flat and table.rest_ms >= 0 and table.fp32_measured_ms > 0
     assert table.fp32_ms() >= table.fp32_measured_ms - 1e-9  # rest_ms makes up the difference
+    # The rest of a run with every site at 8 bits, measured on the W8A8 export.
+    assert set(table.act_rest_ms) == {"8"} and table.act_rest_ms["8"] >= 0
     assert table.machine["threads"] >= 1 and table.runtime_version.startswith("onnxruntime")
     assert LatencyTable.from_dict(json.loads(json.dumps(table.to_dict()))) == table
 

@@ -97,8 +97,12 @@ def print_table(table: LatencyTable, reused: bool = False) -> None:
         for c in columns
     )
     out.print(f"{'sum':<{width}}  {totals}", highlight=False)
+    act_rests = "".join(
+        f"; rest with every activation at {bits} bits {ms:.4f} ms"
+        for bits, ms in sorted(table.act_rest_ms.items())
+    )
     out.print(
-        f"rest (not in any layer entry) {table.rest_ms:.4f} ms; FP32 predicted "
+        f"rest (not in any layer entry) {table.rest_ms:.4f} ms{act_rests}; FP32 predicted "
         f"{table.fp32_ms():.4f} ms; W{FLOAT_WIDTH} is the float layer",
         highlight=False,
     )

@@ -22,8 +22,13 @@ What is timed, per runtime:
 
 `rest_ms` is the FP32 model timed end to end (exported to ONNX without QDQ, or the torch
 module) less the sum of its layers' FP32 entries: pooling, additions, normalisation and
-activation functions, and the call overhead. `end_to_end_ms` times a whole exported model the
-same way, for the predicted-against-measured figures of a job's report.
+activation functions, and the call overhead. With quantized activations that rest changes
+(each site's QDQ, and integer kernels between quantized sites that no layer holds, such as
+MiniLM's attention matmuls), so for each quantized activation width the model with INT8
+weights and every site at that width is timed end to end too, and `act_rest_ms` keeps its
+rest; a layer's entry at that width carries its share of the difference
+(`LatencyTable.ms`). `end_to_end_ms` times a whole exported model the same way, for the
+predicted-against-measured figures of a job's report.
 
 Timings are what this machine did, nothing more: on a CPU without fast int8 or int4 paths,
 ONNX Runtime's QDQ kernels can be slower than float, and the table will say so.
@@ -37,12 +42,18 @@ Imports torch, onnx and onnxruntime; never anything from the service, database o
 
 from allocator.export.latency.machine import machine, model_digest, runtime_version
 from allocator.export.latency.table import measure_table
-from allocator.export.latency.timing import end_to_end_ms, example_input, export_float
+from allocator.export.latency.timing import (
+    end_to_end_ms,
+    example_input,
+    export_float,
+    export_plan,
+)
 
 __all__ = [
     "end_to_end_ms",
     "example_input",
     "export_float",
+    "export_plan",
     "machine",
     "measure_table",
     "model_digest",

@@ -7,6 +7,7 @@ Imports torch and onnxruntime.
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,6 +22,7 @@ from torch import Tensor
 from allocator.errors import BadSpec
 from allocator.export.onnx_qdq.tracing import Traced, feeds, positional_inputs, trace
 from allocator.export.runtime import session
+from allocator.plan import BitPlan
 from allocator.zoo.base import Inputs, LoadedModel
 
 WARMUP = 10
@@ -116,3 +118,27 @@ def export_float(model: LoadedModel, batch: Inputs, path: Path) -> tuple[str, ..
     names, tensors = positional_inputs(batch)
     trace(Traced(model, names), tensors, names, path)
     return names
+
+
+def export_plan(
+    model: LoadedModel,
+    batch: Inputs,
+    module: torch.nn.Module,
+    plan: BitPlan,
+    folder: Path,
+    packed: Path | None = None,
+) -> tuple[Path, tuple[str, ...]]:
+    """`module` (`model` quantized as `plan`) as the QDQ export a job writes, at
+    `folder`/model.onnx, packed first unless `packed` is its artifact already; its input
+    names."""
+    from allocator.apply import load_packed, pack, read_packed
+    from allocator.export.onnx_qdq import export_onnx, replace_module
+
+    if packed is None:
+        packed = folder / "plan.safetensors"
+        pack(module, plan, packed)
+    artifact = read_packed(packed)
+    quantized, _ = load_packed(packed, copy.deepcopy(model.module))
+    path = folder / "model.onnx"
+    exported = export_onnx(replace_module(model, quantized), artifact, batch, path)
+    return path, exported.inputs
