@@ -239,7 +239,7 @@ def _measured(
     table: LatencyTable, model: LoadedModel, batch: Inputs, run: PlanRun | None
 ) -> tuple[float | None, str | None]:
     """A plan's (FP32 when `run` is None) median ms end to end, or None and why not."""
-    from allocator.export.latency import end_to_end_ms
+    from allocator.export.latency import Quantized, end_to_end_ms, export_ms
 
     settings = table.settings
     warmup = int(settings.get("warmup", JOB_WARMUP))
@@ -247,13 +247,13 @@ def _measured(
     threads = settings.get("threads")
     try:
         if table.runtime == "onnxruntime-cpu":
+            quantized = None if run is None else Quantized(run.module, run.plan, run.packed)
             with tempfile.TemporaryDirectory(prefix="bitplan-e2e-") as tmp:
-                path, names = _exported(model, batch, run, Path(tmp))
-                return end_to_end_ms(
-                    table.runtime,
-                    path,
+                return export_ms(
+                    model,
                     batch,
-                    names=names,
+                    quantized,
+                    Path(tmp),
                     warmup=warmup,
                     repeats=repeats,
                     threads=threads,
@@ -276,15 +276,3 @@ def _measured(
         ), None
     except BitplanError as error:
         return None, str(error)
-
-
-def _exported(
-    model: LoadedModel, batch: Inputs, run: PlanRun | None, folder: Path
-) -> tuple[Path, tuple[str, ...]]:
-    """The ONNX file ONNX Runtime times: plain FP32, or the plan's QDQ export."""
-    from allocator.export.latency import export_float, export_plan
-
-    if run is None:
-        path = folder / "model.onnx"
-        return path, export_float(model, batch, path)
-    return export_plan(model, batch, run.module, run.plan, folder, run.packed)

@@ -43,17 +43,19 @@ Imports torch, onnx and onnxruntime; never anything from the service, database o
 from allocator.export.latency.machine import machine, model_digest, runtime_version
 from allocator.export.latency.table import measure_table
 from allocator.export.latency.timing import (
+    Quantized,
     end_to_end_ms,
     example_input,
     export_float,
-    export_plan,
+    export_ms,
 )
 
 __all__ = [
+    "Quantized",
     "end_to_end_ms",
     "example_input",
     "export_float",
-    "export_plan",
+    "export_ms",
     "machine",
     "measure_table",
     "model_digest",

@@ -21,10 +21,10 @@ from allocator.export.latency.machine import machine, model_digest, runtime_vers
 from allocator.export.latency.timing import (
     REPEATS,
     WARMUP,
+    Quantized,
     end_to_end_ms,
     example_input,
-    export_float,
-    export_plan,
+    export_ms,
 )
 from allocator.latency_table import (
     FLOAT_WIDTH,
@@ -183,12 +183,11 @@ def _act_rests(
             activations=activations,
         )
         try:
-            path, names = export_plan(model, batch, apply(model.module, plan), plan, folder)
-            measured = end_to_end_ms(
-                "onnxruntime-cpu",
-                path,
+            measured = export_ms(
+                model,
                 batch,
-                names=names,
+                Quantized(apply(model.module, plan), plan),
+                folder,
                 warmup=warmup,
                 repeats=repeats,
                 threads=threads,
@@ -215,11 +214,7 @@ def _fp32_end_to_end(
 ) -> float:
     if runtime != "onnxruntime-cpu":
         return end_to_end_ms(runtime, model, batch, warmup=warmup, repeats=repeats, threads=threads)
-    path = folder / "fp32.onnx"
-    names = export_float(model, batch, path)
-    return end_to_end_ms(
-        runtime, path, batch, names=names, warmup=warmup, repeats=repeats, threads=threads
-    )
+    return export_ms(model, batch, None, folder, warmup=warmup, repeats=repeats, threads=threads)
 
 
 def _layer_inputs(model: LoadedModel, batch: Inputs, names: Sequence[str]) -> dict[str, Tensor]:

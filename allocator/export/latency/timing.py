@@ -12,6 +12,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +143,43 @@ def export_plan(
     path = folder / "model.onnx"
     exported = export_onnx(replace_module(model, quantized), artifact, batch, path)
     return path, exported.inputs
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A plan to export and time: `module` is the model quantized as `plan`, `packed` its
+    packed artifact when there is one already."""
+
+    module: torch.nn.Module
+    plan: BitPlan
+    packed: Path | None = None
+
+
+def export_ms(
+    model: LoadedModel,
+    batch: Inputs,
+    quantized: Quantized | None,
+    folder: Path,
+    *,
+    warmup: int,
+    repeats: int,
+    threads: int | None,
+) -> float:
+    """ONNX Runtime's median ms on `batch` for `model` exported: plain FP32 (`quantized`
+    None) or a plan's QDQ export, written under `folder`."""
+    if quantized is None:
+        path = folder / "model.onnx"
+        names = export_float(model, batch, path)
+    else:
+        path, names = export_plan(
+            model, batch, quantized.module, quantized.plan, folder, quantized.packed
+        )
+    return end_to_end_ms(
+        "onnxruntime-cpu",
+        path,
+        batch,
+        names=names,
+        warmup=warmup,
+        repeats=repeats,
+        threads=threads,
+    )
