@@ -287,3 +287,70 @@ def test_plans_fitted_on_fp32_inputs_are_refined_too() -> None:
     assert rounds and rounds[0].divergence == pytest.approx(bench.holdout_divergence(first.bits))
     assert bench.holdout_divergence(solution.bits) <= rounds[0].divergence
     assert not bench._fitted  # nothing was fitted in the network
+
+
+def _fit_both(model: LoadedModel, batches: list[torch.Tensor], plan_bits: int = 3) -> tuple:
+    """The same plan fitted in lockstep and layer by layer (`_Lockstep` switched off)."""
+    table = build_layer_table(model, batches[0][:1], pin_first_last=False)
+    stats = costs.input_stats(model, batches, table)
+    choices = costs.quant_choices(model, table, stats, BITS)
+    plan = {layer.name: plan_bits for layer in table}
+    together = in_network.calibrate(model, batches, table, plan, choices)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(in_network._Lockstep, "run", lambda *_args, **_kw: None)
+        apart = in_network.calibrate(model, batches, table, plan, choices)
+    return together, apart
+
+
+@pytest.mark.parametrize("rows_kept", [True, False])
+def test_lockstep_fits_are_the_layer_by_layer_fits(
+    rows_kept: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All batches meeting before each layer fit what one partial pass per layer fits, with
+    the FP32 rows kept from one pass or, where they would not fit, from an FP32 twin running
+    in lockstep beside them."""
+    if not rows_kept:
+        monkeypatch.setattr(in_network, "FP32_ROWS_BYTES", 0)
+    model = _model()
+    batches = [
+        torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)
+    ]
+    together, apart = _fit_both(model, batches)
+    assert together.keys() == apart.keys()
+    for key, choice in together.items():
+        assert torch.equal(choice.quantized.codes, apart[key].quantized.codes), key
+        assert choice.output_error == pytest.approx(apart[key].output_error, rel=1e-6)
+
+
+class Branchy(Backwards):
+    """Skips its middle layer on batches whose mean is negative: batches part ways."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        positive = float(x.mean()) > 0
+        x = torch.relu(self.stem(x))
+        if positive:
+            x = torch.relu(self.body(x))
+        return self.head(nn.functional.adaptive_avg_pool2d(x, 2).flatten(1))
+
+
+def test_batches_that_part_ways_break_the_lockstep_and_leave_the_model_as_it_was() -> None:
+    """A batch that skips a layer would leave the others waiting for it: the barrier breaks,
+    `run` answers None (the caller fits layer by layer) and no weight stays swapped."""
+    torch.manual_seed(0)
+    model = LoadedModel(
+        ref="branchy", module=Branchy().eval(), task="classification", input_kind="image"
+    )
+    high = torch.full((4, 3, 8, 8), 3.0) + torch.randn(4, 3, 8, 8)
+    low = torch.full((4, 3, 8, 8), -3.0) + torch.randn(4, 3, 8, 8)
+    table = build_layer_table(model, high[:1], pin_first_last=False)
+    choices = costs.quant_choices(model, table, costs.input_stats(model, [high], table), BITS)
+    modules = dict(model.module.named_modules())
+    by_name = {layer.name: layer for layer in table}
+    order = in_network.execution_order(model, high, by_name)
+    fp32 = in_network._fp32_rows(model, [high, low], [by_name[n] for n in order], modules)
+    before = {name: modules[name].weight.detach().clone() for name in order}
+    plan = dict.fromkeys(order, 3)
+    fitted = {(name, 3): choices[(name, 3)] for name in order}
+    lockstep = in_network._Lockstep(model, [high, low], order, by_name, modules, fp32)
+    assert lockstep.run(plan, fitted, choices, None, "fp32", None) is None
+    assert all(torch.equal(modules[name].weight, before[name]) for name in order)
