@@ -63,6 +63,25 @@ class Site:
 
 
 _local = threading.local()
+"""The transform `instrument` routes attention probabilities through, and the attention module
+running now, per thread: requests served side by side each see their own."""
+
+
+def current_transform() -> Transform | None:
+    """The transform this thread's `instrument` set (None outside one)."""
+    return getattr(_local, "transform", None)
+
+
+@contextmanager
+def transform_in_thread(transform: Transform | None) -> Iterator[None]:
+    """Run this thread's passes under `transform`, as the thread that entered `instrument`
+    runs them (for worker threads that run the instrumented model on its behalf)."""
+    previous = current_transform()
+    _local.transform = transform
+    try:
+        yield
+    finally:
+        _local.transform = previous
 
 
 def find_sites(model: LoadedModel, sample: Inputs, table: LayerTable) -> list[Site]:

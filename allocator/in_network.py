@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from allocator import unfold
+from allocator.activations import Transform, current_transform, transform_in_thread
 from allocator.costs import ROWS_PER_BATCH, QuantChoice
 from allocator.layers import Layer, LayerTable
 from allocator.quant.gptq import DAMPENING, gptq_quantize, hessian_factor
@@ -133,11 +134,10 @@ def calibrate(
         (name, b): fp32_choices[(name, b)] for name, b in plan.items()
     }
     fp32 = _fp32_rows(model, batches, [by_name[name] for name in order], modules)
-    if context is None:
-        lockstep = _Lockstep(model, batches, order, by_name, modules, fp32)
-        fit = lockstep.run(plan, fitted, fp32_choices, widths, target, on_layer)
-        if fit is not None:
-            return fit
+    lockstep = _Lockstep(model, batches, order, by_name, modules, fp32)
+    fit = lockstep.run(plan, fitted, fp32_choices, widths, target, context, on_layer)
+    if fit is not None:
+        return fit
     for index, name in enumerate(order):
         layer, module = by_name[name], modules[name]
         rows = fp32.get(name) or [
@@ -167,10 +167,9 @@ class _Lockstep:
     layers), an FP32 copy of the model runs beside it in lockstep too, one more thread per
     batch, instead of a second partial pass per layer and batch.
 
-    It needs weights-only fits (the activation quantizers keep per-thread state,
-    `allocator.activations`) and every batch to call the layers in the same order; when one
-    does not (a data-dependent branch), the barrier is broken and `run` answers None for the
-    caller to fit layer by layer."""
+    It needs every batch to call the layers in the same order; when one does not (a
+    data-dependent branch), the barrier is broken and `run` answers None for the caller to fit
+    layer by layer."""
 
     def __init__(
         self,
@@ -187,6 +186,7 @@ class _Lockstep:
         self.arrived: dict[tuple[bool, int], tuple[str, Tensor]] = {}
         self.failures: list[BaseException] = []
         self.thread = threading.local()
+        self.transform: Transform | None = None
 
     def run(
         self,
@@ -195,6 +195,7 @@ class _Lockstep:
         fp32_choices: Choices,
         widths: Callable[[str, int], Sequence[int]] | None,
         target: str,
+        context: Callable[[], AbstractContextManager[object]] | None,
         on_layer: Callable[[int, int], None] | None,
     ) -> dict[tuple[str, int], QuantChoice] | None:
         """`fitted` completed for every layer of the order, or None if the batches parted."""
@@ -232,6 +233,11 @@ class _Lockstep:
             # float16) at their choices throughout.
             others = {name: fitted[(name, b)] for name, b in plan.items() if name not in self.order}
             installed.enter_context(quantized_layers(self.model.module, others))
+            # Then the activation quantizers (on the model, not its FP32 twin), whose input
+            # transforms run before the hooks below read a layer's input.
+            if context is not None:
+                installed.enter_context(context())
+            self.transform = current_transform()
             barrier = threading.Barrier(len(passes), action=fit_next)
             networks = [self.modules]
             if self.twin is not None:
@@ -284,7 +290,7 @@ class _Lockstep:
         self.thread.twin, self.thread.index, self.thread.seen = twin, index, set()
         model = self.twin if twin and self.twin is not None else self.model
         try:
-            with torch.no_grad():
+            with torch.no_grad(), transform_in_thread(None if twin else self.transform):
                 model(self.batches[index])
             if len(self.thread.seen) != len(self.order):
                 raise _Parted("a batch skipped a layer")

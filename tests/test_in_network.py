@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import replace
 
 import numpy as np
@@ -10,15 +12,18 @@ import torch
 from torch import nn
 
 from allocator import costs, in_network
+from allocator.activations import collect, find_sites, quantized_activations
 from allocator.budget import ResolvedBudget
 from allocator.context_costs import _row, refine
 from allocator.job import FLOAT_ACTS, JobSpec
 from allocator.job_metrics import JobMetrics
 from allocator.layers import build_layer_table
 from allocator.pipeline import Workbench
+from allocator.quant.activation import calibrate
 from allocator.sensitivity.measured import quantized_layers
 from allocator.solve import solve
 from allocator.weight_rules import fp32_outputs
+from allocator.zoo import load_model
 from allocator.zoo.base import LoadedModel
 
 BITS = (2, 3, 4, 8)
@@ -289,17 +294,28 @@ def test_plans_fitted_on_fp32_inputs_are_refined_too() -> None:
     assert not bench._fitted  # nothing was fitted in the network
 
 
-def _fit_both(model: LoadedModel, batches: list[torch.Tensor], plan_bits: int = 3) -> tuple:
-    """The same plan fitted in lockstep and layer by layer (`_Lockstep` switched off)."""
+def _fit_both(
+    model: LoadedModel,
+    batches: list[torch.Tensor],
+    context: Callable[[], AbstractContextManager[object]] | None = None,
+) -> tuple:
+    """The same W3 plan fitted in lockstep and layer by layer (`_Lockstep` switched off)."""
     table = build_layer_table(model, batches[0][:1], pin_first_last=False)
     stats = costs.input_stats(model, batches, table)
     choices = costs.quant_choices(model, table, stats, BITS)
-    plan = {layer.name: plan_bits for layer in table}
-    together = in_network.calibrate(model, batches, table, plan, choices)
+    plan = {layer.name: 3 for layer in table}
+    together = in_network.calibrate(model, batches, table, plan, choices, context=context)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(in_network._Lockstep, "run", lambda *_args, **_kw: None)
-        apart = in_network.calibrate(model, batches, table, plan, choices)
+        apart = in_network.calibrate(model, batches, table, plan, choices, context=context)
     return together, apart
+
+
+def _assert_same_fits(together: dict, apart: dict) -> None:
+    assert together.keys() == apart.keys()
+    for key, choice in together.items():
+        assert torch.equal(choice.quantized.codes, apart[key].quantized.codes), key
+        assert choice.output_error == pytest.approx(apart[key].output_error, rel=1e-6)
 
 
 @pytest.mark.parametrize("rows_kept", [True, False])
@@ -315,11 +331,31 @@ def test_lockstep_fits_are_the_layer_by_layer_fits(
     batches = [
         torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)
     ]
-    together, apart = _fit_both(model, batches)
-    assert together.keys() == apart.keys()
-    for key, choice in together.items():
-        assert torch.equal(choice.quantized.codes, apart[key].quantized.codes), key
-        assert choice.output_error == pytest.approx(apart[key].output_error, rel=1e-6)
+    _assert_same_fits(*_fit_both(model, batches))
+
+
+def test_lockstep_fits_run_the_activation_quantizers_in_every_thread() -> None:
+    """With 4-bit activations (layer inputs and attention probabilities, whose transform lives
+    in per-thread state) the threads fit what the layer-by-layer passes fit."""
+    torch.manual_seed(0)
+    model = load_model(
+        "timm:vit_tiny_patch16_224?img_size=16&patch_size=8&embed_dim=32&depth=1&num_heads=2"
+    )
+    batches = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    table = build_layer_table(model, batches[0][:1], pin_first_last=False)
+    sites = find_sites(model, batches[0], table)
+    samples = collect(model, batches, sites)
+    quantizers = {site.name: calibrate("minmax", samples[site.name], 4) for site in sites}
+    assert any(name.endswith(".probs") for name in quantizers)
+    together, apart = _fit_both(
+        model, batches, lambda: quantized_activations(model.module, sites, quantizers)
+    )
+    _assert_same_fits(together, apart)
+    without, _ = _fit_both(model, batches)
+    assert any(
+        not torch.equal(without[key].quantized.codes, choice.quantized.codes)
+        for key, choice in together.items()
+    )
 
 
 class Branchy(Backwards):
@@ -352,5 +388,5 @@ def test_batches_that_part_ways_break_the_lockstep_and_leave_the_model_as_it_was
     plan = dict.fromkeys(order, 3)
     fitted = {(name, 3): choices[(name, 3)] for name in order}
     lockstep = in_network._Lockstep(model, [high, low], order, by_name, modules, fp32)
-    assert lockstep.run(plan, fitted, choices, None, "fp32", None) is None
+    assert lockstep.run(plan, fitted, choices, None, "fp32", None, None) is None
     assert all(torch.equal(modules[name].weight, before[name]) for name in order)
