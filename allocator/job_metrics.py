@@ -327,6 +327,11 @@ class ExportCheck(Record):
     """`max_abs_diff` and `runtime_metric` in a session with the runtime's defaults, which
     for ONNX Runtime rewrite parts of the graph into another model (`allocator.export.parity`);
     the check itself runs with the session settings the file's metadata names."""
+    integer_conv: dict[str, Any] | None = None
+    """How many convolutions were rewritten for ONNX Runtime's integer kernels
+    (`folded_batchnorm`, `int32_bias`: `allocator.export.onnx_qdq.integer_conv`) and whether
+    the file keeps them (`kept`); when their rounding failed the check, the file is the float
+    kernels' export and `why_not` says what the check found."""
 
     def text(self) -> str:
         """`onnx: max abs diff 2.4e-06 (3.1e-07 of the output range), top1 76.65 in

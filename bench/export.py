@@ -19,8 +19,9 @@ with 8-bit activations (`--act-bits 8 --act-quantizers baseline`):
 Per job it prints the parity the job recorded (max / mean absolute output difference of ONNX
 Runtime against bitplan's quantized model on the evaluation samples, the samples beyond the
 output bound, the site-by-site code check when activations are quantized, the same under ONNX
-Runtime's default session), the primary metric of both, and the ONNX file and packed artifact
-sizes. Needs `../shared/data` (see its README).
+Runtime's default session), the primary metric of both, the ONNX file and packed artifact
+sizes, and the exported plan's latency in ONNX Runtime at batch 1 against the FP32 model's,
+timed in alternating rounds in the same process. Needs `../shared/data` (see its README).
 """
 
 from __future__ import annotations
@@ -40,11 +41,18 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from allocator.apply import load_packed  # noqa: E402
-from allocator.export.onnx_qdq import check_exportable, read_metadata, replace_module  # noqa: E402
+from allocator.export.latency import example_input, export_float  # noqa: E402
+from allocator.export.onnx_qdq import (  # noqa: E402
+    check_exportable,
+    feeds,
+    read_metadata,
+    replace_module,
+)
 from allocator.export.parity import bitplan_forward  # noqa: E402
 from allocator.export.runtime import runtime_forward, session  # noqa: E402
 from allocator.plan import BitPlan  # noqa: E402
 from allocator.zoo import load_model  # noqa: E402
+from allocator.zoo.base import LoadedModel  # noqa: E402
 from bench.quality_models import (  # noqa: E402
     DATA,
     DIGITS,
@@ -59,6 +67,8 @@ PLANS = {"weights": [], "w-a8": ["--act-bits", "8", "--act-quantizers", "baselin
 MODELS = ("resnet20", "digits", "minilm", "effnetlite1")
 BATCHES = {1: 200, 256: 10}
 """Batch size -> timed repeats (after 3 warm-up runs); the median is printed."""
+ROUNDS, PER_ROUND = 8, 10
+"""The exported plan against FP32 in ONNX Runtime: alternating rounds of timed runs."""
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -114,10 +124,11 @@ def measure(model: str, args: list[str], name: str, home: Path) -> dict[str, obj
     onnx_path, packed = Path(artifacts["onnx"]), Path(artifacts["model"])
     row["onnx_bytes"] = onnx_path.stat().st_size
     row["packed_bytes"] = packed.stat().st_size
+    model_ref = args[args.index("--model") + 1]
+    weights = args[args.index("--weights") + 1] if "--weights" in args else None
+    row.update(against_fp32(load_model(model_ref, weights), onnx_path, home))
     if model != "resnet20":
         return row
-    model_ref = args[args.index("--model") + 1]
-    weights = args[args.index("--weights") + 1]
     fp32 = load_model(model_ref, weights)
     quantized, plan = load_packed(packed, load_model(model_ref, weights).module)
     assert plan == BitPlan.from_dict(json.loads(read_metadata(onnx_path)["bitplan.plan"]))
@@ -134,20 +145,44 @@ def measure(model: str, args: list[str], name: str, home: Path) -> dict[str, obj
     return row
 
 
+def against_fp32(model: LoadedModel, onnx_path: Path, home: Path) -> dict[str, float]:
+    """The exported plan and the FP32 model exported plainly, each in ONNX Runtime at batch 1
+    (one image at the model's size, or one sentence of 32 tokens) with the checks' session
+    settings, timed in alternating rounds so a busy machine slows both alike: the medians of
+    the rounds' medians."""
+    shape = (1, 3, model.image_size, model.image_size) if model.input_kind == "image" else (1, 32)
+    batch = example_input(model, shape)
+    names = export_float(model, batch, home / "fp32.onnx")
+    runs = {
+        "fp32": session(home / "fp32.onnx").run,
+        "plan": session(onnx_path).run,
+    }
+    feed = feeds(names, batch)
+    rounds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(ROUNDS):
+        for name, run in runs.items():
+            rounds[name].append(median_ms(lambda run=run: run(None, feed), PER_ROUND))
+    plan, fp32 = statistics.median(rounds["plan"]), statistics.median(rounds["fp32"])
+    return {"e2e_ms": plan, "e2e_fp32_ms": fp32}
+
+
 def table(rows: list[dict[str, object]]) -> str:
     lines = [
         "| model | plan | max abs diff (of range) | mean abs diff | samples beyond"
         " | codes site by site | ORT defaults max abs diff | metric | bitplan | ONNX"
-        " | .onnx bytes | packed bytes | ORT ms b1 / b256 | bitplan torch ms b1 / b256"
-        " | FP32 torch ms b1 / b256 |",
-        "|" + "---|" * 15,
+        " | .onnx bytes | packed bytes | ONNX ms b1 (FP32 ONNX ms, ratio)"
+        " | ORT ms b1 / b256 | bitplan torch ms b1 / b256 | FP32 torch ms b1 / b256 |",
+        "|" + "---|" * 16,
     ]
     for r in rows:
         if not r["passed"]:
-            lines.append(f"| {r['model']} | {r['plan']} | failed: {r['error']} |" + " |" * 12)
+            lines.append(f"| {r['model']} | {r['plan']} | failed: {r['error']} |" + " |" * 13)
             continue
         rel = r["max_abs_diff"] / r["output_range"]
         defaults = (r.get("runtime_defaults") or {}).get("max_abs_diff", float("nan"))
+        e2e = (
+            f" {r['e2e_ms']:.2f} ({r['e2e_fp32_ms']:.2f}, {r['e2e_ms'] / r['e2e_fp32_ms']:.2f}x) |"
+        )
         timings = " - | - | - |"
         if "ort_ms_1" in r:
             timings = (
@@ -160,7 +195,7 @@ def table(rows: list[dict[str, object]]) -> str:
             f"{r['mean_abs_diff']:.2e} | {r['over_tolerance']} of {r['samples']} | "
             f"{_codes(r.get('site_codes'))} | {defaults:.2e} | {r['metric']} | "
             f"{r['bitplan_metric']:.2f} | {r['runtime_metric']:.2f} | {r['onnx_bytes']:,} | "
-            f"{r['packed_bytes']:,} |{timings}"
+            f"{r['packed_bytes']:,} |{e2e}{timings}"
         )
     return "\n".join(lines)
 

@@ -34,9 +34,17 @@ from allocator.export.runtime import session
 from allocator.quant.activation import ActQuantizer
 from allocator.zoo.base import LoadedModel
 
-CODE_FLIP_SHARE = 1e-3
+CODE_FLIP_SHARE = 1e-2
 """The largest share of one site's activation codes allowed one step off the runtime's, given
-the same codes at the sites before it (none may be further off)."""
+the same codes at the sites before it (none may be further off). Float summation order alone
+flipped at most 0.03 % of a site's codes; ONNX Runtime's integer convolutions (QLinearConv,
+`allocator.export.onnx_qdq.integer_conv`) requantize their int32 sums with their own rounding,
+after a bias rounded to int32: on EfficientNet-Lite1 W8A8 up to 0.52 % of a site's codes (a
+1x1 projection's output), 0.15 % over all sites, none by more than a step. A wrong scale or
+zero point moves most codes, many by more than a step."""
+CODE_FLIP_FLOOR = 4
+"""One step off is allowed at this many codes of a site whatever its share: a site of few codes
+(a classifier's input, 128 codes on 16 samples) would otherwise fail on a single flip."""
 
 
 @dataclass(frozen=True)
@@ -57,11 +65,13 @@ class SiteCodes:
     output_max_abs_diff: float
     """Largest difference of the final outputs when bitplan computes them from the runtime's
     codes."""
+    sites_over: int = 0
+    """Sites with more codes one step off than `flip_share` of theirs (and `CODE_FLIP_FLOOR`)."""
     flip_share: float = CODE_FLIP_SHARE
 
     @property
     def passed(self) -> bool:
-        return self.beyond == 0 and self.worst_share <= self.flip_share
+        return self.beyond == 0 and self.sites_over == 0
 
     def text(self) -> str:
         where = (
@@ -71,7 +81,8 @@ class SiteCodes:
         )
         return (
             f"site by site {self.one_step} of {self.codes} activation codes one step off and "
-            f"{self.beyond} further{where} (allowed {self.flip_share:g} a site, none further), "
+            f"{self.beyond} further{where} (allowed {self.flip_share:g} of a site's codes or "
+            f"{CODE_FLIP_FLOOR}, none further; {self.sites_over} sites over), "
             f"outputs from the runtime's codes {self.output_max_abs_diff:.3g} off"
         )
 
@@ -85,6 +96,7 @@ class SiteCodes:
             "worst_share": self.worst_share,
             "output_max_abs_diff": self.output_max_abs_diff,
             "flip_share": self.flip_share,
+            "sites_over": self.sites_over,
             "passed": self.passed,
         }
 
@@ -119,6 +131,11 @@ def site_codes(
             gap = (torch.from_numpy(values[0]).float() - out).abs().max()
             worst_output = max(worst_output, float(gap))
     shares = {site: (c[1] + c[2]) / c[0] for site, c in counts.items() if c[0]}
+    over = [
+        site
+        for site, c in counts.items()
+        if c[1] + c[2] > max(CODE_FLIP_SHARE * c[0], CODE_FLIP_FLOOR)
+    ]
     worst = max(shares, key=shares.__getitem__) if any(shares.values()) else None
     return SiteCodes(
         sites=len(by_site),
@@ -128,6 +145,7 @@ def site_codes(
         worst_site=worst,
         worst_share=0.0 if worst is None else shares[worst],
         output_max_abs_diff=worst_output,
+        sites_over=len(over),
     )
 
 

@@ -17,6 +17,7 @@ import copy
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,7 +25,7 @@ from allocator.apply import load_packed, read_packed
 from allocator.data import EvalSet
 from allocator.data.evaluate import REFERENCE_METRICS
 from allocator.device import CPU
-from allocator.errors import BitplanError, ExportRefused
+from allocator.errors import BitplanError, ExportRefused, ParityFailed
 from allocator.export.onnx_qdq import check_exportable, export_onnx, replace_module, stamp
 from allocator.export.parity import METRIC_TOLERANCE, TOLERANCE, Parity, check_parity
 from allocator.export.runtime import runtime_name, session_metadata
@@ -65,14 +66,31 @@ def export_checked(
         model = replace(model, module=copy.deepcopy(model.module).to(CPU))
         quantized, _ = load_packed(packed, model.module)
         rebuilt = replace_module(model, quantized)
-        exported = export_onnx(
-            rebuilt, artifact, _head(evalset.batches[0]), path, metadata=session_metadata()
-        )
-        if job_id is not None:
-            stamp(path, job_id)
-        parity = check_parity(
-            path, exported.inputs, rebuilt, quantizers, evalset, fp32_reference, TOLERANCE
-        )
+        integer: dict[str, Any] = {}
+        for rewrite in (True, False):
+            exported = export_onnx(
+                rebuilt,
+                artifact,
+                _head(evalset.batches[0]),
+                path,
+                metadata=session_metadata(),
+                integer_conv=rewrite,
+            )
+            if job_id is not None:
+                stamp(path, job_id)
+            rewritten = {kind: len(layers) for kind, layers in exported.integer_conv.items()}
+            try:
+                parity = check_parity(
+                    path, exported.inputs, rebuilt, quantizers, evalset, fp32_reference, TOLERANCE
+                )
+            except ParityFailed as failed:
+                if not rewrite or not any(rewritten.values()):
+                    raise
+                # The integer kernels' own rounding moved too many codes: float kernels then.
+                integer = {**rewritten, "kept": False, "why_not": str(failed)}
+                continue
+            integer = integer or {**rewritten, "kept": any(rewritten.values()), "why_not": None}
+            break
     except BitplanError as error:
         path.unlink(missing_ok=True)
         return _failed(
@@ -98,6 +116,7 @@ def export_checked(
         over_tolerance=parity.over_tolerance,
         site_codes=None if parity.codes is None else parity.codes.to_dict(),
         runtime_defaults=parity.defaults,
+        integer_conv=integer,
     )
 
 

@@ -34,6 +34,7 @@ from allocator.export.onnx_qdq.graph import (
     drop_unused_initializers,
     strip_prefix,
 )
+from allocator.export.onnx_qdq.integer_conv import fold_batchnorms, integer_biases
 from allocator.export.onnx_qdq.tracing import (
     Traced,
     dynamic_axes,
@@ -59,6 +60,9 @@ class OnnxExport:
     inputs: tuple[str, ...]
     weights: dict[str, WeightStorage]
     activations: dict[str, SiteStorage]
+    integer_conv: dict[str, list[str]]
+    """The layers `allocator.export.onnx_qdq.integer_conv` rewrote ("folded_batchnorm",
+    "int32_bias"; empty lists when not asked for)."""
 
 
 def export_onnx(
@@ -67,12 +71,15 @@ def export_onnx(
     sample: Inputs,
     path: str | Path,
     metadata: Mapping[str, str] | None = None,
+    integer_conv: bool = True,
 ) -> OnnxExport:
     """Write `model` (rebuilt from `packed` by `load_packed`) as a QDQ ONNX model at `path`,
     traced on `sample` (one model-ready batch) with a dynamic batch (and sequence) axis.
 
     `metadata` (the job id, ...) joins the plan and the storage tables in `metadata_props`.
-    Raises `ExportRefused` for a plan ONNX cannot express.
+    `integer_conv` rewrites convolutions for ONNX Runtime's integer kernels
+    (`allocator.export.onnx_qdq.integer_conv`). Raises `ExportRefused` for a plan ONNX cannot
+    express.
     """
     plan = packed.plan
     quantizers = check_exportable(plan.activations)
@@ -112,6 +119,12 @@ def export_onnx(
         for site in sites
         if site.layer not in unused
     }
+    codes = {storage.initializer: layer for layer, storage in weights.items()}
+    rewritten: dict[str, list[str]] = {"folded_batchnorm": [], "int32_bias": []}
+    if integer_conv:
+        bits = {name: site.bits for name, site in activations.items()}
+        rewritten["folded_batchnorm"] = fold_batchnorms(proto, codes, bits)
+        rewritten["int32_bias"] = integer_biases(proto, codes, bits)
     strip_prefix(proto, "module.")
     drop_unused_initializers(proto)
     _raise_opset(proto)
@@ -123,13 +136,14 @@ def export_onnx(
             "bitplan.weights": json.dumps({k: asdict(v) for k, v in weights.items()}),
             "bitplan.activations": json.dumps({k: asdict(v) for k, v in activations.items()}),
             "bitplan.unused_layers": json.dumps(unused),
+            "bitplan.integer_conv": json.dumps(rewritten),
             **dict(metadata or {}),
         },
     )
     onnx.checker.check_model(proto, full_check=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(path))
-    return OnnxExport(path, names, weights, activations)
+    return OnnxExport(path, names, weights, activations, rewritten)
 
 
 def _raise_opset(proto: onnx.ModelProto) -> None:

@@ -151,11 +151,16 @@ def layer_outputs(proto: onnx.ModelProto) -> dict[str, str]:
     """Each planned layer's output tensor in `proto` (the Conv / Gemm output, or MatMul's
     after its bias Add), by layer name, read off the weights in its metadata: what a parity
     check exposes to find where outputs first diverge."""
-    weights = json.loads(model_props(proto)["bitplan.weights"])
+    props = model_props(proto)
+    weights = json.loads(props["bitplan.weights"])
+    # A layer with its BatchNormalization folded in computes both: not bitplan's layer output.
+    folded = set(json.loads(props.get("bitplan.integer_conv", "{}")).get("folded_batchnorm", []))
     producers = {out: node for node in proto.graph.node for out in node.output}
     users_of = consumers(proto.graph)
     found = {}
     for layer, storage in weights.items():
+        if layer in folded:
+            continue
         weight_node = next(
             node for node in proto.graph.node if storage["initializer"] in node.input
         )
