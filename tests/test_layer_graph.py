@@ -59,3 +59,15 @@ def test_open_axes_are_those_the_export_leaves_open() -> None:
     assert axes["patch_embed.proj"] == (0,)
     assert axes["blocks.0.attn.qkv"] == (0,)
     assert axes["head"] == (0,)
+
+
+def test_an_8_bit_convolution_is_timed_as_the_integer_kernel_the_export_runs(
+    tmp_path: Path,
+) -> None:
+    """INT8 weights and an 8-bit input: INT32 bias and a requantized output, so QLinearConv;
+    INT4 weights have no integer convolution and keep the dequantized float kernel."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(16, 24, 1)
+    x = torch.randn(1, 16, 12, 12)
+    assert "QLinearConv" in _optimized_ops(layer_graph("c", layer, x, 8, 8, (0,)), tmp_path)
+    assert "QLinearConv" not in _optimized_ops(layer_graph("c", layer, x, 4, 8, (0,)), tmp_path)

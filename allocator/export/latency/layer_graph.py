@@ -10,6 +10,10 @@ when a QuantizeLinear follows it, so an 8-bit layer of MiniLM ran dequantized we
 float Gemm alone (1.16 ms) but MatMulIntegerToFloat in the model (0.038 ms), and the table
 priced 8-bit activations at 8x FP32 while the whole W8A8 model ran in 0.55x FP32's time.
 
+A convolution with an 8-bit input and INT8 weights is exported for QLinearConv
+(`allocator.export.onnx_qdq.integer_conv`): here it gets the same INT32 bias and 8-bit QDQ on
+its output, as the next site gives it in the model, so it is timed as that kernel.
+
 Imports torch and onnx.
 """
 
@@ -19,12 +23,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
 from allocator.export.onnx_qdq.activations import qdq_nodes, qdq_params
 from allocator.export.onnx_qdq.export import OPSET
-from allocator.export.onnx_qdq.weights import weight_nodes
+from allocator.export.onnx_qdq.integer_conv import ACTIVATION_BITS, integer_biases
+from allocator.export.onnx_qdq.weights import INT4_MAX_BITS, weight_nodes
 from allocator.latency_table import FLOAT_WIDTH
 from allocator.quant.activation import calibrate
 from allocator.quant.weight import FLOAT_BITS, quantize_weight
@@ -77,10 +83,36 @@ def layer_graph(
                 "Conv", [*inputs, *(["b"] if bias is not None else [])], [OUTPUT], **_conv(module)
             )
         )
+    integer = (
+        not linear
+        and act_bits == ACTIVATION_BITS
+        and INT4_MAX_BITS < _stored_width(weight_bits) < FLOAT_BITS
+    )
+    if integer:
+        _requantized_output(nodes, inits, name, module, x)
     shape = [f"axis{i}" if i in open_axes else size for i, size in enumerate(x.shape)]
     x_info = helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, shape)
     y_info = helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, None)
-    return _model(helper.make_graph(nodes, name, [x_info], [y_info], initializer=inits))
+    proto = _model(helper.make_graph(nodes, name, [x_info], [y_info], initializer=inits))
+    if integer:
+        integer_biases(proto, {f"{name}.weight_codes": name}, {name: ACTIVATION_BITS})
+    return proto
+
+
+def _requantized_output(
+    nodes: list[onnx.NodeProto], inits: list[TensorProto], name: str, module: nn.Module, x: Tensor
+) -> None:
+    """The Conv's output through 8-bit QDQ, as the next site quantizes it in an exported plan
+    (with its INT32 bias, `allocator.export.onnx_qdq.integer_conv`): ONNX Runtime then runs
+    the layer as QLinearConv, as in the whole model."""
+    with torch.no_grad():
+        y = module(x)
+    for node in nodes:
+        node.output[:] = ["y_float" if out == OUTPUT else out for out in node.output]
+    quantizer = calibrate("minmax", y, ACTIVATION_BITS)
+    out_nodes, out_inits = qdq_nodes(f"{name}.out", "y_float", OUTPUT, qdq_params(quantizer))
+    nodes += out_nodes
+    inits += out_inits
 
 
 def identity_graph(shape: Sequence[int]) -> onnx.ModelProto:

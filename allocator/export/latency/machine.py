@@ -39,7 +39,7 @@ ISA_FLAGS = (
 """The instruction sets that decide which low-bit and float kernels a runtime can use."""
 
 
-TIMING_METHOD = "layer-graphs-open-axes; rest per activation width"
+TIMING_METHOD = "layer-graphs-open-axes; rest per activation width; integer conv"
 """How layers are timed (`allocator.export.latency.layer_graph`); part of the key, so that a
 table measured the way an older bitplan timed layers is measured anew, not reused."""
 
