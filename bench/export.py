@@ -1,10 +1,11 @@
 """Jobs exported to ONNX (QDQ) and checked in ONNX Runtime, weight-only and with W/A8.
 
-    python bench/export.py                          # every model, both plans (~30 min)
+    python bench/export.py                          # every model, every plan (~45 min)
     python bench/export.py --models resnet20 --plans weights   # only the README job itself
 
-Each model's job runs with `--export onnx` in a fresh BITPLAN_HOME, once as written and once
-with 8-bit activations (`--act-bits 8 --act-quantizers baseline`):
+Each model's job runs with `--export onnx` in a fresh BITPLAN_HOME, once as written, once
+with 8-bit activations (`--act-bits 8 --act-quantizers baseline`), and once with every weight
+and activation at 8 bits (`w8a8`):
 
 - `resnet20`: the README's `bitplan run ...` command (`bench/readme_example.py` reads it), on
   the 10,000 CIFAR-10 test images; its rows also time ONNX Runtime, bitplan's torch model and
@@ -63,7 +64,13 @@ from bench.quality_models import (  # noqa: E402
 from bench.readme_example import README, readme_command, run_job  # noqa: E402
 from bench.train_digits_vit import train as train_digits_vit  # noqa: E402
 
-PLANS = {"weights": [], "w-a8": ["--act-bits", "8", "--act-quantizers", "baseline"]}
+ACTS_8 = ["--act-bits", "8", "--act-quantizers", "baseline"]
+PLANS = {
+    "weights": [],
+    "w-a8": ACTS_8,
+    # Every weight at 8 bits too: the plan a deployment on int8 kernels runs.
+    "w8a8": [*ACTS_8, "--bits", "8", "--budget", "avg-bits=8"],
+}
 MODELS = ("resnet20", "digits", "minilm", "effnetlite1")
 BATCHES = {1: 200, 256: 10}
 """Batch size -> timed repeats (after 3 warm-up runs); the median is printed."""

@@ -321,13 +321,15 @@ def test_a_site_quantized_on_another_grid_fails_code_by_code(tmp_path: Path) -> 
         check_parity(out, ("input",), model, quantizers, evalset)
 
 
-def test_a_counted_metric_on_few_samples_may_move_by_one_sample_with_activations() -> None:
-    """One image at a code boundary may flip in the runtime: on 244 images that is 0.41 top-1
-    points, above the 0.1 that holds for weight-only plans and for large evaluation sets."""
+def test_a_counted_metric_may_move_by_one_percent_of_the_samples_with_activations() -> None:
+    """Images at a code boundary may flip in the runtime: 1 % of them (at least one) may answer
+    differently, on 244 images three (1.23 top-1 points), on 50 one (2 points); weight-only
+    plans and uncounted metrics keep 0.1."""
     from allocator.export.parity import METRIC_TOLERANCE, metric_tolerance
 
-    assert metric_tolerance("top1", 244, activations=True) == pytest.approx(100 / 244)
-    assert metric_tolerance("top1", 10_000, activations=True) == METRIC_TOLERANCE
+    assert metric_tolerance("top1", 244, activations=True) == pytest.approx(300 / 244)
+    assert metric_tolerance("top1", 50, activations=True) == pytest.approx(2.0)
+    assert metric_tolerance("top1", 10_000, activations=True) == pytest.approx(1.0)
     assert metric_tolerance("top1", 244, activations=False) == METRIC_TOLERANCE
     assert metric_tolerance("spearman", 200, activations=True) == METRIC_TOLERANCE
 
