@@ -134,10 +134,11 @@ def calibrate(
         (name, b): fp32_choices[(name, b)] for name, b in plan.items()
     }
     fp32 = _fp32_rows(model, batches, [by_name[name] for name in order], modules)
-    lockstep = _Lockstep(model, batches, order, by_name, modules, fp32)
-    fit = lockstep.run(plan, fitted, fp32_choices, widths, target, context, on_layer)
-    if fit is not None:
-        return fit
+    if fp32 or _weight_bytes(model.module) <= TWIN_MAX_BYTES:
+        lockstep = _Lockstep(model, batches, order, by_name, modules, fp32)
+        fit = lockstep.run(plan, fitted, fp32_choices, widths, target, context, on_layer)
+        if fit is not None:
+            return fit
     for index, name in enumerate(order):
         layer, module = by_name[name], modules[name]
         rows = fp32.get(name) or [
@@ -322,6 +323,16 @@ def _moments(
         for inputs, (pick, rows_f) in zip(batches, fp32, strict=True):
             moments.add(rows_f, unfold.rows(module, _capture(model, inputs, module), padding, pick))
     return moments
+
+
+TWIN_MAX_BYTES = 2 << 30
+"""The largest model copied for an FP32 twin (`_Lockstep`, when the FP32 rows do not fit in
+`FP32_ROWS_BYTES`); a larger one is fitted layer by layer, a second partial pass per layer, in
+the memory it already has."""
+
+
+def _weight_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 FP32_ROWS_BYTES = 1 << 30

@@ -334,6 +334,24 @@ def test_lockstep_fits_are_the_layer_by_layer_fits(
     _assert_same_fits(*_fit_both(model, batches))
 
 
+def test_a_model_too_large_to_copy_is_fitted_layer_by_layer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without kept FP32 rows the lockstep needs an FP32 copy of the model: above
+    `TWIN_MAX_BYTES` it is not made, and the fit is the layer-by-layer one."""
+    monkeypatch.setattr(in_network, "FP32_ROWS_BYTES", 0)
+    monkeypatch.setattr(in_network, "TWIN_MAX_BYTES", 0)
+    made: list[object] = []
+    monkeypatch.setattr(in_network._Lockstep, "__init__", lambda *_a, **_k: made.append(1) or None)
+    model = _model()
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    table = build_layer_table(model, batches[0][:1], pin_first_last=False)
+    choices = costs.quant_choices(model, table, costs.input_stats(model, batches, table), BITS)
+    plan = {layer.name: 3 for layer in table}
+    fitted = in_network.calibrate(model, batches, table, plan, choices)
+    assert not made and set(fitted) >= {(name, 3) for name in plan}
+
+
 def test_lockstep_fits_run_the_activation_quantizers_in_every_thread() -> None:
     """With 4-bit activations (layer inputs and attention probabilities, whose transform lives
     in per-thread state) the threads fit what the layer-by-layer passes fit."""
