@@ -5,8 +5,9 @@ into QLinearConv only when the Conv's output goes straight to the next QuantizeL
 bias is INT32 on the grid input scale x weight scale. A traced CNN has neither: eval-mode
 BatchNormalization follows every Conv (the tracer folds it only into a constant weight, and a
 quantized weight is a DequantizeLinear output), and the bias is float. So an exported W8A8
-EfficientNet-Lite1 ran dequantized float Conv + BatchNormalization, 81 ms against FP32's 15 ms
-on this CPU; with these two rewrites its convolutions become QLinearConv and it runs in 9.7 ms.
+EfficientNet-Lite1 ran dequantized float Conv + BatchNormalization at several times FP32's
+latency; with these two rewrites its convolutions become QLinearConv and it runs below FP32
+(`python bench/export.py`, docs/benchmarks.md).
 
 - `fold_batchnorms`: a BatchNormalization that is its Conv's only reader, where the Conv's
   input is an 8-bit site, is folded into the Conv: the weight's per-channel scales times
