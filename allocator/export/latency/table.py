@@ -154,9 +154,9 @@ def _act_rests(
     repeats: int,
 ) -> tuple[dict[str, float], list[str]]:
     """Per quantized activation width, the rest of a run with every site at that width: the
-    model exported with `reference` weights (INT8: the W8A8 deployment everyone runs, timed
-    exactly) and every site min-max quantized, timed end to end, less its layers' entries at
-    that choice. It differs from FP32's rest: the sites' QDQ nodes cost time, and the runtime
+    model exported with every weight at `REST_WEIGHTS` bits (INT8: the W8A8 deployment everyone
+    runs, so that plan is predicted exactly; the widest stored width when 8 was not timed) and
+    every site min-max quantized, timed end to end, less its layers' entries at that choice. It differs from FP32's rest: the sites' QDQ nodes cost time, and the runtime
     runs integer kernels between quantized sites (MiniLM's attention matmuls), which no layer
     entry holds. It also differs with the weights around it (on MiniLM 1.64 ms at W16A8, 0.9 ms
     at W8A8), so plans far from the reference are predicted less well."""

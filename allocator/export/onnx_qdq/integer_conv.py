@@ -64,10 +64,8 @@ def fold_batchnorms(
         conv = producer.get(norm.input[0])
         if conv is None or conv.op_type != "Conv" or len(readers[conv.output[0]]) != 1:
             continue
-        weight = producer.get(conv.input[1])
-        if weight is None or weight.op_type != "DequantizeLinear" or weight.input[0] not in layers:
-            continue
-        if input_bits.get(layers[weight.input[0]]) != ACTIVATION_BITS:
+        weight = _eight_bit_weight(conv, producer, layers, input_bits)
+        if weight is None:
             continue
         gamma, beta, mean, var = (values.get(name) for name in norm.input[1:5])
         if any(v is None for v in (gamma, beta, mean, var)) or weight.input[1] not in values:
@@ -105,14 +103,13 @@ def integer_biases(
     producer = {out: node for node in graph.node for out in node.output}
     done = []
     for conv in [node for node in graph.node if node.op_type == "Conv" and len(node.input) > 2]:
-        weight, source = producer.get(conv.input[1]), producer.get(conv.input[0])
+        weight = _eight_bit_weight(conv, producer, layers, input_bits)
+        source = producer.get(conv.input[0])
         if source is not None and source.op_type == "Pad":  # TF-style "same" padding
             source = producer.get(source.input[0])
-        if weight is None or weight.op_type != "DequantizeLinear" or weight.input[0] not in layers:
+        if weight is None or source is None:
             continue
         layer = layers[weight.input[0]]
-        if input_bits.get(layer) != ACTIVATION_BITS or source is None:
-            continue
         if source.op_type != "DequantizeLinear" or source.input[1] not in values:
             continue
         bias, input_scale = values.get(conv.input[2]), values[source.input[1]]
@@ -138,6 +135,20 @@ def integer_biases(
         conv.input[2] = f"{prefix}_dequantized"
         done.append(layer)
     return done
+
+
+def _eight_bit_weight(
+    conv: onnx.NodeProto,
+    producer: Mapping[str, onnx.NodeProto],
+    layers: Mapping[str, str],
+    input_bits: Mapping[str, int],
+) -> onnx.NodeProto | None:
+    """The DequantizeLinear of a planned layer's codes feeding `conv`, when the layer's input
+    site is 8-bit (None otherwise): the convolutions these rewrites are for."""
+    weight = producer.get(conv.input[1])
+    if weight is None or weight.op_type != "DequantizeLinear" or weight.input[0] not in layers:
+        return None
+    return weight if input_bits.get(layers[weight.input[0]]) == ACTIVATION_BITS else None
 
 
 def _values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
